@@ -1,0 +1,40 @@
+# semwatch — the two commands a user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.*
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint typecheck pytest demo bench clean
+
+install: $(STAMP)
+
+# Torch first: `torch==2.13.*` resolves to the local CPU wheel on these machines; on a GPU
+# workstation set TORCH_SPEC (or pre-install the CUDA build, see README). Then the package, whose
+# torch requirement admits the installed build so pip never replaces it.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check daemon tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+demo: install
+	$(BIN)/semwatch demo
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,4 @@
+"""semwatch: SEM watch-folder classification daemon."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

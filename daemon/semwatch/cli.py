@@ -1,0 +1,201 @@
+"""The `semwatch` command line: parse arguments, load settings, call one library function.
+
+Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 78 configuration error. User errors are
+one line on stderr, never a traceback. Heavy imports (torch, cv2) happen inside the command
+that needs them, so `--help` and `--version` stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from semwatch import __version__
+from semwatch.config import ConfigError, Settings, default_config_path, load_settings
+from semwatch.errors import UserError
+
+EXIT_OK = 0
+EXIT_INPUT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON object per line on stdout (the `--json` contract)."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# --- command handlers: each parses nothing, calls one library function ------------------------
+
+
+def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.inspect import inspect_files
+
+    return inspect_files([Path(p) for p in args.files], settings, as_json=args.json)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.model.train import train_command
+
+    return train_command(args, settings)
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.model.evaluate import evaluate_command
+
+    return evaluate_command(args, settings)
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.classify import classify_command
+
+    return classify_command(args, settings)
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.bench import bench_command
+
+    return bench_command(args, settings)
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.service import watch_command
+
+    return watch_command(args, settings)
+
+
+def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.live import top_command
+
+    return top_command(args, settings)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.report import report_command
+
+    return report_command(args, settings)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from semwatch.demo import demo_command
+
+    return demo_command(args, settings)
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--version", action="version", version=f"semwatch {__version__}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semwatch",
+        description="Watch an SEM export folder and classify NCM cathode micrographs.",
+    )
+    parser.add_argument("--version", action="version", version=f"semwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("inspect", help="read micrographs and print metadata and quality")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    _common(p)
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a model from one folder per class")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
+    p.add_argument("--epochs", type=int, help="override [train] epochs")
+    p.add_argument("--max-images-per-class", type=int, help="use at most N images per class")
+    p.add_argument("--split-out", type=Path, help="write the train/val/test split as JSON here")
+    _common(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on a labelled folder")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR")
+    p.add_argument("--out", type=Path, help="write confusion matrix and reliability PNGs here")
+    p.add_argument("--intensity-jitter", action="store_true",
+                   help="apply random brightness/contrast/gamma changes to every image")
+    p.add_argument("--split", choices=["all", "test", "val", "train"], default="all",
+                   help="evaluate only images of this split recorded in the model (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --intensity-jitter")
+    _common(p)
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("classify", help="classify micrographs")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--model", type=Path, metavar="MODEL_DIR", help="default: [model] path")
+    p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write Grad-CAM overlays here")
+    _common(p)
+    p.set_defaults(handler=cmd_classify)
+
+    p = sub.add_parser("bench", help="measure throughput against the bare model")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--model", type=Path, metavar="MODEL_DIR", help="default: [model] path")
+    p.add_argument("--max-images", type=int, default=120)
+    _common(p)
+    p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser("watch", help="run the daemon in the foreground (systemd runs this)")
+    p.add_argument("--folder", type=Path, help="override [watch] folder")
+    p.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
+    _common(p, json_flag=False)
+    p.set_defaults(handler=cmd_watch)
+
+    p = sub.add_parser("top", help="live view of a running daemon, read from its database")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    _common(p, json_flag=False)
+    p.set_defaults(handler=cmd_top)
+
+    p = sub.add_parser("report", help="write the day's report and print its paths")
+    p.add_argument("--date", help="YYYY-MM-DD in the report time zone (default: today)")
+    _common(p)
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
+    p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")
+    p.add_argument("--workdir", type=Path, default=Path("demo"), help="where the demo writes")
+    p.add_argument("--images", type=int, default=24, help="held-out images to drop in")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between images")
+    p.add_argument("--retrain", action="store_true", help="train even if a model exists")
+    p.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
+    _common(p, json_flag=False)
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config_path = args.config if args.config is not None else default_config_path()
+        settings = load_settings(config_path)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(f"semwatch: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except UserError as exc:
+        print(f"semwatch: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("semwatch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

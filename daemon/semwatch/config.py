@@ -1,0 +1,443 @@
+"""Settings: `config.toml` loaded into one frozen, typed object.
+
+Every field of every section below must appear, commented, in the top-level `config.toml`
+(a test checks this). Precedence: built-in defaults < config file < `SEMWATCH_<SECTION>_<KEY>`
+environment variables. Unknown keys, wrong types and impossible values raise `ConfigError`
+naming the key; the CLI turns that into a one-line message and exit code 78.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+CONFIG_ENV = "SEMWATCH_CONFIG"
+ENV_PREFIX = "SEMWATCH_"
+DATA_ENV = "SEMWATCH_DATA"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    # Labelled NCM folder used by `semwatch demo` and the benchmarks.
+    ncm_dir: Path = Path("../shared/data/ncm-sem")
+    # Vendor TIFF folder (foreign specimens for the unknown-detection checks).
+    vendor_dir: Path = Path("../shared/data/vendor-tiff")
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    folder: Path = Path("var/incoming")
+    mode: Literal["auto", "inotify", "polling"] = "auto"
+    recursive: bool = True
+    include: tuple[str, ...] = ("*.tif", "*.tiff", "*.jpg", "*.jpeg", "*.png", "*.bmp")
+    exclude: tuple[str, ...] = (".*", "*.tmp", "*.part", "*.partial", "*~", "*.txt")
+    settle_seconds: float = 2.0
+    rescan_seconds: float = 60.0
+    poll_interval_seconds: float = 1.0
+    sidecar_wait_seconds: float = 10.0
+    max_attempts: int = 4
+    retry_backoff_seconds: float = 5.0
+
+    def validate(self) -> None:
+        _non_negative("[watch] settle_seconds", self.settle_seconds)
+        _positive("[watch] rescan_seconds", self.rescan_seconds)
+        _positive("[watch] poll_interval_seconds", self.poll_interval_seconds)
+        _non_negative("[watch] sidecar_wait_seconds", self.sidecar_wait_seconds)
+        _positive("[watch] max_attempts", self.max_attempts)
+        _non_negative("[watch] retry_backoff_seconds", self.retry_backoff_seconds)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    database: Path = Path("var/semwatch.db")
+    results_csv: Path = Path("var/results.csv")
+    busy_timeout_ms: int = 10000
+
+    def validate(self) -> None:
+        _positive("[store] busy_timeout_ms", self.busy_timeout_ms)
+
+
+@dataclass(frozen=True)
+class ReadingSettings:
+    max_pixels: int = 200_000_000
+    max_file_mb: float = 2048.0
+    databar_rows: int = -1
+
+    def validate(self) -> None:
+        _positive("[reading] max_pixels", self.max_pixels)
+        _positive("[reading] max_file_mb", self.max_file_mb)
+        if self.databar_rows < -1:
+            raise ConfigError(f"[reading] databar_rows must be -1 (auto) or >= 0, got {self.databar_rows}")
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    focus_min: float = 0.002
+    saturated_max: float = 0.05
+    dynamic_range_min: float = 0.08
+    blank_std_min: float = 0.01
+
+    def validate(self) -> None:
+        _non_negative("[quality] focus_min", self.focus_min)
+        _fraction("[quality] saturated_max", self.saturated_max)
+        _fraction("[quality] dynamic_range_min", self.dynamic_range_min)
+        _non_negative("[quality] blank_std_min", self.blank_std_min)
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    tile_px: int = 224
+    tile_physical_px: int = 448
+    overlap: float = 0.25
+    max_tiles: int = 48
+    tile_std_min: float = 0.02
+    tile_saturated_max: float = 0.3
+
+    def validate(self) -> None:
+        _positive("[tiling] tile_px", self.tile_px)
+        _positive("[tiling] tile_physical_px", self.tile_physical_px)
+        if not 0.0 <= self.overlap < 0.9:
+            raise ConfigError(f"[tiling] overlap must be in [0, 0.9), got {self.overlap}")
+        _positive("[tiling] max_tiles", self.max_tiles)
+        _non_negative("[tiling] tile_std_min", self.tile_std_min)
+        _fraction("[tiling] tile_saturated_max", self.tile_saturated_max)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: Path = Path("models/ncm")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    architecture: str = "efficientnet-lite0"
+    batch_size: int = 32
+    max_batch_latency_ms: float = 200.0
+    mixed_precision: bool = True
+    cpu_threads: int = 0
+    unknown_threshold: float = -1.0
+    min_confidence: float = 0.5
+    min_tiles: int = 2
+
+    def validate(self) -> None:
+        _positive("[model] batch_size", self.batch_size)
+        _non_negative("[model] max_batch_latency_ms", self.max_batch_latency_ms)
+        _non_negative("[model] cpu_threads", self.cpu_threads)
+        _fraction("[model] min_confidence", self.min_confidence)
+        _positive("[model] min_tiles", self.min_tiles)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 1234
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    epochs: int = 30
+    patience: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    augment_copies: int = 4
+    tiles_per_image: int = 12
+    class_map: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _fraction("[train] val_fraction", self.val_fraction)
+        _fraction("[train] test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ConfigError("[train] val_fraction + test_fraction must be < 0.9")
+        _positive("[train] epochs", self.epochs)
+        _positive("[train] patience", self.patience)
+        _positive("[train] batch_size", self.batch_size)
+        _positive("[train] learning_rate", self.learning_rate)
+        _non_negative("[train] weight_decay", self.weight_decay)
+        _non_negative("[train] augment_copies", self.augment_copies)
+        _positive("[train] tiles_per_image", self.tiles_per_image)
+
+
+@dataclass(frozen=True)
+class ExpectRule:
+    """One `[[samples.expect]]` entry: samples whose id matches `pattern` should be `class`."""
+
+    pattern: str
+    expected_class: str
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    key: Literal["parent", "regex", "metadata"] = "parent"
+    regex: str = r"^(?P<sample>[^_ ]+)"
+    metadata_field: str = "session"
+    pass_confidence: float = 0.8
+    min_uniformity: float = 0.8
+    expect: tuple[ExpectRule, ...] = ()
+
+    def validate(self) -> None:
+        _fraction("[samples] pass_confidence", self.pass_confidence)
+        _fraction("[samples] min_uniformity", self.min_uniformity)
+        if self.key == "regex":
+            import re
+
+            try:
+                compiled = re.compile(self.regex)
+            except re.error as exc:
+                raise ConfigError(f"[samples] regex is not a valid regular expression: {exc}") from None
+            if "sample" not in compiled.groupindex:
+                raise ConfigError("[samples] regex needs a named group (?P<sample>...)")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    folder: Path = Path("reports")
+    enabled: bool = True
+    time: str = "23:55"
+    timezone: str = "UTC"
+    catch_up_days: int = 7
+    thumbnails: int = 12
+
+    def validate(self) -> None:
+        parts = self.time.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"[report] time must be HH:MM, got {self.time!r}")
+        hour, minute = int(parts[0]), int(parts[1])
+        if not (0 <= hour < 24 and 0 <= minute < 60):
+            raise ConfigError(f"[report] time must be HH:MM, got {self.time!r}")
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"[report] timezone is not a known time zone: {self.timezone!r}") from None
+        _non_negative("[report] catch_up_days", self.catch_up_days)
+        _non_negative("[report] thumbnails", self.thumbnails)
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    refresh_per_second: float = 4.0
+    recent_rows: int = 12
+    stale_seconds: float = 120.0
+
+    def validate(self) -> None:
+        _positive("[live] refresh_per_second", self.refresh_per_second)
+        _positive("[live] recent_rows", self.recent_rows)
+        _positive("[live] stale_seconds", self.stale_seconds)
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: DataSettings = field(default_factory=DataSettings)
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    reading: ReadingSettings = field(default_factory=ReadingSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    tiling: TilingSettings = field(default_factory=TilingSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    samples: SampleSettings = field(default_factory=SampleSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    # Where the settings came from (for messages); not a config key.
+    source: Path | None = field(default=None, compare=False, metadata={"internal": True})
+
+    def replace(self, **sections: Any) -> Settings:
+        """A copy with some sections replaced (tests and the demo build variants this way)."""
+        return dataclasses.replace(self, **sections)
+
+
+SECTION_TYPES: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else type(getattr(Settings(), f.name))
+    for f in dataclasses.fields(Settings)
+    if not f.metadata.get("internal")
+}
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def default_config_path(cwd: Path | None = None) -> Path | None:
+    """`$SEMWATCH_CONFIG`, else `./config.toml` if present, else None (built-in defaults)."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    candidate = (cwd or Path.cwd()) / "config.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    environ: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Settings:
+    """Load settings from `path` (None: defaults only), environment, then explicit overrides.
+
+    Relative paths resolve against the config file's folder (the current folder without a file).
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    env = dict(os.environ if environ is None else environ)
+    for section, values in _env_overrides(env).items():
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table")
+        raw[section].update(values)
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+
+    unknown = set(raw) - set(SECTION_TYPES)
+    if unknown:
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known: {', '.join(SECTION_TYPES)})")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTION_TYPES.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        sections[name] = _build_section(name, cls, table, base)
+    data_env = env.get(DATA_ENV)
+    if data_env and "ncm_dir" not in raw.get("data", {}):
+        root = Path(data_env)
+        sections["data"] = DataSettings(ncm_dir=root / "ncm-sem", vendor_dir=root / "vendor-tiff")
+    return Settings(**sections, source=path)
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`SEMWATCH_WATCH_FOLDER=/x` → {"watch": {"folder": "/x"}} (values parsed as TOML if they can be)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in (CONFIG_ENV, DATA_ENV):
+            continue
+        rest = key[len(ENV_PREFIX) :].lower()
+        for section in SECTION_TYPES:
+            if rest.startswith(section + "_"):
+                out.setdefault(section, {})[rest[len(section) + 1 :]] = _parse_env_value(value)
+                break
+    return out
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _build_section(name: str, cls: type, table: dict[str, Any], base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"unknown key [{name}] {key}")
+    kwargs = {key: _coerce(f"[{name}] {key}", hints[key], value, base) for key, value in table.items()}
+    try:
+        section = cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the known-key check
+        raise ConfigError(f"[{name}]: {exc}") from None
+    validate = getattr(section, "validate", None)
+    if validate is not None:
+        validate()
+    return section
+
+
+def _coerce(name: str, hint: Any, value: Any, base: Path) -> Any:
+    origin = get_origin(hint)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be a path string, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is tuple:
+        (item_hint, _ellipsis) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        if item_hint is ExpectRule:
+            return tuple(_expect_rule(f"{name}[{i}]", v) for i, v in enumerate(value))
+        return tuple(_coerce(f"{name}[{i}]", item_hint, v, base) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{name} must be a table of strings, got {value!r}")
+        return dict(value)
+    if origin in (types.UnionType, typing.Union):  # pragma: no cover - no optional keys yet
+        return value
+    raise ConfigError(f"{name}: unsupported setting type {hint}")  # pragma: no cover
+
+
+def _expect_rule(name: str, value: Any) -> ExpectRule:
+    if not isinstance(value, dict) or set(value) != {"pattern", "class"}:
+        raise ConfigError(f"{name} must be a table with exactly 'pattern' and 'class'")
+    if not all(isinstance(v, str) and v for v in value.values()):
+        raise ConfigError(f"{name}: 'pattern' and 'class' must be non-empty strings")
+    import re
+
+    try:
+        re.compile(value["pattern"])
+    except re.error as exc:
+        raise ConfigError(f"{name}: pattern is not a valid regular expression: {exc}") from None
+    return ExpectRule(pattern=value["pattern"], expected_class=value["class"])
+
+
+def iter_setting_names(settings_cls: type = Settings) -> typing.Iterator[tuple[str, str]]:
+    """(section, key) for every configurable field: the test that keeps config.toml complete uses it."""
+    for section, cls in SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            yield section, f.name

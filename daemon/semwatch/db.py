@@ -1,0 +1,50 @@
+"""SQLite connections: WAL, busy timeout, read-only mode for readers.
+
+Every connection opened here is tracked, so the test suite can fail a test that leaves one open
+(an unclosed database is a leaked file handle and, for a writer, a held lock).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import weakref
+from pathlib import Path
+
+_open: weakref.WeakSet[TrackedConnection] = weakref.WeakSet()
+
+
+class TrackedConnection(sqlite3.Connection):
+    """A connection that knows whether it was closed."""
+
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def connect(path: Path, *, readonly: bool = False, busy_timeout_ms: int = 10000,
+            check_same_thread: bool = True) -> TrackedConnection:
+    """Open `path`; writers get WAL mode, readers open the file read-only (never block the writer)."""
+    if readonly:
+        uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000,
+                               factory=TrackedConnection, check_same_thread=check_same_thread)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, factory=TrackedConnection,
+                               check_same_thread=check_same_thread, isolation_level=None)
+    assert isinstance(conn, TrackedConnection)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    _open.add(conn)
+    return conn
+
+
+def open_connections() -> list[TrackedConnection]:
+    """Connections opened through `connect` and not yet closed."""
+    return [c for c in _open if not c.closed]

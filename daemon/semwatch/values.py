@@ -1,0 +1,97 @@
+"""The values that flow through semwatch, one way:
+
+path → Micrograph (pixels + Metadata + Quality) → tiles → probabilities → ImageVerdict
+→ SampleVerdict → store / CSV / report.
+
+They live together because every stage reads the one before it; each stage's code lives in
+its own module (micrograph.py, tiles.py, classify.py, samples.py, store.py ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+ImageStatus = Literal["ok", "unknown", "rejected"]
+StoredStatus = Literal["ok", "unknown", "rejected", "failed"]
+SampleVerdictKind = Literal["pass", "fail", "uncertain", "unknown"]
+
+
+class MicrographError(Exception):
+    """A file that cannot be read as a micrograph; the message is one clear line."""
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What the instrument says about an image; None where it does not say."""
+
+    vendor: str | None = None
+    instrument: str | None = None
+    pixel_size_nm: float | None = None
+    magnification: float | None = None
+    voltage_kv: float | None = None
+    detector: str | None = None
+    acquired_at: datetime | None = None
+    session: str | None = None  # acquisition folder / session name where the metadata names one
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Quality:
+    focus: float
+    saturated_fraction: float
+    dynamic_range: float
+    ok: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Micrograph:
+    """One decoded image: the specimen area as float32 grey in [0, 1], data bar removed."""
+
+    path: Path
+    format: str  # "tiff", "jpeg", "png", "bmp"
+    width: int  # of the file's image, data bar included
+    height: int
+    bit_depth: int
+    pixels: np.ndarray = field(repr=False)  # float32 (height - databar_rows, width)
+    databar_rows: int
+    metadata: Metadata
+    quality: Quality
+
+
+@dataclass(frozen=True)
+class ImageVerdict:
+    path: Path
+    status: ImageStatus
+    predicted_class: str | None
+    composition: str | None
+    state: str | None
+    confidence: float
+    tile_agreement: float
+    n_tiles: int
+    probabilities: dict[str, float]
+    reasons: tuple[str, ...] = ()
+    model_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["reasons"] = list(self.reasons)
+        return out
+
+
+@dataclass(frozen=True)
+class SampleVerdict:
+    sample_id: str
+    n_images: int
+    composition: str | None
+    state: str | None
+    confidence: float
+    uniformity: float
+    expected: str | None
+    verdict: SampleVerdictKind

@@ -1,0 +1,81 @@
+"""Shared fixtures: real data, leak checks (threads, databases), a tiny trained model."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from semwatch import db
+from semwatch.config import Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`$SEMWATCH_DATA`, else ../shared/data beside the repository."""
+    env = os.environ.get("SEMWATCH_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "ncm-sem").is_dir():
+        pytest.fail(f"shared data not found at {path} (set SEMWATCH_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ncm_dir(data_dir: Path) -> Path:
+    return data_dir / "ncm-sem"
+
+
+@pytest.fixture(scope="session")
+def vendor_dir(data_dir: Path) -> Path:
+    return data_dir / "vendor-tiff"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Defaults with every writable path inside tmp_path."""
+    return load_settings(
+        None,
+        environ={},
+        overrides={
+            "watch": {"folder": str(tmp_path / "incoming")},
+            "store": {"database": str(tmp_path / "semwatch.db"),
+                      "results_csv": str(tmp_path / "results.csv")},
+            "report": {"folder": str(tmp_path / "reports")},
+            "model": {"path": str(tmp_path / "model"), "device": "cpu"},
+        },
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running (a daemon that does not stop cleanly)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
+@pytest.fixture(autouse=True)
+def no_unclosed_databases() -> Iterator[None]:
+    """Fail a test that leaves a SQLite connection open."""
+    before = set(map(id, db.open_connections()))
+    yield
+    leaked = [c for c in db.open_connections() if id(c) not in before]
+    for conn in leaked:
+        conn.close()
+    assert not leaked, f"test left {len(leaked)} database connection(s) open"
