@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check daemon tests benchmarks
+	$(BIN)/ruff check $(wildcard daemon tests benchmarks)
 
 typecheck: install
 	$(BIN)/mypy
