@@ -1,0 +1,192 @@
+"""Samples: which sample an image belongs to, and the sample's verdict from its images.
+
+A sample's verdict is recomputed from the current rows of its images each time one of them gets
+a result, so it never drifts from the ledger. Only `ok` images count towards the composition;
+`unknown`, `rejected` and `failed` images are counted in `n_images` but never vote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from semwatch import db
+from semwatch.config import SampleSettings
+from semwatch.values import Metadata, SampleVerdict
+
+EXPECTED_FILE = "expected.txt"
+
+
+def sample_key(path: Path, watch_folder: Path, settings: SampleSettings,
+               metadata: Metadata | None = None) -> str:
+    """The sample id of the image at `path`.
+
+    parent: the image's folder relative to the watch folder ("." for the folder itself);
+    regex: the `sample` group of `settings.regex` searched in the file name;
+    metadata: the metadata field `settings.metadata_field` (e.g. the SNE session folder).
+    Where the regex does not match or the field is missing, the parent folder is used.
+    """
+    if settings.key == "regex":
+        match = re.search(settings.regex, path.name)
+        if match and match.group("sample"):
+            return match.group("sample")
+    elif settings.key == "metadata" and metadata is not None:
+        value = getattr(metadata, settings.metadata_field, None)
+        if value is None:
+            value = metadata.extra.get(settings.metadata_field)
+        if value not in (None, ""):
+            return str(value)
+    return parent_key(path, watch_folder)
+
+
+def parent_key(path: Path, watch_folder: Path) -> str:
+    try:
+        rel = path.parent.relative_to(watch_folder)
+    except ValueError:
+        return str(path.parent)
+    return rel.as_posix() or "."
+
+
+def expected_class(sample_id: str, image_path: Path, settings: SampleSettings) -> str | None:
+    """The class a sample should be: the first `[[samples.expect]]` rule whose pattern matches the
+    sample id, else `expected.txt` in the image's folder (first non-empty line), else None."""
+    for rule in settings.expect:
+        if re.search(rule.pattern, sample_id):
+            return rule.expected_class
+    candidate = image_path.parent / EXPECTED_FILE
+    try:
+        text = candidate.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return line
+    return None
+
+
+def split_class(name: str) -> tuple[str, str]:
+    """"622_cycled" -> ("622", "cycled"); a bare composition "622" is the pristine state."""
+    composition, _, state = name.partition("_")
+    return composition, state or "pristine"
+
+
+def matches_expected(expected: str, predicted_class: str, composition: str | None, state: str | None) -> bool:
+    """Whether a prediction meets an expectation: a full class compares composition and state;
+    a composition alone ("622") or "622_*" compares the composition only."""
+    if expected == predicted_class:
+        return True
+    exp_comp, _, exp_state = expected.partition("_")
+    pred_comp, pred_state = (composition, state) if composition else split_class(predicted_class)
+    if not exp_state or exp_state == "*":
+        return exp_comp == pred_comp
+    return (exp_comp, exp_state) == (pred_comp, pred_state or "pristine")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """What a sample verdict needs from one image."""
+
+    status: str
+    predicted_class: str | None
+    composition: str | None
+    state: str | None
+    confidence: float
+    tile_agreement: float
+    probabilities: dict[str, float]
+
+
+def aggregate(images: list[ImageRow]) -> tuple[str, float, float] | None:
+    """(class, confidence, uniformity) over the `ok` images; None when no image counts."""
+    counted = [im for im in images if im.status == "ok" and im.predicted_class]
+    if not counted:
+        return None
+    scores: dict[str, float] = defaultdict(float)
+    for im in counted:
+        probs = im.probabilities or {str(im.predicted_class): im.confidence}
+        for cls, p in probs.items():
+            scores[cls] += float(p) / len(counted)
+    best = max(sorted(scores), key=lambda c: scores[c])
+    confidence = min(1.0, scores[best])
+    agreeing = sum(im.tile_agreement if im.predicted_class == best else 0.0 for im in counted)
+    uniformity = agreeing / len(counted)
+    return best, confidence, uniformity
+
+
+def sample_verdict(sample_id: str, images: list[ImageRow], expected: str | None,
+                   settings: SampleSettings) -> SampleVerdict:
+    """Aggregate a sample's images.
+
+    class: the highest mean probability over the `ok` images (each image one vote, weighted by
+    its probabilities); confidence: that mean probability; uniformity: the fraction of the
+    sample's evidence that agrees with it, i.e. the mean over `ok` images of the image's tile
+    agreement where the image has the sample's class and 0 where it has another class
+    (1.0 = every image and every tile agree). Verdict: unknown when no image counts; uncertain
+    when confidence < pass_confidence or uniformity < min_uniformity (and, where an expected
+    class is known, the sample is not confidently another class); with an expected class
+    pass / fail; without one, unknown (nothing to check against).
+    """
+    agg = aggregate(images)
+    if agg is None:
+        return SampleVerdict(sample_id, len(images), None, None, 0.0, 0.0, expected, "unknown")
+    best, confidence, uniformity = agg
+    counted = [im for im in images if im.status == "ok" and im.predicted_class]
+    votes = [im for im in counted if im.predicted_class == best]
+    composition = votes[0].composition if votes and votes[0].composition else split_class(best)[0]
+    state = votes[0].state if votes and votes[0].state else split_class(best)[1]
+    confident = confidence >= settings.pass_confidence
+    uniform = uniformity >= settings.min_uniformity
+    if expected is None:
+        verdict = "unknown"
+    elif matches_expected(expected, best, composition, state):
+        verdict = "pass" if confident and uniform else "uncertain"
+    else:
+        verdict = "fail" if confident else "uncertain"
+    return SampleVerdict(sample_id, len(images), composition, state, round(confidence, 6),
+                         round(uniformity, 6), expected, verdict)  # type: ignore[arg-type]
+
+
+KEEP_EXPECTED = "\x00keep"
+
+
+def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None], settings: Any) -> None:
+    """Recompute the `samples` rows of `touched` (sample_id -> expected class or None;
+    KEEP_EXPECTED keeps the stored one) from the current rows of their images. Runs inside the
+    writer's transaction."""
+    from semwatch.store import utc_now
+
+    sample_settings: SampleSettings = settings if isinstance(settings, SampleSettings) else SampleSettings()
+    for sample_id, expected in touched.items():
+        if expected == KEEP_EXPECTED:
+            row = conn.execute("SELECT expected FROM samples WHERE sample_id = ?", (sample_id,)).fetchone()
+            expected = row["expected"] if row is not None else None
+        images = [
+            ImageRow(r["status"], r["predicted_class"], r["composition"], r["state"],
+                     float(r["confidence"] or 0.0), float(r["tile_agreement"] or 0.0),
+                     json.loads(r["probabilities"]) if r["probabilities"] else {})
+            for r in conn.execute(
+                "SELECT status, predicted_class, composition, state, confidence, tile_agreement, "
+                "probabilities FROM images WHERE sample_id = ? AND current = 1 AND status != 'pending'",
+                (sample_id,),
+            )
+        ]
+        v = sample_verdict(sample_id, images, expected, sample_settings)
+        n_counted = sum(1 for im in images if im.status == "ok")
+        agg = aggregate(images)
+        best = agg[0] if agg else None
+        conn.execute(
+            "INSERT INTO samples (sample_id, n_images, n_counted, composition, state, predicted_class, "
+            "confidence, uniformity, expected, verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (sample_id) DO UPDATE SET n_images = excluded.n_images, "
+            "n_counted = excluded.n_counted, "
+            "composition = excluded.composition, state = excluded.state, "
+            "predicted_class = excluded.predicted_class, confidence = excluded.confidence, "
+            "uniformity = excluded.uniformity, expected = excluded.expected, verdict = excluded.verdict, "
+            "updated_at = excluded.updated_at",
+            (sample_id, v.n_images, n_counted, v.composition, v.state, best, v.confidence, v.uniformity,
+             v.expected, v.verdict, utc_now()),
+        )

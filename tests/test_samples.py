@@ -1,0 +1,68 @@
+"""Sample keys and sample verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from semwatch.config import ExpectRule, SampleSettings
+from semwatch.samples import ImageRow, expected_class, matches_expected, sample_key, sample_verdict
+from semwatch.values import Metadata
+
+
+def row(cls: str | None, conf: float = 0.9, agree: float = 1.0, status: str = "ok") -> ImageRow:
+    comp, _, state = (cls or "").partition("_")
+    probs = {cls: conf} if cls else {}
+    return ImageRow(status, cls, comp or None, state or None, conf, agree, probs)
+
+
+def test_sample_keys(tmp_path: Path) -> None:
+    watch = tmp_path / "in"
+    img = watch / "lotA" / "s1" / "NCM622_E1 x500.jpg"
+    assert sample_key(img, watch, SampleSettings()) == "lotA/s1"
+    assert sample_key(watch / "a.jpg", watch, SampleSettings()) == "."
+    assert sample_key(img, watch, SampleSettings(key="regex")) == "NCM622"
+    rx = SampleSettings(key="regex", regex=r"(?P<sample>E\d+)")
+    assert sample_key(img, watch, rx) == "E1"
+    assert sample_key(watch / "s2" / "none.jpg", watch, rx) == "s2"  # no match: parent folder
+    md = SampleSettings(key="metadata")
+    session = "191203_ncm622_E1_100cycles"
+    assert sample_key(img, watch, md, Metadata(session=session)) == session
+    assert sample_key(img, watch, md, Metadata()) == "lotA/s1"
+    assert sample_key(img, watch, SampleSettings(key="metadata", metadata_field="op"),
+                      Metadata(extra={"op": "kim"})) == "kim"
+
+
+def test_expected_from_rules_and_file(tmp_path: Path) -> None:
+    s = SampleSettings(expect=(ExpectRule("^lot-622", "622_pristine"),))
+    assert expected_class("lot-622-a", tmp_path / "x.jpg", s) == "622_pristine"
+    assert expected_class("other", tmp_path / "x.jpg", s) is None
+    (tmp_path / "expected.txt").write_text("# comment\n811_cycled\n", encoding="utf-8")
+    assert expected_class("other", tmp_path / "x.jpg", s) == "811_cycled"
+    assert matches_expected("622", "622_cycled", "622", "cycled")
+    assert matches_expected("622", "622", None, None)
+    assert matches_expected("622_pristine", "622", None, None)
+    assert not matches_expected("622_cycled", "622_formation", "622", "formation")
+
+
+def test_sample_verdicts() -> None:
+    s = SampleSettings()
+    uniform = [row("622_cycled", 0.95) for _ in range(4)]
+    v = sample_verdict("s", uniform, "622_cycled", s)
+    assert (v.composition, v.state, v.verdict, v.n_images) == ("622", "cycled", "pass", 4)
+    assert v.uniformity == 1.0 and v.confidence == 0.95
+    assert sample_verdict("s", uniform, "811_cycled", s).verdict == "fail"
+    assert sample_verdict("s", uniform, None, s).verdict == "unknown"
+    mixed = [row("622_cycled", 0.95), row("622_cycled", 0.95), row("811_cycled", 0.95),
+             row("333_cycled", 0.9)]
+    v = sample_verdict("s", mixed, "622_cycled", s)
+    assert v.verdict == "uncertain" and v.uniformity == 0.5
+    # Unknown, rejected and failed images never count towards a composition.
+    noisy = [row("622_cycled", 0.9), row("811_cycled", 0.3, status="unknown"),
+             row(None, 0.0, status="failed")]
+    v = sample_verdict("s", noisy, "622", s)
+    assert v.composition == "622" and v.verdict == "pass" and v.n_images == 3
+    only_unknown = [row("811_cycled", 0.3, status="unknown")]
+    assert sample_verdict("s", only_unknown, "811", s).verdict == "unknown"
+    # Tiles disagreeing inside images lower the uniformity.
+    split = [row("622_cycled", 0.9, agree=0.6) for _ in range(3)]
+    assert sample_verdict("s", split, "622_cycled", s).verdict == "uncertain"
