@@ -1,0 +1,183 @@
+"""The settle gate: a file is handed on only when it has stopped changing.
+
+Nothing portable says "this file is completely written", so a candidate must keep the same size
+and mtime (its sidecar's too) for `settle_seconds`; a close-after-write or rename event shortens
+that wait. A JPEG in a folder where the instrument writes `<name>.jpg.txt` sidecars waits (bounded)
+for its own. A file whose last bytes are not an end-of-image marker (JPEG, PNG) is held a little
+longer, since a writer that pauses looks stable; the reader's decode is the final check.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from semwatch.store import FileKey
+
+QUICK_SETTLE_SECONDS = 0.2  # after close-after-write / moved-in: the writer said it is done
+RECHECK_SECONDS = 0.1  # a candidate is stat-ed at most this often
+SIDECAR_SUFFIX = ".txt"
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def sidecar_path(path: str) -> str:
+    return path + SIDECAR_SUFFIX
+
+
+def image_of_sidecar(path: str) -> str | None:
+    """`x.jpg.txt` -> `x.jpg` (the image a sidecar event is about), else None."""
+    if path.lower().endswith(SIDECAR_SUFFIX):
+        stem = path[: -len(SIDECAR_SUFFIX)]
+        if stem.lower().endswith(JPEG_SUFFIXES):
+            return stem
+    return None
+
+
+def looks_complete(path: str, size: int) -> bool:
+    """Whether the file ends like a complete image: JPEG end-of-image marker, PNG IEND chunk.
+
+    Other formats (TIFF, BMP) have no trailer; for them only stability and the decode count.
+    """
+    lower = path.lower()
+    if size == 0:
+        return False
+    if lower.endswith(JPEG_SUFFIXES):
+        marker, window = b"\xff\xd9", 64  # some writers pad after EOI
+    elif lower.endswith(".png"):
+        marker, window = b"IEND", 12
+    else:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - window))
+            tail = fh.read(window)
+    except OSError:
+        return False
+    return marker in tail
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        st = os.stat(path)  # noqa: PTH116 - str paths on the hot path
+    except OSError:
+        return None
+    return st
+
+
+@dataclass
+class Candidate:
+    key: FileKey
+    detected_at: float  # wall clock, when first seen
+    first_seen: float  # monotonic
+    stable_since: float  # monotonic: last change of the file or its sidecar
+    sidecar: tuple[int, int] | None = None
+    quick: bool = False
+    attempts: int = 0
+    not_before: float = 0.0  # monotonic: retry back-off
+    next_check: float = 0.0
+
+
+@dataclass
+class SettleGate:
+    """Candidates waiting to settle. Single-threaded: owned by the watcher thread."""
+
+    settle_seconds: float
+    sidecar_wait_seconds: float
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    _sidecar_dirs: dict[str, tuple[bool, float]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def offer(self, path: str, st: os.stat_result, *, quick: bool = False, attempts: int = 0,
+              not_before: float = 0.0) -> None:
+        """A file was seen (event, scan or retry): add it, or note a change / a close hint."""
+        now = time.monotonic()
+        key = FileKey.of(path, st)
+        cand = self.candidates.get(path)
+        if cand is None:
+            self.candidates[path] = Candidate(key, time.time(), now, now, quick=quick, attempts=attempts,
+                                              not_before=not_before)
+            return
+        if cand.key != key:
+            cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, quick, 0
+            cand.not_before = 0.0
+        elif quick:
+            cand.quick = True
+        cand.next_check = 0.0
+
+    def discard(self, path: str) -> None:
+        self.candidates.pop(path, None)
+
+    def next_due(self) -> float | None:
+        """Seconds until the next candidate needs a look (None: nothing waits)."""
+        if not self.candidates:
+            return None
+        now = time.monotonic()
+        soonest = min(max(c.next_check, c.not_before) for c in self.candidates.values())
+        return max(0.0, soonest - now)
+
+    def ready(self) -> list[Candidate]:
+        """Candidates that have settled; they leave the gate."""
+        now, wall = time.monotonic(), time.time()
+        out: list[Candidate] = []
+        for path, cand in list(self.candidates.items()):
+            if now < cand.next_check or now < cand.not_before:
+                continue
+            cand.next_check = now + RECHECK_SECONDS
+            st = _stat(path)
+            if st is None:
+                del self.candidates[path]  # gone before it settled
+                continue
+            key = FileKey.of(path, st)
+            if key != cand.key:
+                cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, False, 0
+                continue
+            newest_mtime = st.st_mtime
+            if path.lower().endswith(JPEG_SUFFIXES):
+                sc = _stat(sidecar_path(path))
+                sig = (sc.st_size, sc.st_mtime_ns) if sc is not None else None
+                if sig != cand.sidecar:
+                    cand.sidecar, cand.stable_since = sig, now
+                if sc is not None:
+                    newest_mtime = max(newest_mtime, sc.st_mtime)
+                elif self._expects_sidecar(path) and now - cand.first_seen < (
+                    self.settle_seconds + self.sidecar_wait_seconds
+                ):
+                    continue
+            settle = min(self.settle_seconds, QUICK_SETTLE_SECONDS) if cand.quick else self.settle_seconds
+            # Stable since we started watching it, or (a backlog found at start-up) not modified
+            # for the settle time according to its mtime.
+            mtime_age = wall - newest_mtime
+            age = max(now - cand.stable_since, mtime_age if 0 <= mtime_age < 10 * 365 * 86400 else 0.0)
+            if age < settle:
+                continue
+            grace = max(2.0, 3 * self.settle_seconds)
+            if not looks_complete(path, st.st_size) and now - cand.stable_since < grace:
+                continue
+            del self.candidates[path]
+            out.append(cand)
+        return out
+
+    def _expects_sidecar(self, path: str) -> bool:
+        """Whether the image's folder holds `*.jpg.txt` sidecars (the instrument writes them)."""
+        folder = str(Path(path).parent)
+        now = time.monotonic()
+        cached = self._sidecar_dirs.get(folder)
+        if cached is not None and now - cached[1] < 2.0:
+            return cached[0]
+        found = False
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if image_of_sidecar(entry.name) is not None:
+                        found = True
+                        break
+        except OSError:
+            pass
+        self._sidecar_dirs[folder] = (found, now)
+        if len(self._sidecar_dirs) > 4096:
+            self._sidecar_dirs.clear()
+        return found

@@ -1,0 +1,183 @@
+"""The watcher and settle gate on real folders: events, polling, rescans, exactly one hand-off."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from semwatch.config import WatchSettings
+from semwatch.stability import Candidate, looks_complete
+from semwatch.store import FileKey
+from semwatch.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:35 / /mnt/sem\\040export rw,relatime shared:2 - nfs4 srv:/export rw,vers=4.2
+41 22 0:36 / /mnt/sshfs rw - fuse.sshfs user@host: rw
+42 22 0:37 / /media/usb rw - fuseblk /dev/sdb1 rw
+"""
+
+
+def test_filesystem_type_and_mode() -> None:
+    assert filesystem_type(Path("/home/x"), MOUNTINFO) == "ext4"
+    assert filesystem_type(Path("/mnt/sem export/day1"), MOUNTINFO) == "nfs4"
+    assert resolve_mode("auto", Path("/mnt/sem export"), MOUNTINFO) == ("polling", "nfs4")
+    assert resolve_mode("auto", Path("/mnt/sshfs/a"), MOUNTINFO) == ("polling", "fuse.sshfs")
+    assert resolve_mode("auto", Path("/media/usb/a"), MOUNTINFO) == ("inotify", "fuseblk")
+    assert resolve_mode("inotify", Path("/mnt/sem export"), MOUNTINFO) == ("inotify", "nfs4")
+    assert resolve_mode("auto", Path("/tmp"))[0] in ("inotify", "polling")  # the real mountinfo parses
+
+
+def test_name_filter() -> None:
+    names = NameFilter.from_settings(WatchSettings())
+    assert names.wants("a b.JPG") and names.wants("x.tif")
+    assert not names.wants(".hidden.jpg") and not names.wants("x.jpg.part") and not names.wants("x.tmp")
+    assert not names.wants("x.jpg.txt") and not names.wants("notes.doc")
+
+
+def test_looks_complete(tmp_path: Path, ncm_dir: Path) -> None:
+    src = next((ncm_dir / "622").glob("*.jpg"))
+    data = src.read_bytes()
+    whole, half = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    whole.write_bytes(data)
+    half.write_bytes(data[: len(data) // 2])
+    assert looks_complete(str(whole), len(data))
+    assert not looks_complete(str(half), len(data) // 2)
+    assert not looks_complete(str(tmp_path / "c.jpg"), 0)
+
+
+class Harness:
+    """A watcher whose 'pipeline' finishes each hand-off at once and records it."""
+
+    def __init__(self, folder: Path, mode: str, **overrides: float) -> None:
+        values: dict[str, float] = {"settle_seconds": 0.5, "sidecar_wait_seconds": 2.0,
+                                    "rescan_seconds": 30.0, "poll_interval_seconds": 0.25}
+        values.update(overrides)
+        settings = WatchSettings(folder=folder, **values)  # type: ignore[arg-type]
+        self.handed: list[tuple[FileKey, float]] = []
+        self.watcher = Watcher(settings, folder, mode=mode, done={}, pending={}, submit=self._submit)
+
+    def _submit(self, cand: Candidate) -> None:
+        self.handed.append((cand.key, time.monotonic()))
+        self.watcher.finished(cand.key)
+
+    def wait_for(self, pred: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, f"timed out; handed: {self.handed}"
+            time.sleep(0.05)
+
+    def paths(self) -> list[str]:
+        return sorted(k.path for k, _ in self.handed)
+
+
+@pytest.fixture(params=["inotify", "polling"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    h = Harness(folder, request.param)
+    h.watcher.start()
+    assert h.watcher.wait_started(10)
+    yield h
+    h.watcher.stop()
+    h.watcher.join(10)
+    assert h.watcher.error is None
+
+
+def sample_jpeg(ncm_dir: Path) -> bytes:
+    return next((ncm_dir / "622_cycled").glob("*.jpg")).read_bytes()
+
+
+def test_slow_writer_handed_once_complete(harness: Harness, ncm_dir: Path) -> None:
+    data = sample_jpeg(ncm_dir)
+    target = harness.watcher.folder / "slow.jpg"
+    chunks = 10
+    with open(target, "wb") as fh:
+        for i in range(chunks):  # ~3 s of writing, pauses shorter than the settle time
+            fh.write(data[i * len(data) // chunks : (i + 1) * len(data) // chunks])
+            fh.flush()
+            time.sleep(0.3)
+    done_writing = time.monotonic()
+    harness.wait_for(lambda: len(harness.handed) >= 1)
+    time.sleep(1.0)
+    assert len(harness.handed) == 1
+    key, at = harness.handed[0]
+    assert key.size == len(data)
+    assert at - done_writing < 0.5 + 1.0
+
+
+def test_rename_and_burst_and_sidecars(harness: Harness, ncm_dir: Path) -> None:
+    data = sample_jpeg(ncm_dir)
+    folder = harness.watcher.folder
+    tmp = folder / "r.jpg.part"
+    tmp.write_bytes(data)
+    tmp.rename(folder / "renamed.jpg")
+    sub = folder / "sample-1" / "deep"
+    sub.mkdir(parents=True)
+    for i in range(40):
+        (sub / f"img {i:03d}.jpg").write_bytes(data)
+        (sub / f"img {i:03d}.jpg.txt").write_text("[Image Info]\r\n", encoding="utf-8")
+    (folder / ".hidden.jpg").write_bytes(data)
+    (folder / "notes.tmp").write_bytes(b"x")
+    harness.wait_for(lambda: len(harness.handed) == 41)
+    # A JPEG in a sidecar folder waits for its sidecar (bounded).
+    late = sub / "late.jpg"
+    late.write_bytes(data)
+    time.sleep(1.0)
+    assert len(harness.handed) == 41
+    (sub / "late.jpg.txt").write_text("[Image Info]\r\n", encoding="utf-8")
+    harness.wait_for(lambda: len(harness.handed) == 42)
+    time.sleep(1.0)
+    assert len(harness.paths()) == len(set(harness.paths())) == 42
+    # A new version of a file is handed again; touching the sidecar of a done image is not a new version.
+    (folder / "renamed.jpg").write_bytes(data + b"\0")
+    harness.wait_for(lambda: len(harness.handed) == 43)
+    assert harness.handed[-1][0].size == len(data) + 1
+
+
+def test_folder_vanishes_and_recovers(tmp_path: Path, ncm_dir: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="semwatch.watcher")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    h = Harness(folder, "inotify")
+    h.watcher.start()
+    try:
+        assert h.watcher.wait_started(10)
+        (folder / "a.jpg").write_bytes(sample_jpeg(ncm_dir))
+        h.wait_for(lambda: len(h.handed) == 1)
+        shutil.rmtree(folder)
+        h.wait_for(lambda: "watch folder vanished" in caplog.text, 5)
+        folder.mkdir()
+        (folder / "b.jpg").write_bytes(sample_jpeg(ncm_dir))
+        h.wait_for(lambda: len(h.handed) == 2, 10)
+        assert "watch folder is back" in caplog.text
+        (folder / "c.jpg").write_bytes(sample_jpeg(ncm_dir))  # events flow again
+        h.wait_for(lambda: len(h.handed) == 3, 10)
+        assert h.watcher.is_alive() and h.watcher.error is None
+    finally:
+        h.watcher.stop()
+        h.watcher.join(10)
+
+
+def test_startup_backlog_is_quick(tmp_path: Path, ncm_dir: Path) -> None:
+    folder = tmp_path / "in"
+    for d in range(10):
+        (folder / f"s{d}").mkdir(parents=True)
+        for i in range(100):
+            (folder / f"s{d}" / f"{i}.jpg").symlink_to(next((ncm_dir / "333").glob("*.jpg")))
+    h = Harness(folder, "inotify", settle_seconds=2.0)
+    t0 = time.monotonic()
+    h.watcher.start()
+    try:
+        h.wait_for(lambda: len(h.handed) == 1000, 10)
+        # Old files (mtime older than the settle time) need no second look.
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        h.watcher.stop()
+        h.watcher.join(10)
