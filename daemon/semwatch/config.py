@@ -62,6 +62,8 @@ class WatchSettings:
     sidecar_wait_seconds: float = 10.0
     max_attempts: int = 4
     retry_backoff_seconds: float = 5.0
+    reader_threads: int = 2
+    stop_timeout_seconds: float = 8.0
 
     def validate(self) -> None:
         _non_negative("[watch] settle_seconds", self.settle_seconds)
@@ -70,6 +72,8 @@ class WatchSettings:
         _non_negative("[watch] sidecar_wait_seconds", self.sidecar_wait_seconds)
         _positive("[watch] max_attempts", self.max_attempts)
         _non_negative("[watch] retry_backoff_seconds", self.retry_backoff_seconds)
+        _positive("[watch] reader_threads", self.reader_threads)
+        _positive("[watch] stop_timeout_seconds", self.stop_timeout_seconds)
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,13 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class Gone:
+    """A queued version vanished or changed before it was read: drop its pending row."""
+
+    key: FileKey
+
+
+@dataclass(frozen=True)
 class DaemonStatus:
     """The `daemon` row: counts and rates, written about once a second."""
 
@@ -246,7 +253,7 @@ class DaemonStatus:
     message: str | None = None
 
 
-Message = Pending | Result | Attempt | Failed | DaemonStatus
+Message = Pending | Result | Attempt | Failed | Gone | DaemonStatus
 
 
 @dataclass
@@ -341,6 +348,12 @@ class Store:
                         finished.append(row_id)
                         if msg.sample_id is not None:
                             touched.setdefault(msg.sample_id, KEEP_EXPECTED)
+                elif isinstance(msg, Gone):
+                    self.conn.execute(
+                        "DELETE FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ? "
+                        "AND status = 'pending'",
+                        (msg.key.path, msg.key.size, msg.key.mtime_ns),
+                    )
                 elif isinstance(msg, DaemonStatus):
                     self._daemon_status(msg)
             if touched:
