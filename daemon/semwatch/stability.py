@@ -154,8 +154,9 @@ class SettleGate:
             age = max(now - cand.stable_since, mtime_age if 0 <= mtime_age < 10 * 365 * 86400 else 0.0)
             if age < settle:
                 continue
-            grace = max(2.0, 3 * self.settle_seconds)
-            if not looks_complete(path, st.st_size) and now - cand.stable_since < grace:
+            grace = max(2.0, 3 * self.settle_seconds)  # a retry has had its grace already
+            held = cand.attempts == 0 and now - cand.stable_since < grace
+            if held and not looks_complete(path, st.st_size):
                 continue
             del self.candidates[path]
             out.append(cand)
