@@ -1,0 +1,447 @@
+"""Threads and queues: readers → batched inference → the single writer.
+
+    watcher ──submit──▶ jobs ──▶ reader threads (hash, decode, tile) ──▶ prepared
+        ▲                                                                  │
+        └──── finished / retry / changed ◀── inference thread (dynamic batches, latency cap)
+                                                   │
+                                                   ▼
+                                       writer thread (SQLite + CSV)
+
+A file's bytes are hashed before decoding: a content already classified by the same model (a
+copy, a re-export, a touched file) reuses that result instead of running the network again, and
+copies arriving together wait for the first one. A read that fails is retried with back-off and
+then recorded `failed` with its reason; a file that changed while it was read goes back to the
+settle gate. On stop, work in flight is finished and queued work is left `pending` for the next
+start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from semwatch import db
+from semwatch.config import Settings
+from semwatch.samples import expected_class, sample_key
+from semwatch.stability import Candidate
+from semwatch.store import Attempt, Failed, FileKey, Gone, Pending, Result, Writer, find_result_by_content
+from semwatch.values import ImageVerdict, MicrographError
+
+log = logging.getLogger("semwatch.pipeline")
+
+HASH_CHUNK = 1 << 20
+RECENT_RESULTS = 512  # in-memory cache of verdicts by content hash (the database backs it up)
+
+
+class ClassifierLike(Protocol):
+    model_id: str
+    device: str
+
+    def prepare(self, micrograph: Any) -> Any: ...
+
+    def predict(self, tiles: np.ndarray) -> Any: ...
+
+    def verdict(self, prepared: Any, output: Any) -> ImageVerdict: ...
+
+
+class Reader(Protocol):
+    def __call__(self, path: Path, settings: Settings) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    key: FileKey
+    attempts: int
+
+
+@dataclass
+class Prepared:
+    job: Job
+    sha256: str
+    sample_id: str
+    expected: str | None
+    prepared: Any
+    n_tiles: int
+
+
+@dataclass
+class Rates:
+    """Images and tiles per second over a sliding window."""
+
+    window: float = 10.0
+    events: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, tiles: int) -> None:
+        self.events.append((time.monotonic(), tiles))
+
+    def rates(self) -> tuple[float, float]:
+        now = time.monotonic()
+        while self.events and now - self.events[0][0] > self.window:
+            self.events.popleft()
+        if not self.events:
+            return 0.0, 0.0
+        span = max(1.0, now - self.events[0][0]) if len(self.events) > 1 else self.window
+        return len(self.events) / span, sum(t for _, t in self.events) / span
+
+
+# --- tile outputs: concatenation and slicing of whatever array fields the classifier returns ----
+
+
+def _array_fields(output: Any) -> list[str]:
+    if dataclasses.is_dataclass(output):
+        return [f.name for f in dataclasses.fields(output) if isinstance(getattr(output, f.name), np.ndarray)]
+    return []
+
+
+def concat_outputs(outputs: Sequence[Any]) -> Any:
+    if len(outputs) == 1:
+        return outputs[0]
+    names = _array_fields(outputs[0])
+    joined = {n: np.concatenate([getattr(o, n) for o in outputs]) for n in names}
+    return dataclasses.replace(outputs[0], **joined)
+
+
+def slice_output(output: Any, start: int, stop: int) -> Any:
+    names = _array_fields(output)
+    return dataclasses.replace(output, **{n: getattr(output, n)[start:stop] for n in names})
+
+
+class Pipeline:
+    """Reader threads, one inference thread; results go to the writer, outcomes back to the watcher."""
+
+    def __init__(self, settings: Settings, classifier: ClassifierLike, writer: Writer, watch_folder: Path,
+                 *, read: Reader, database: Path) -> None:
+        self.settings = settings
+        self.classifier = classifier
+        self.writer = writer
+        self.watch_folder = watch_folder
+        self.read = read
+        self.database = database
+        self.watcher: Any = None  # set by the service before start(): finished / retry / changed
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.prepared: queue.Queue[Prepared] = queue.Queue(maxsize=max(4, 2 * settings.watch.reader_threads))
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.rates = Rates()
+        self.done = 0
+        self.failed = 0
+        self.busy_readers = 0
+        self.in_inference = 0
+        self._lock = threading.Lock()
+        self._leaders: dict[str, list[tuple[Job, str, str | None]]] = {}
+        self._recent: OrderedDict[str, ImageVerdict] = OrderedDict()
+        self._dedupe = settings.samples.key != "metadata"  # metadata keys depend on the sidecar too
+        self._threads: list[threading.Thread] = []
+        self._readers_left = 0
+
+    # --- control ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        n = self.settings.watch.reader_threads
+        self._readers_left = n
+        self._threads = [threading.Thread(target=self._reader_main, name=f"semwatch-reader-{i}", daemon=True)
+                         for i in range(n)]
+        self._threads.append(threading.Thread(target=self._inference_main, name="semwatch-inference",
+                                              daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def submit(self, cand: Candidate) -> None:
+        """From the watcher thread: a settled file. Its ledger row is written before any result."""
+        self.writer.put(Pending(cand.key, _utc(cand.detected_at), cand.attempts))
+        self.jobs.put(Job(cand.key, cand.attempts))
+
+    def stop(self, timeout: float) -> bool:
+        """Finish work in flight (queued jobs stay pending); True if everything ended in time."""
+        self.stopping.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads) and self.error is None
+
+    def counts(self) -> tuple[int, int]:
+        """(queued, in progress) images."""
+        return self.jobs.qsize(), self.busy_readers + self.prepared.qsize() + self.in_inference
+
+    # --- readers ----------------------------------------------------------------------------
+
+    def _reader_main(self) -> None:
+        conn = db.connect(self.database, readonly=True, busy_timeout_ms=self.settings.store.busy_timeout_ms)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    job = self.jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                with self._lock:
+                    self.busy_readers += 1
+                try:
+                    self._read_one(job, conn)
+                except Exception as exc:  # never let one file stop a reader
+                    log.exception("unexpected error reading %s", job.key.path)
+                    self._failure(job, f"internal error: {type(exc).__name__}: {exc}", None, None)
+                finally:
+                    with self._lock:
+                        self.busy_readers -= 1
+        except BaseException as exc:  # pragma: no cover - the service sees `error`
+            self.error = exc
+        finally:
+            conn.close()
+            with self._lock:
+                self._readers_left -= 1
+
+    def _read_one(self, job: Job, conn: db.TrackedConnection) -> None:
+        path = Path(job.key.path)
+        try:
+            sha = _sha256(path)
+        except OSError as exc:
+            if not path.exists():
+                self._gone(job)
+            else:
+                self._failure(job, f"cannot read file: {exc.strerror or exc}", None, None)
+            return
+        if self._changed(job):
+            return
+        sample_id = sample_key(path, self.watch_folder, self.settings.samples)
+        if self._dedupe:
+            expected = expected_class(sample_id, path, self.settings.samples)
+            with self._lock:
+                followers = self._leaders.get(sha)
+                if followers is not None:
+                    followers.append((job, sample_id, expected))  # the same content is being classified
+                    return
+                cached = self._recent.get(sha)
+                if cached is None:
+                    self._leaders[sha] = []
+            if cached is None:
+                row = find_result_by_content(conn, sha, self.classifier.model_id)
+                if row is not None:
+                    cached = _verdict_from_row(path, row, self.classifier.model_id)
+                    with self._lock:
+                        followers = self._leaders.pop(sha, [])
+                    self._emit_copies(cached, sha, followers)
+            if cached is not None:
+                self._emit(job, sha, sample_id, expected, _with_path(cached, path), 0)
+                return
+        try:
+            micrograph = self.read(path, self.settings)
+        except MicrographError as exc:
+            self._release(sha, retry_followers=True)
+            if not self._changed(job):
+                self._failure(job, str(exc), sha, sample_id)
+            return
+        if self._changed(job):
+            self._release(sha, retry_followers=True)
+            return
+        if self.settings.samples.key == "metadata":
+            sample_id = sample_key(path, self.watch_folder, self.settings.samples, micrograph.metadata)
+        expected = expected_class(sample_id, path, self.settings.samples)
+        prepared = self.classifier.prepare(micrograph)
+        del micrograph
+        n_tiles = len(prepared.tiles)
+        self.prepared.put(Prepared(job, sha, sample_id, expected, prepared, n_tiles))
+
+    def _changed(self, job: Job) -> bool:
+        """The file changed or vanished since it settled: back to the gate, no attempt counted."""
+        try:
+            key = FileKey.of(job.key.path, Path(job.key.path).stat())
+        except OSError:
+            self._gone(job)
+            return True
+        if key != job.key:
+            self.writer.put(Gone(job.key))
+            if self.watcher is not None:
+                self.watcher.changed(job.key)
+            return True
+        return False
+
+    def _gone(self, job: Job) -> None:
+        self.writer.put(Gone(job.key))
+        if self.watcher is not None:
+            self.watcher.changed(job.key)
+
+    def _failure(self, job: Job, error: str, sha: str | None, sample_id: str | None) -> None:
+        attempts = job.attempts + 1
+        if attempts >= self.settings.watch.max_attempts:
+            log.error("failed: %s: %s (after %d attempt(s))", job.key.path, error, attempts)
+            self.writer.put(Failed(job.key, attempts, error, sha, sample_id))
+            with self._lock:
+                self.failed += 1
+            if self.watcher is not None:
+                self.watcher.finished(job.key)
+            return
+        delay = self.settings.watch.retry_backoff_seconds * 2 ** (attempts - 1)
+        log.warning("cannot read %s: %s; retry %d/%d in %.1f s", job.key.path, error, attempts,
+                    self.settings.watch.max_attempts - 1, delay)
+        self.writer.put(Attempt(job.key, attempts, error))
+        if self.watcher is not None:
+            self.watcher.retry(job.key, attempts, delay)
+
+    def _release(self, sha: str, *, retry_followers: bool) -> None:
+        """The leader for `sha` gave up: its followers are read on their own."""
+        with self._lock:
+            followers = self._leaders.pop(sha, [])
+        for job, _, _ in followers:
+            self.jobs.put(job)
+
+    # --- inference --------------------------------------------------------------------------
+
+    def _inference_main(self) -> None:
+        try:
+            while True:
+                batch = self._collect()
+                if not batch:
+                    with self._lock:
+                        readers_left = self._readers_left
+                    if self.stopping.is_set() and readers_left == 0 and self.prepared.empty():
+                        return
+                    continue
+                self._run_batch(batch)
+        except BaseException as exc:
+            self.error = exc
+            log.error("inference stopped: %s", exc)
+
+    def _collect(self) -> list[Prepared]:
+        """A dynamic batch: images until batch_size tiles, or the latency cap, or nothing more coming."""
+        try:
+            first = self.prepared.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        with self._lock:
+            self.in_inference += 1
+        batch, tiles = [first], first.n_tiles
+        cap = self.settings.model.max_batch_latency_ms / 1000.0
+        deadline = time.monotonic() + cap
+        while tiles < self.settings.model.batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.prepared.empty() and self.busy_readers == 0 and self.jobs.empty():
+                break  # nothing else is on its way: do not wait for the cap
+            try:
+                item = self.prepared.get(timeout=min(remaining, 0.02))
+            except queue.Empty:
+                continue
+            with self._lock:
+                self.in_inference += 1
+            batch.append(item)
+            tiles += item.n_tiles
+        return batch
+
+    def _run_batch(self, batch: list[Prepared]) -> None:
+        try:
+            outputs = self._predict([b for b in batch if b.n_tiles > 0])
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d image(s)", len(batch))
+            for item in batch:
+                self._release(item.sha256, retry_followers=True)
+                self._failure(item.job, f"inference failed: {type(exc).__name__}: {exc}", item.sha256,
+                              item.sample_id)
+            with self._lock:
+                self.in_inference -= len(batch)
+            return
+        empty = None
+        start = 0
+        for item in batch:
+            if item.n_tiles > 0:
+                out = slice_output(outputs, start, start + item.n_tiles)
+                start += item.n_tiles
+            else:
+                if empty is None:
+                    empty = self._empty_output(outputs)
+                out = empty
+            try:
+                verdict = self.classifier.verdict(item.prepared, out)
+            except Exception as exc:
+                log.exception("aggregation failed for %s", item.job.key.path)
+                self._release(item.sha256, retry_followers=True)
+                self._failure(item.job, f"aggregation failed: {type(exc).__name__}: {exc}", item.sha256,
+                              item.sample_id)
+                continue
+            self._emit(item.job, item.sha256, item.sample_id, item.expected, verdict, item.n_tiles)
+            if self._dedupe:
+                with self._lock:
+                    self._recent[item.sha256] = verdict
+                    if len(self._recent) > RECENT_RESULTS:
+                        self._recent.popitem(last=False)
+                    followers = self._leaders.pop(item.sha256, [])
+                self._emit_copies(verdict, item.sha256, followers)
+        with self._lock:
+            self.in_inference -= len(batch)
+
+    def _predict(self, items: list[Prepared]) -> Any:
+        if not items:
+            return None
+        parts = [i.prepared.tiles for i in items]
+        tiles = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        size = self.settings.model.batch_size
+        outs = [self.classifier.predict(tiles[i : i + size]) for i in range(0, len(tiles), size)]
+        return concat_outputs(outs)
+
+    def _empty_output(self, outputs: Any) -> Any:
+        if outputs is not None:
+            return slice_output(outputs, 0, 0)
+        shape = (0, 3, self.settings.tiling.tile_px, self.settings.tiling.tile_px)
+        return self.classifier.predict(np.zeros(shape, np.float32))
+
+    # --- results ----------------------------------------------------------------------------
+
+    def _emit(self, job: Job, sha: str, sample_id: str, expected: str | None, verdict: ImageVerdict,
+              n_tiles: int) -> None:
+        self.writer.put(Result(job.key, sha, sample_id, verdict, self.classifier.model_id, expected))
+        self.rates.add(n_tiles)
+        with self._lock:
+            self.done += 1
+        log.info("%s: %s %s conf %.2f (%d tiles) [%s]", job.key.path, verdict.status,
+                 verdict.predicted_class or "-", verdict.confidence, verdict.n_tiles, sample_id)
+        if self.watcher is not None:
+            self.watcher.finished(job.key)
+
+    def _emit_copies(self, verdict: ImageVerdict, sha: str,
+                     followers: list[tuple[Job, str, str | None]]) -> None:
+        for job, sample_id, expected in followers:
+            self._emit(job, sha, sample_id, expected, _with_path(verdict, Path(job.key.path)), 0)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _with_path(verdict: ImageVerdict, path: Path) -> ImageVerdict:
+    return dataclasses.replace(verdict, path=path)
+
+
+def _verdict_from_row(path: Path, row: dict[str, Any], model_id: str) -> ImageVerdict:
+    import json
+
+    return ImageVerdict(
+        path=path, status=row["status"], predicted_class=row["predicted_class"],
+        composition=row["composition"], state=row["state"], confidence=float(row["confidence"] or 0.0),
+        tile_agreement=float(row["tile_agreement"] or 0.0), n_tiles=int(row["n_tiles"] or 0),
+        probabilities=json.loads(row["probabilities"]) if row["probabilities"] else {},
+        reasons=tuple(json.loads(row["reasons"])) if row["reasons"] else (), model_id=model_id,
+    )
+
+
+def _utc(epoch: float) -> str:
+    from semwatch.store import utc_from_epoch
+
+    return utc_from_epoch(epoch)
