@@ -1,0 +1,287 @@
+"""Daemon speed figures: throughput vs the bare model, latency, backlog, memory, idle CPU.
+
+    nice -n 10 .venv/bin/python benchmarks/daemon_bench.py --model models/ncm [--images 200]
+        [--memory-images 1000] [--backlog 10000] [--idle-seconds 30] [--only throughput,latency,...]
+
+Each figure runs the real daemon (`python -m semwatch watch`) as a subprocess on a temporary
+folder filled from the shared NCM data (symlinks, or copies with a unique trailing byte string
+where distinct contents are needed: the daemon reuses results for identical contents). Prints
+one JSON object per measurement and a summary with the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "daemon"))
+
+
+def ncm_images(data: Path) -> list[Path]:
+    return sorted(p for p in data.rglob("*.jpg"))
+
+
+def unique_copy(src: Path, dst: Path, tag: int) -> None:
+    """A copy whose bytes differ (8 bytes after the JPEG end marker, ignored by decoders)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes() + tag.to_bytes(8, "little"))
+
+
+class Daemon:
+    def __init__(self, root: Path, model: Path, folder: Path, settle: float = 2.0, **extra: Any) -> None:
+        self.root = root
+        self.db = root / "semwatch.db"
+        self.log = root / "daemon.log"
+        self.config = root / "config.toml"
+        watch = {"folder": str(folder), "settle_seconds": settle, **extra}
+        lines = ["[watch]"] + [f"{k} = {json.dumps(v)}" for k, v in watch.items()]
+        lines += ["[store]", f"database = {json.dumps(str(self.db))}",
+                  f"results_csv = {json.dumps(str(root / 'results.csv'))}",
+                  "[model]", f"path = {json.dumps(str(model))}", "[report]", "enabled = false"]
+        self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen([sys.executable, "-m", "semwatch", "watch", "--config",
+                                          str(self.config), "--plain"], stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.root)
+        while not self.running():
+            self.check()
+            time.sleep(0.05)
+
+    def check(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise SystemExit(f"daemon exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+
+    def query(self, sql: str) -> list[Any]:
+        if not self.db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    def running(self) -> bool:
+        rows = self.query("SELECT state FROM daemon")
+        return bool(rows) and rows[0][0] == "running"
+
+    def count(self, where: str) -> int:
+        rows = self.query(f"SELECT count(*) FROM images WHERE {where}")
+        return int(rows[0][0]) if rows else 0
+
+    def wait_count(self, where: str, n: int, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while self.count(where) < n:
+            self.check()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for {n} rows where {where}")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def bare_throughput(model: Path, paths: list[Path]) -> dict[str, Any]:
+    from semwatch.classify import Classifier
+
+    from semwatch.config import load_settings
+
+    settings = load_settings(None)
+    clf = Classifier.load(model, settings)
+    clf.classify_paths(paths[:4])  # warm-up
+    t0 = time.monotonic()
+    out = clf.classify_paths(paths)
+    took = time.monotonic() - t0
+    return {"bench": "bare_model", "images": len(paths), "seconds": round(took, 2),
+            "images_per_s": round(len(paths) / took, 3), "device": clf.device,
+            "errors": sum(1 for o in out if isinstance(o, Exception))}
+
+
+def daemon_throughput(model: Path, paths: list[Path], work: Path) -> dict[str, Any]:
+    folder = work / "tp-in"
+    for i, p in enumerate(paths):
+        (folder / f"{i // 50}").mkdir(parents=True, exist_ok=True)
+        (folder / f"{i // 50}" / f"{i:05d}.jpg").symlink_to(p)
+    d = Daemon(work / "tp", model, folder)
+    (work / "tp").mkdir()
+    # Warm the model on a different folder first? No: the clock starts when the daemon is running
+    # (model loaded, scan done), like the bare figure which starts after loading.
+    try:
+        d.start()
+        t0 = time.monotonic()
+        t1 = d.wait_count("status != 'pending'", len(paths), 3600)
+        took = t1 - t0
+    finally:
+        d.stop()
+    return {"bench": "daemon_throughput", "images": len(paths), "seconds": round(took, 2),
+            "images_per_s": round(len(paths) / took, 3)}
+
+
+def latency(model: Path, sources: list[Path], work: Path, settle: float, repeats: int,
+            mode: str) -> dict[str, Any]:
+    folder = work / f"lat-{mode}-in"
+    folder.mkdir()
+    (work / f"lat-{mode}").mkdir()
+    d = Daemon(work / f"lat-{mode}", model, folder, settle=settle, mode=mode)
+    lat: list[float] = []
+    try:
+        d.start()
+        time.sleep(2.0)
+        for i in range(repeats):
+            dst = folder / f"lat_{i}.jpg"
+            data = sources[i % len(sources)].read_bytes() + i.to_bytes(8, "little")
+            with open(dst, "wb") as fh:
+                fh.write(data)
+            t_written = time.monotonic()
+            d.wait_count(f"path = '{dst}' AND status != 'pending'", 1, 60)
+            lat.append(time.monotonic() - t_written)
+            time.sleep(1.0)
+    finally:
+        d.stop()
+    return {"bench": "latency", "mode": mode, "settle_seconds": settle, "repeats": repeats,
+            "median_s": round(statistics.median(lat), 2), "max_s": round(max(lat), 2),
+            "budget_s": settle + 2.0, "all": [round(x, 2) for x in lat]}
+
+
+def backlog(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, Any]:
+    folder = work / "bl-in"
+    for i in range(n):
+        sub = folder / f"day{i // 500:03d}"
+        if i % 500 == 0:
+            sub.mkdir(parents=True)
+        (sub / f"img_{i:05d}.jpg").symlink_to(sources[i % len(sources)])
+    (work / "bl").mkdir()
+    d = Daemon(work / "bl", model, folder)
+    try:
+        d.start()
+        ready = time.monotonic()
+        t1 = d.wait_count("1", n, 120)
+    finally:
+        d.stop()
+    return {"bench": "backlog", "files": n, "listed_and_queued_s": round(t1 - d.started, 2),
+            "after_running_s": round(t1 - ready, 2), "budget_s": 10.0}
+
+
+def memory(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, Any]:
+    folder = work / "mem-in"
+    (work / "mem").mkdir()
+    d = Daemon(work / "mem", model, folder, rescan_seconds=3600.0)
+    folder.mkdir()
+    samples: list[tuple[int, float]] = []
+    try:
+        d.start()
+        assert d.proc is not None
+        proc = psutil.Process(d.proc.pid)
+        batch = 100
+        for start in range(0, n, batch):
+            for i in range(start, min(n, start + batch)):
+                unique_copy(sources[i % len(sources)], folder / f"{i // 500:03d}" / f"m_{i:05d}.jpg", i)
+            d.wait_count("status != 'pending'", min(n, start + batch), 3600)
+            samples.append((min(n, start + batch), proc.memory_info().rss / 2**20))
+            for i in range(start, min(n, start + batch)):  # keep the disk small; rows stay
+                (folder / f"{i // 500:03d}" / f"m_{i:05d}.jpg").unlink()
+    finally:
+        d.stop()
+    base = samples[min(1, len(samples) - 1)][1]
+    return {"bench": "memory", "images": n, "rss_mb_after_first_200": round(base, 1),
+            "rss_mb_end": round(samples[-1][1], 1), "growth_mb": round(samples[-1][1] - base, 1),
+            "budget_mb": 50.0, "curve": [(k, round(v, 1)) for k, v in samples]}
+
+
+def idle_cpu(model: Path, work: Path, seconds: float, mode: str) -> dict[str, Any]:
+    folder = work / f"idle-{mode}-in"
+    folder.mkdir()
+    for i in range(200):
+        (folder / f"old_{i}.txt").write_text("x")  # files that are listed but never processed
+    (work / f"idle-{mode}").mkdir()
+    d = Daemon(work / f"idle-{mode}", model, folder, mode=mode)
+    try:
+        d.start()
+        assert d.proc is not None
+        time.sleep(3.0)
+        proc = psutil.Process(d.proc.pid)
+        c0 = proc.cpu_times()
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        c1 = proc.cpu_times()
+        took = time.monotonic() - t0
+    finally:
+        d.stop()
+    used = (c1.user - c0.user) + (c1.system - c0.system)
+    return {"bench": "idle_cpu", "mode": mode, "seconds": round(took, 1),
+            "cpu_percent": round(100 * used / took, 3), "budget_percent": 1.0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    data_root = Path(os.environ.get("SEMWATCH_DATA", REPO.parent / "shared" / "data"))
+    ap.add_argument("--data", type=Path, default=data_root / "ncm-sem")
+    ap.add_argument("--images", type=int, default=200, help="images for the throughput comparison")
+    ap.add_argument("--memory-images", type=int, default=1000)
+    ap.add_argument("--backlog", type=int, default=10000)
+    ap.add_argument("--idle-seconds", type=float, default=30.0)
+    ap.add_argument("--latency-repeats", type=int, default=5)
+    ap.add_argument("--only", default="throughput,latency,backlog,idle,memory")
+    args = ap.parse_args()
+    which = set(args.only.split(","))
+    sources = ncm_images(args.data)
+    if not sources:
+        raise SystemExit(f"no images under {args.data}")
+    results: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="semwatch-bench-"))
+    try:
+        def report(r: dict[str, Any]) -> None:
+            results.append(r)
+            print(json.dumps(r), flush=True)
+
+        if "throughput" in which:
+            step = max(1, len(sources) // args.images)
+            paths = sources[::step][: args.images]
+            bare = bare_throughput(args.model, paths)
+            report(bare)
+            dmn = daemon_throughput(args.model, paths, work)
+            report(dmn)
+            ratio = dmn["images_per_s"] / bare["images_per_s"]
+            report({"bench": "throughput_ratio", "ratio": round(ratio, 3), "target": 0.85})
+        if "latency" in which:
+            report(latency(args.model, sources, work, 2.0, args.latency_repeats, "inotify"))
+            report(latency(args.model, sources, work, 2.0, args.latency_repeats, "polling"))
+        if "backlog" in which:
+            report(backlog(args.model, sources, work, args.backlog))
+        if "idle" in which:
+            report(idle_cpu(args.model, work, args.idle_seconds, "inotify"))
+            report(idle_cpu(args.model, work, args.idle_seconds, "polling"))
+        if "memory" in which:
+            report(memory(args.model, sources, work, args.memory_images))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
