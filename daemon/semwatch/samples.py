@@ -12,7 +12,6 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from semwatch import db
 from semwatch.config import SampleSettings
@@ -153,13 +152,13 @@ def sample_verdict(sample_id: str, images: list[ImageRow], expected: str | None,
 KEEP_EXPECTED = "\x00keep"
 
 
-def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None], settings: Any) -> None:
+def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None],
+                   settings: SampleSettings) -> None:
     """Recompute the `samples` rows of `touched` (sample_id -> expected class or None;
     KEEP_EXPECTED keeps the stored one) from the current rows of their images. Runs inside the
     writer's transaction."""
     from semwatch.store import utc_now
 
-    sample_settings: SampleSettings = settings if isinstance(settings, SampleSettings) else SampleSettings()
     for sample_id, expected in touched.items():
         if expected == KEEP_EXPECTED:
             row = conn.execute("SELECT expected FROM samples WHERE sample_id = ?", (sample_id,)).fetchone()
@@ -174,7 +173,7 @@ def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None], s
                 (sample_id,),
             )
         ]
-        v = sample_verdict(sample_id, images, expected, sample_settings)
+        v = sample_verdict(sample_id, images, expected, settings)
         n_counted = sum(1 for im in images if im.status == "ok")
         agg = aggregate(images)
         best = agg[0] if agg else None

@@ -124,7 +124,7 @@ class Service:
 
     def run(self) -> int:
         from semwatch.pipeline import Pipeline
-        from semwatch.store import Store, Writer, load_ledger
+        from semwatch.store import Writer, load_ledger
         from semwatch.watcher import Watcher, resolve_mode
 
         settings = self.settings
@@ -136,8 +136,7 @@ class Service:
         try:
             classifier = self._load_classifier()
             read = _reader()
-            store = Store(settings.store.database, settings.store.results_csv,
-                          busy_timeout_ms=settings.store.busy_timeout_ms)
+            store = _open_store(settings)
         except BaseException:
             self.signals.restore()
             raise
@@ -147,7 +146,6 @@ class Service:
         extras: list[Any] = []
         code = EXIT_OK
         try:
-            store.set_sample_settings(settings.samples)
             manifest: dict[str, Any] = dict(getattr(classifier, "manifest", {}) or {})
             store.register_model(classifier.model_id, manifest.get("name"), list(classifier.classes),
                                  manifest.get("created_at"), manifest.get("metrics"), settings.model.path)
@@ -277,6 +275,27 @@ class Service:
             store.close()
         log.info("stopped (exit %d)", code)
         return code
+
+
+def _open_store(settings: Settings) -> Any:
+    """The database and CSV, checked up front: an unusable one is a configuration error (78)."""
+    import sqlite3
+
+    from semwatch.store import Store
+
+    csv_path = settings.store.results_csv
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "ab"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ConfigError(f"[store] results_csv cannot be written: {csv_path}: {reason}") from None
+    try:
+        return Store(settings.store.database, csv_path, busy_timeout_ms=settings.store.busy_timeout_ms,
+                     sample_settings=settings.samples)
+    except (sqlite3.Error, OSError, RuntimeError) as exc:
+        raise ConfigError(f"[store] database cannot be used: {settings.store.database}: {exc}") from None
 
 
 def _reader() -> Any:

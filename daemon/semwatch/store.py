@@ -23,12 +23,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from semwatch import db
+from semwatch.config import SampleSettings
 from semwatch.samples import KEEP_EXPECTED, update_samples
 from semwatch.values import ImageVerdict
 
@@ -262,7 +263,6 @@ class WriteStats:
     failed: int = 0
     dropped: int = 0  # results for versions that were superseded meanwhile
     last_result_at: float = 0.0
-    samples_touched: set[str] = field(default_factory=set)
 
 
 class Store:
@@ -270,7 +270,7 @@ class Store:
     (opened by the service, then used only by the writer thread)."""
 
     def __init__(self, database: Path, results_csv: Path | None, *, busy_timeout_ms: int = 10000,
-                 check_same_thread: bool = False) -> None:
+                 check_same_thread: bool = False, sample_settings: SampleSettings | None = None) -> None:
         self.conn = db.connect(database, busy_timeout_ms=busy_timeout_ms, check_same_thread=check_same_thread)
         try:
             create_schema(self.conn)
@@ -279,8 +279,8 @@ class Store:
             raise
         self.database = database
         self.csv_path = results_csv
+        self.sample_settings = sample_settings or SampleSettings()
         self.stats = WriteStats()
-        self._samples_hook: Any = None
 
     def close(self) -> None:
         self.conn.close()
@@ -358,17 +358,12 @@ class Store:
                     self._daemon_status(msg)
             if touched:
 
-                update_samples(self.conn, touched, self._sample_settings)
+                update_samples(self.conn, touched, self.sample_settings)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         return finished
-
-    _sample_settings: Any = None
-
-    def set_sample_settings(self, sample_settings: Any) -> None:
-        self._sample_settings = sample_settings
 
     def _ensure_row(self, key: FileKey, detected_at: str, attempts: int) -> int:
         """The id of `key`'s row, inserting it `pending` (and superseding other versions) if new."""
@@ -558,7 +553,6 @@ class Writer(threading.Thread):
         self.max_batch = max_batch
         self.error: BaseException | None = None
         self.last_alive = time.monotonic()
-        self.on_finished: Any = None  # callback(list[int]) after rows are committed
 
     def put(self, msg: Message) -> None:
         self.queue.put(msg)
@@ -599,6 +593,4 @@ class Writer(threading.Thread):
             if batch:
                 finished = self.store.apply(batch)
                 self.store.append_csv(finished)
-                if finished and self.on_finished is not None:
-                    self.on_finished(finished)
             self.last_alive = time.monotonic()
