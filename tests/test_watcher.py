@@ -181,3 +181,37 @@ def test_startup_backlog_is_quick(tmp_path: Path, ncm_dir: Path) -> None:
     finally:
         h.watcher.stop()
         h.watcher.join(10)
+
+
+def test_retry_backoff_and_vanished_retry(tmp_path: Path) -> None:
+    """A failed read comes back after its back-off; a retried file that vanishes releases its row."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    gone: list[FileKey] = []
+    handed: list[Candidate] = []
+    settings = WatchSettings(folder=folder, settle_seconds=0.2, rescan_seconds=30.0)
+    watcher = Watcher(settings, folder, mode="polling", done={}, pending={}, submit=handed.append,
+                      on_gone=gone.append)
+    bad = folder / "bad.tif"
+    bad.write_bytes(b"II*\0garbage")
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not handed:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        watcher.retry(handed[0].key, 1, 0.5)
+        while len(handed) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert time.monotonic() - t0 >= 0.45 and handed[1].attempts == 1
+        watcher.retry(handed[1].key, 2, 0.5)
+        bad.unlink()
+        while not gone:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert gone == [handed[0].key] and len(handed) == 2
+    finally:
+        watcher.stop()
+        watcher.join(10)

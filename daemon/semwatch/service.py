@@ -124,7 +124,7 @@ class Service:
 
     def run(self) -> int:
         from semwatch.pipeline import Pipeline
-        from semwatch.store import Writer, load_ledger
+        from semwatch.store import Gone, Writer, load_ledger
         from semwatch.watcher import Watcher, resolve_mode
 
         settings = self.settings
@@ -159,7 +159,8 @@ class Service:
             pipeline = Pipeline(settings, classifier, writer, self.folder, read=read,
                                 database=settings.store.database)
             watcher = Watcher(settings.watch, self.folder, mode=mode, done=ledger.done,
-                              pending=ledger.pending, submit=pipeline.submit)
+                              pending=ledger.pending, submit=pipeline.submit,
+                              on_gone=lambda key: writer.put(Gone(key)))
             pipeline.watcher = watcher
             pipeline.start()
             watcher.start()

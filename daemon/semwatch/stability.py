@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class Candidate:
     attempts: int = 0
     not_before: float = 0.0  # monotonic: retry back-off
     next_check: float = 0.0
+    row_key: FileKey | None = None  # the version whose `pending` ledger row exists (after an attempt)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class SettleGate:
 
     settle_seconds: float
     sidecar_wait_seconds: float
+    on_gone: Callable[[FileKey], None] | None = None  # a candidate with a ledger row vanished
     candidates: dict[str, Candidate] = field(default_factory=dict)
     _sidecar_dirs: dict[str, tuple[bool, float]] = field(default_factory=dict)
 
@@ -92,14 +95,14 @@ class SettleGate:
         return len(self.candidates)
 
     def offer(self, path: str, st: os.stat_result, *, quick: bool = False, attempts: int = 0,
-              not_before: float = 0.0) -> None:
+              not_before: float = 0.0, row_key: FileKey | None = None) -> None:
         """A file was seen (event, scan or retry): add it, or note a change / a close hint."""
         now = time.monotonic()
         key = FileKey.of(path, st)
         cand = self.candidates.get(path)
         if cand is None:
             self.candidates[path] = Candidate(key, time.time(), now, now, quick=quick, attempts=attempts,
-                                              not_before=not_before)
+                                              not_before=not_before, row_key=row_key)
             return
         if cand.key != key:
             cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, quick, 0
@@ -109,7 +112,10 @@ class SettleGate:
         cand.next_check = 0.0
 
     def discard(self, path: str) -> None:
-        self.candidates.pop(path, None)
+        """The file is gone: forget it (and its pending ledger row, if it has one)."""
+        cand = self.candidates.pop(path, None)
+        if cand is not None and cand.row_key is not None and self.on_gone is not None:
+            self.on_gone(cand.row_key)
 
     def next_due(self) -> float | None:
         """Seconds until the next candidate needs a look (None: nothing waits)."""
@@ -129,7 +135,7 @@ class SettleGate:
             cand.next_check = now + RECHECK_SECONDS
             st = _stat(path)
             if st is None:
-                del self.candidates[path]  # gone before it settled
+                self.discard(path)  # gone before it settled
                 continue
             key = FileKey.of(path, st)
             if key != cand.key:

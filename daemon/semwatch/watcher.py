@@ -204,13 +204,15 @@ class Watcher(threading.Thread):
 
     def __init__(self, settings: WatchSettings, folder: Path, *, mode: str,
                  done: dict[str, tuple[int, int]], pending: dict[str, tuple[int, int, int]],
-                 submit: Callable[[Candidate], None]) -> None:
+                 submit: Callable[[Candidate], None],
+                 on_gone: Callable[[FileKey], None] | None = None) -> None:
         super().__init__(name="semwatch-watcher", daemon=True)
         self.settings = settings
         self.folder = folder
         self.mode = mode
         self.names = NameFilter.from_settings(settings)
-        self.gate = SettleGate(settings.settle_seconds, settings.sidecar_wait_seconds)
+        self.gate = SettleGate(settings.settle_seconds, settings.sidecar_wait_seconds, on_gone=on_gone)
+        self.on_gone = on_gone
         self.done = done
         self.pending_attempts = pending
         self.submit = submit
@@ -263,6 +265,11 @@ class Watcher(threading.Thread):
             self._observer = self._try_start_observer()
         t0 = time.monotonic()
         self._rescan()
+        # Pending rows of files that vanished while the daemon was down.
+        for path, (size, mtime_ns, _attempts) in list(self.pending_attempts.items()):
+            if self.on_gone is not None and not os.path.exists(path):  # noqa: PTH110
+                self.on_gone(FileKey(path, size, mtime_ns))
+                del self.pending_attempts[path]
         log.info("initial scan: %d file(s) to process, %d already done (%.2f s)",
                  len(self.gate) + len(self.in_flight), len(self.done), time.monotonic() - t0)
         self._ready.set()
@@ -352,18 +359,21 @@ class Watcher(threading.Thread):
                 st = os.stat(path)  # noqa: PTH116
             except OSError:
                 self.gate.discard(path)
+                if attempts_for is not None and self.on_gone is not None:
+                    self.on_gone(attempts_for)  # a retry whose file vanished meanwhile
                 return
         key = FileKey.of(path, st)
         if self.done.get(path) == (key.size, key.mtime_ns):
             return
+        row_key = attempts_for  # a retried version has a pending row in the ledger
         if attempts_for is not None and attempts_for != key:
             attempts, not_before = 0, 0.0  # a new version: a fresh start
-        prior = self.pending_attempts.get(path)
+        prior = self.pending_attempts.pop(path, None)
         if prior is not None:
+            row_key = FileKey(path, prior[0], prior[1])
             if prior[:2] == (key.size, key.mtime_ns):
                 attempts = max(attempts, prior[2])
-            del self.pending_attempts[path]
-        self.gate.offer(path, st, quick=quick, attempts=attempts, not_before=not_before)
+        self.gate.offer(path, st, quick=quick, attempts=attempts, not_before=not_before, row_key=row_key)
 
     def _rescan(self) -> None:
         t0 = time.monotonic()
