@@ -121,9 +121,13 @@ class TilingSettings:
     max_tiles: int = 48
     tile_std_min: float = 0.02
     tile_saturated_max: float = 0.3
+    max_scale_ratio: float = 4.0
+    intensity: Literal["equalize", "standardize", "none"] = "equalize"
 
     def validate(self) -> None:
         _positive("[tiling] tile_px", self.tile_px)
+        if self.max_scale_ratio < 1.0:
+            raise ConfigError(f"[tiling] max_scale_ratio must be >= 1, got {self.max_scale_ratio}")
         _positive("[tiling] tile_physical_px", self.tile_physical_px)
         if not 0.0 <= self.overlap < 0.9:
             raise ConfigError(f"[tiling] overlap must be in [0, 0.9), got {self.overlap}")
@@ -166,9 +170,14 @@ class TrainSettings:
     augment_copies: int = 4
     tiles_per_image: int = 12
     class_map: dict[str, str] = field(default_factory=dict)
+    unknown_quantile: float = 0.99
+    unknown_margin: float = 1.2
 
     def validate(self) -> None:
         _fraction("[train] val_fraction", self.val_fraction)
+        _fraction("[train] unknown_quantile", self.unknown_quantile)
+        if self.unknown_margin < 1.0:
+            raise ConfigError(f"[train] unknown_margin must be >= 1, got {self.unknown_margin}")
         _fraction("[train] test_fraction", self.test_fraction)
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ConfigError("[train] val_fraction + test_fraction must be < 0.9")

@@ -1,0 +1,402 @@
+"""Batched inference and aggregation: micrograph → tiles → tile probabilities → ImageVerdict.
+
+`prepare` (CPU, thread-safe) and `verdict` are pure functions of the manifest and settings;
+`predict` runs the network and is called from one inference thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semwatch.config import Settings
+from semwatch.errors import UserError
+from semwatch.model.artifact import load_artifact, model_id
+from semwatch.model.backbone import TileNet
+from semwatch.tiles import Scale, cut_tiles, scale_for
+from semwatch.values import ImageVerdict, Micrograph, MicrographError, Quality
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    path: Path
+    tiles: np.ndarray  # (N, 3, tile_px, tile_px) float32
+    positions: list[tuple[int, int]]
+    n_candidates: int
+    scale: Scale
+    scale_ok: bool
+    resampled_shape: tuple[int, int]
+    quality: Quality | None = None
+
+
+@dataclass(frozen=True)
+class TileOutput:
+    probabilities: np.ndarray  # (N, C) calibrated per-tile class probabilities
+    novelty: np.ndarray  # (N,) distance to the training features (higher = more foreign)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str
+    composition: str | None
+    state: str | None
+
+
+def parse_class(name: str) -> ClassInfo:
+    """`<composition>` or `<composition>_<state>`; a missing state means pristine."""
+    head, sep, tail = name.partition("_")
+    return ClassInfo(name, head or None, tail if sep and tail else "pristine")
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("[model] device = cuda but no CUDA device is available", 78)
+        return torch.device("cuda", 0)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+@dataclass
+class Classifier:
+    net: TileNet
+    manifest: dict[str, Any]
+    settings: Settings
+    torch_device: torch.device
+    model_id: str
+    device: str
+    classes: list[str]
+    class_info: list[ClassInfo] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, model_dir: Path, settings: Settings) -> Classifier:
+        state, manifest = load_artifact(Path(model_dir))
+        classes = [str(c) for c in manifest["classes"]]
+        try:
+            net = TileNet(
+                manifest["architecture"],
+                int(manifest["tile_px"]),
+                len(classes),
+                hidden=int(manifest["head_hidden"]),
+                novelty_k=int(manifest["novelty_k"]),
+                pretrained=False,
+            )
+            net.load_state_dict(state, strict=True)
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{model_dir}: weights do not match the manifest ({first})") from None
+        if settings.model.cpu_threads > 0:
+            torch.set_num_threads(settings.model.cpu_threads)
+        device = select_device(settings.model.device)
+        net = net.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+        info = [ClassInfo(c["name"], c.get("composition"), c.get("state")) for c in manifest["class_info"]]
+        return cls(
+            net, manifest, settings, device, model_id(manifest), describe_device(device), classes, info
+        )
+
+    # --- the three stages ------------------------------------------------------------------
+
+    @property
+    def unknown_threshold(self) -> float:
+        configured = self.settings.model.unknown_threshold
+        return float(configured) if configured >= 0 else float(self.manifest["unknown_threshold"])
+
+    def prepare(self, micrograph: Micrograph) -> PreparedImage:
+        m = self.manifest
+        scale = scale_for(
+            micrograph.metadata, m.get("reference_pixel_size_nm"), m.get("reference_magnification")
+        )
+        limit = self.settings.tiling.max_scale_ratio
+        ratio = max(scale.factor, 1.0 / scale.factor)
+        scale_ok = ratio <= limit
+        # Far outside the model's range: tile at the nearest allowed scale (the verdict says unknown).
+        factor = scale.factor if scale_ok else min(max(scale.factor, 1.0 / limit), limit)
+        t = self.settings.tiling
+        ts = cut_tiles(
+            micrograph.pixels,
+            factor=factor,
+            tile_physical_px=int(m["tile_physical_px"]),
+            tile_px=int(m["tile_px"]),
+            overlap=t.overlap,
+            max_tiles=t.max_tiles,
+            std_min=t.tile_std_min,
+            saturated_max=t.tile_saturated_max,
+            intensity=str(m["intensity"]),
+        )
+        return PreparedImage(
+            micrograph.path,
+            ts.tiles,
+            ts.positions,
+            ts.n_candidates,
+            scale,
+            scale_ok,
+            ts.resampled_shape,
+            micrograph.quality,
+        )
+
+    def predict(self, tiles: np.ndarray) -> TileOutput:
+        n_classes = len(self.classes)
+        if len(tiles) == 0:
+            return TileOutput(np.zeros((0, n_classes), np.float32), np.zeros((0,), np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.torch_device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            logits, novelty, _ = self.net(x)
+            probs = torch.softmax(logits.float(), dim=1)
+        return TileOutput(
+            probs.cpu().numpy().astype(np.float32), novelty.float().cpu().numpy().astype(np.float32)
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.torch_device.type == "cuda" and self.settings.model.mixed_precision:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def verdict(self, prepared: PreparedImage, output: TileOutput) -> ImageVerdict:
+        return aggregate(
+            prepared,
+            output,
+            self.classes,
+            self.class_info,
+            unknown_threshold=self.unknown_threshold,
+            min_confidence=self.settings.model.min_confidence,
+            min_tiles=self.settings.model.min_tiles,
+            model_id=self.model_id,
+        )
+
+    # --- conveniences ------------------------------------------------------------------------
+
+    def classify_paths(self, paths: Sequence[Path]) -> list[ImageVerdict | MicrographError]:
+        return [r for _, r in stream(self, paths, self.settings)]
+
+
+def aggregate(
+    prepared: PreparedImage,
+    output: TileOutput,
+    classes: list[str],
+    info: list[ClassInfo],
+    *,
+    unknown_threshold: float,
+    min_confidence: float,
+    min_tiles: int,
+    model_id: str | None,
+) -> ImageVerdict:
+    """Tile outputs → one verdict. Mean log-probability (a normalised geometric mean) over tiles."""
+    n = len(output.probabilities)
+    reasons: list[str] = []
+    probs = np.zeros(len(classes), np.float64)
+    agreement = 0.0
+    novelty = math.nan
+    if n:
+        logp = np.log(np.clip(output.probabilities.astype(np.float64), 1e-12, 1.0)).mean(axis=0)
+        probs = np.exp(logp - logp.max())
+        probs /= probs.sum()
+        best = int(probs.argmax())
+        agreement = float(np.mean(output.probabilities.argmax(axis=1) == best))
+        novelty = float(np.median(output.novelty))
+    out_of_range = not prepared.scale_ok
+    if out_of_range:
+        reasons.append(
+            f"scale x{prepared.scale.factor:.2f} ({prepared.scale.basis}) is outside the model's range"
+        )
+    foreign = n > 0 and novelty > unknown_threshold
+    if foreign:
+        reasons.append(f"unlike the training images (novelty {novelty:.2f} > {unknown_threshold:.2f})")
+    quality_bad = prepared.quality is not None and not prepared.quality.ok
+    if quality_bad and prepared.quality is not None:
+        reasons.extend(prepared.quality.reasons or ("quality gate failed",))
+    few_tiles = n < min_tiles
+    if few_tiles:
+        reasons.append(f"{n} usable tile(s) of {prepared.n_candidates}, need {min_tiles}")
+    confidence = float(probs.max()) if n else 0.0
+    low_conf = n > 0 and confidence < min_confidence
+    if low_conf:
+        reasons.append(f"low confidence {confidence:.2f} < {min_confidence:.2f}")
+
+    if out_of_range or foreign:
+        status = "unknown"
+    elif quality_bad or few_tiles:
+        status = "rejected"
+    elif low_conf:
+        status = "unknown"
+    else:
+        status = "ok"
+    best_info = info[int(probs.argmax())] if n else None
+    ok = status == "ok" and best_info is not None
+    composition, state = _marginals(probs, info) if ok else (None, None)
+    return ImageVerdict(
+        path=prepared.path,
+        status=status,  # type: ignore[arg-type]
+        predicted_class=best_info.name if ok and best_info else None,
+        composition=composition,
+        state=state,
+        confidence=round(confidence, 6),
+        tile_agreement=round(agreement, 6),
+        n_tiles=n,
+        probabilities={c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
+        reasons=tuple(reasons),
+        model_id=model_id,
+    )
+
+
+def _marginals(probs: np.ndarray, info: list[ClassInfo]) -> tuple[str | None, str | None]:
+    comp: dict[str, float] = {}
+    state: dict[str, float] = {}
+    for p, ci in zip(probs, info, strict=True):
+        if ci.composition is not None:
+            comp[ci.composition] = comp.get(ci.composition, 0.0) + float(p)
+        if ci.state is not None:
+            state[ci.state] = state.get(ci.state, 0.0) + float(p)
+    return (
+        max(comp, key=comp.__getitem__) if comp else None,
+        max(state, key=state.__getitem__) if state else None,
+    )
+
+
+# --- streaming: decode and tile on worker threads while the network runs -----------------------
+
+
+def _read_and_prepare(
+    classifier: Classifier, path: Path, settings: Settings
+) -> PreparedImage | MicrographError:
+    from semwatch.micrograph import read_micrograph
+
+    try:
+        return classifier.prepare(read_micrograph(path, settings))
+    except MicrographError as exc:
+        return exc
+
+
+def stream(
+    classifier: Classifier,
+    paths: Iterable[Path],
+    settings: Settings,
+    *,
+    workers: int | None = None,
+    prefetch: int = 8,
+) -> Iterator[tuple[Path, ImageVerdict | MicrographError]]:
+    """Yield (path, verdict or error) in input order; batches are filled across images."""
+    paths = list(paths)
+    workers = workers or max(1, settings.watch.reader_threads)
+    batch_size = settings.model.batch_size
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semwatch-prepare") as pool:
+        pending: list[tuple[Path, Future[PreparedImage | MicrographError]]] = []
+        it = iter(paths)
+
+        def top_up() -> None:
+            while len(pending) < prefetch:
+                try:
+                    p = next(it)
+                except StopIteration:
+                    return
+                pending.append((p, pool.submit(_read_and_prepare, classifier, Path(p), settings)))
+
+        top_up()
+        while pending:
+            # Take ready images until a batch is full (at least one image per round).
+            group: list[tuple[Path, PreparedImage | MicrographError]] = []
+            tiles = 0
+            while pending and (not group or tiles < batch_size):
+                p, fut = pending.pop(0)
+                item = fut.result()
+                group.append((p, item))
+                tiles += len(item.tiles) if isinstance(item, PreparedImage) else 0
+                top_up()
+            yield from _run_group(classifier, group)
+
+
+def _run_group(
+    classifier: Classifier, group: list[tuple[Path, PreparedImage | MicrographError]]
+) -> Iterator[tuple[Path, ImageVerdict | MicrographError]]:
+    prepared = [item for _, item in group if isinstance(item, PreparedImage)]
+    parts = [p.tiles for p in prepared if len(p.tiles)]
+    size = classifier.settings.model.batch_size
+    if parts:
+        tiles = np.concatenate(parts)
+        outs = [classifier.predict(tiles[i : i + size]) for i in range(0, len(tiles), size)]
+        probs = np.concatenate([o.probabilities for o in outs])
+        novelty = np.concatenate([o.novelty for o in outs])
+    start = 0
+    for path, item in group:
+        if isinstance(item, MicrographError):
+            yield path, item
+            continue
+        n = len(item.tiles)
+        out = (
+            TileOutput(probs[start : start + n], novelty[start : start + n])
+            if n
+            else classifier.predict(item.tiles)
+        )
+        start += n
+        yield path, classifier.verdict(item, out)
+
+
+# --- command -------------------------------------------------------------------------------------
+
+
+def classify_command(args: argparse.Namespace, settings: Settings) -> int:
+    model_dir = Path(args.model) if args.model else settings.model.path
+    classifier = Classifier.load(model_dir, settings)
+    explain_dir: Path | None = args.explain
+    if explain_dir is not None:
+        explain_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path, result in stream(classifier, [Path(f) for f in args.files], settings):
+        if isinstance(result, MicrographError):
+            failed += 1
+            if args.json:
+                _emit({"path": str(path), "error": str(result)})
+            else:
+                print(f"semwatch: {path}: {result}", file=sys.stderr)
+            continue
+        record = result.to_json()
+        if explain_dir is not None:
+            record["explanation"] = str(_explain(classifier, path, explain_dir, settings))
+        if args.json:
+            _emit(record)
+        else:
+            label = result.predicted_class or "-"
+            why = f"  ({'; '.join(result.reasons)})" if result.reasons else ""
+            print(
+                f"{path}: {result.status} {label} conf {result.confidence:.3f} "
+                f"agree {result.tile_agreement:.2f} tiles {result.n_tiles}{why}"
+            )
+    return 1 if failed else 0
+
+
+def _explain(classifier: Classifier, path: Path, out_dir: Path, settings: Settings) -> Path:
+    import cv2
+
+    from semwatch.micrograph import read_micrograph
+    from semwatch.model.gradcam import explain_image
+
+    overlay = explain_image(classifier, read_micrograph(path, settings))
+    target = out_dir / f"{path.stem}.gradcam.png"
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - encoding an RGB uint8 array does not fail
+        raise UserError(f"cannot encode the Grad-CAM overlay for {path}", 1)
+    target.write_bytes(buf.tobytes())
+    return target
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,1 @@
+"""The classifier model: backbone, artifact, training, evaluation, Grad-CAM."""
