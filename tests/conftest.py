@@ -79,3 +79,18 @@ def no_unclosed_databases() -> Iterator[None]:
     for conn in leaked:
         conn.close()
     assert not leaked, f"test left {len(leaked)} database connection(s) open"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, ncm_dir: Path) -> Path:
+    """A real model artifact trained in seconds: 3 images per class, few tiles, 2 epochs (poor accuracy;
+    it exercises train → artifact → classify, not quality)."""
+    from semwatch.model.train import train_model
+
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    tiny = load_settings(None, environ={}, overrides={
+        "model": {"device": "cpu"},
+        "train": {"tiles_per_image": 4, "augment_copies": 1},
+    })
+    train_model(ncm_dir, out, tiny, max_images_per_class=3, epochs=2, progress=False)
+    return out

@@ -49,7 +49,7 @@ def resample(pixels: np.ndarray, factor: float) -> np.ndarray:
 def normalise_intensity(pixels: np.ndarray, mode: str) -> np.ndarray:
     """Grey levels to [0, 1] in a way that does not depend on the session's brightness/contrast.
 
-    "equalize": mid-rank of each pixel's grey level (16-bit quantised) in the image — invariant
+    "equalize": mid-rank of each pixel's grey level (16-bit quantised) in the tile — invariant
     to any monotonic grey-level change (brightness, contrast, gamma) up to clipping.
     """
     if mode == "none":
@@ -99,16 +99,16 @@ def tile_usable(tile: np.ndarray, std_min: float, saturated_max: float) -> bool:
     return saturated <= saturated_max
 
 
-def to_network(tiles: np.ndarray, out_px: int) -> np.ndarray:
-    """(N, s, s) grey in [0, 1] → (N, 3, out_px, out_px) float32 with ImageNet normalisation."""
-    n = len(tiles)
-    out = np.empty((n, 3, out_px, out_px), np.float32)
+def to_network(tiles: list[np.ndarray], out_px: int, intensity: str) -> np.ndarray:
+    """Grey tiles in [0, 1] → (N, 3, out_px, out_px) float32: resize, normalise intensity per tile
+    (the same in training and inference), ImageNet mean/std on 3 identical channels."""
+    out = np.empty((len(tiles), 3, out_px, out_px), np.float32)
     mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
     std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
     for i, tile in enumerate(tiles):
-        if tile.shape[0] != out_px:
+        if tile.shape[0] != out_px or tile.shape[1] != out_px:
             tile = cv2.resize(tile, (out_px, out_px), interpolation=cv2.INTER_AREA)
-        out[i] = (tile[None, :, :] - mean) / std
+        out[i] = (normalise_intensity(tile, intensity)[None, :, :] - mean) / std
     return out
 
 
@@ -132,7 +132,7 @@ def cut_tiles(
     saturated_max: float,
     intensity: str,
 ) -> TileSet:
-    """Resample, choose grid tiles, skip unusable ones (judged on raw grey levels), normalise."""
+    """Resample, choose grid tiles, skip unusable ones (judged on raw grey levels), normalise each."""
     image = resample(pixels.astype(np.float32, copy=False), factor)
     positions = grid_positions(image.shape[0], image.shape[1], tile_physical_px, overlap, max_tiles)
     keep = [
@@ -140,10 +140,6 @@ def cut_tiles(
         for y, x in positions
         if tile_usable(image[y : y + tile_physical_px, x : x + tile_physical_px], std_min, saturated_max)
     ]
-    normalised = normalise_intensity(image, intensity)
-    raw = (
-        np.stack([normalised[y : y + tile_physical_px, x : x + tile_physical_px] for y, x in keep])
-        if keep
-        else (np.zeros((0, tile_physical_px, tile_physical_px), np.float32))
-    )
-    return TileSet(to_network(raw, tile_px), keep, len(positions), (image.shape[0], image.shape[1]))
+    raw = [image[y : y + tile_physical_px, x : x + tile_physical_px] for y, x in keep]
+    tiles = to_network(raw, tile_px, intensity)
+    return TileSet(tiles, keep, len(positions), (image.shape[0], image.shape[1]))

@@ -1,0 +1,599 @@
+"""`semwatch train DATA_DIR --out MODEL_DIR`: one folder per class → a verified model artifact.
+
+Recipe (CPU-friendly, < 30 min for ~700 images on 2 cores): the ImageNet backbone stays frozen;
+its multi-level pooled features are computed once per (tile, augmentation) and a small head is
+trained on them with early stopping on validation. Tiles are intensity-equalised, so a session's
+brightness/contrast/gamma cannot be learnt; augmentation adds blur, noise, flips and rotations.
+Validation images then calibrate the temperature (image-level NLL) and the unknown threshold.
+The split is by image, stratified and seeded, and is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from semwatch import __version__
+from semwatch.classify import ClassInfo, parse_class, select_device
+from semwatch.config import Settings
+from semwatch.errors import UserError
+from semwatch.model.artifact import save_artifact
+from semwatch.model.augment import augment_tile, geometric
+from semwatch.model.backbone import TileNet, architecture
+from semwatch.tiles import grid_positions, resample, scale_for, tile_usable, to_network
+from semwatch.values import Micrograph, MicrographError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
+HEAD_HIDDEN = 512
+NOVELTY_K = 64
+FEATURE_BATCH = 32
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    rel: str  # "<folder>/<file>" relative to the data folder: the split's key
+    label: int
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    model_id: str
+    classes: list[str]
+    n_train: int
+    n_val: int
+    n_test: int
+    validation: dict[str, Any]
+    wall_s: float
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_dir": str(self.model_dir),
+            "model_id": self.model_id,
+            "classes": self.classes,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "n_test": self.n_test,
+            "validation": self.validation,
+            "wall_s": round(self.wall_s, 1),
+            "skipped": self.skipped,
+        }
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def discover(data_dir: Path, class_map: dict[str, str]) -> tuple[list[ClassInfo], list[LabelledImage]]:
+    """Classes from sub-folder names (or `class_map`), images inside them (not recursive)."""
+    if not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir}")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names: dict[str, list[Path]] = {}
+    for folder in folders:
+        name = class_map.get(folder.name, folder.name)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            names.setdefault(name, []).extend(files)
+    if len(names) < 2:
+        raise UserError(f"{data_dir}: need at least two class folders with images, found {len(names)}")
+    classes = [parse_class(n) for n in sorted(names)]
+    images = [
+        LabelledImage(p, f"{p.parent.name}/{p.name}", i) for i, c in enumerate(classes) for p in names[c.name]
+    ]
+    return classes, images
+
+
+def split_images(
+    images: list[LabelledImage], n_classes: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[LabelledImage]]:
+    """Stratified by class, seeded, by whole image; every class keeps >= 1 training image and,
+    where it has >= 2, >= 1 validation image."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[LabelledImage]] = {"train": [], "val": [], "test": []}
+    for c in range(n_classes):
+        members = [im for im in images if im.label == c]
+        order = rng.permutation(len(members))
+        members = [members[i] for i in order]
+        n = len(members)
+        n_val = max(1, round(n * val_fraction)) if n >= 2 else 0
+        n_test = min(round(n * test_fraction), max(0, n - n_val - 1))
+        out["val"] += members[:n_val]
+        out["test"] += members[n_val : n_val + n_test]
+        out["train"] += members[n_val + n_test :]
+    return out
+
+
+def fingerprint(images: Sequence[LabelledImage]) -> str:
+    """sha256 over (relative path, content hash) of every image: the same data, the same print."""
+    digest = hashlib.sha256()
+    for im in sorted(images, key=lambda i: i.rel):
+        h = hashlib.sha256(im.path.read_bytes()).hexdigest()
+        digest.update(f"{im.rel}\0{h}\n".encode())
+    return digest.hexdigest()
+
+
+# --- tiles ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    tile_px: int
+    tile_physical_px: int
+    overlap: float
+    max_tiles: int
+    std_min: float
+    saturated_max: float
+    intensity: str
+    ref_pixel_nm: float | None
+    ref_magnification: float | None
+
+
+def _factor(m: Micrograph, r: Recipe) -> float:
+    return scale_for(m.metadata, r.ref_pixel_nm, r.ref_magnification).factor
+
+
+def grid_tiles(m: Micrograph, r: Recipe) -> np.ndarray:
+    """The tiles inference would see (same grid, same skipping)."""
+    image = resample(m.pixels, _factor(m, r))
+    size = r.tile_physical_px
+    cells = grid_positions(image.shape[0], image.shape[1], size, r.overlap, r.max_tiles)
+    raw = [image[y : y + size, x : x + size] for y, x in cells]
+    return to_network([t for t in raw if tile_usable(t, r.std_min, r.saturated_max)], r.tile_px, r.intensity)
+
+
+def training_tiles(
+    m: Micrograph, r: Recipe, n_tiles: int, copies: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`n_tiles` random usable crops, each once plain (flipped/rotated) and `copies` times augmented."""
+    image = resample(m.pixels, _factor(m, r))
+    size = r.tile_physical_px
+    h, w = image.shape
+    if h < size or w < size:
+        return np.zeros((0, 3, r.tile_px, r.tile_px), np.float32)
+    out: list[np.ndarray] = []
+    tries = 0
+    while len(out) < n_tiles * (1 + copies) and tries < n_tiles * 4:
+        tries += 1
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        crop = image[y : y + size, x : x + size]
+        if not tile_usable(crop, r.std_min, r.saturated_max):
+            continue
+        out.append(geometric(crop, rng))
+        out.extend(augment_tile(crop, rng) for _ in range(copies))
+    return to_network(out, r.tile_px, r.intensity)
+
+
+# --- features ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    feats: torch.Tensor  # (T, D)
+    labels: torch.Tensor  # (T,) tile labels
+    image_of: torch.Tensor  # (T,) index of the image in its split list
+    image_labels: torch.Tensor  # (I,)
+
+
+def _read(path: Path, settings: Settings) -> Micrograph | MicrographError:
+    from semwatch.micrograph import read_micrograph
+
+    try:
+        return read_micrograph(path, settings)
+    except MicrographError as exc:
+        return exc
+
+
+def extract_features(
+    net: TileNet,
+    items: list[LabelledImage],
+    make_tiles: Callable[[int, Micrograph], np.ndarray],
+    settings: Settings,
+    device: torch.device,
+    tick: Callable[[int], None],
+    skipped: list[str],
+) -> FeatureSet:
+    """Decode and tile on worker threads while the backbone runs; pooled features per tile."""
+    feats: list[torch.Tensor] = []
+    labels: list[int] = []
+    image_of: list[int] = []
+    amp = device.type == "cuda" and settings.model.mixed_precision
+
+    def job(i: int) -> np.ndarray | str:
+        m = _read(items[i].path, settings)
+        if isinstance(m, MicrographError):
+            return str(m)
+        return make_tiles(i, m)
+
+    workers = max(1, settings.watch.reader_threads)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semwatch-train") as pool:
+        for i, result in enumerate(pool.map(job, range(len(items)))):
+            if isinstance(result, str):
+                skipped.append(f"{items[i].rel}: {result}")
+            elif len(result):
+                for s in range(0, len(result), FEATURE_BATCH):
+                    x = torch.from_numpy(result[s : s + FEATURE_BATCH]).to(device)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=amp):
+                        f, _ = net.backbone(x)
+                    feats.append(f.float().cpu())
+                labels += [items[i].label] * len(result)
+                image_of += [i] * len(result)
+            tick(1)
+    dim = net.backbone.dim
+    return FeatureSet(
+        torch.cat(feats) if feats else torch.zeros((0, dim)),
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(image_of, dtype=torch.long),
+        torch.tensor([im.label for im in items], dtype=torch.long),
+    )
+
+
+# --- head, calibration, novelty -----------------------------------------------------------------
+
+
+def image_log_probs(tile_logits: torch.Tensor, image_of: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Mean tile log-probability per image, renormalised (as `classify.aggregate` does)."""
+    logp = torch.log_softmax(tile_logits, dim=1)
+    sums = torch.zeros((n_images, logp.shape[1]), dtype=logp.dtype).index_add_(0, image_of, logp)
+    counts = torch.bincount(image_of, minlength=n_images).clamp_min(1).unsqueeze(1)
+    return torch.log_softmax(sums / counts, dim=1)
+
+
+def train_head(
+    net: TileNet, train: FeatureSet, val: FeatureSet, n_classes: int, settings: Settings, epochs: int
+) -> tuple[int, float]:
+    """AdamW on cached features, class-balanced loss, early stopping on validation loss."""
+    t = settings.train
+    head = net.head
+    mean = train.feats.mean(0)
+    std = train.feats.std(0).clamp_min(1e-4)
+    head.feat_mean.copy_(mean)
+    head.feat_std.copy_(std)
+    counts = torch.bincount(train.labels, minlength=n_classes).float().clamp_min(1.0)
+    weights = (counts.sum() / (n_classes * counts)).clamp(max=20.0)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.05)
+    opt = torch.optim.AdamW(head.mlp.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    gen = torch.Generator().manual_seed(t.seed)
+    best = (math.inf, 0, {k: v.clone() for k, v in head.state_dict().items()})
+    since = 0
+    ran = 0
+    for epoch in range(epochs):
+        ran = epoch + 1
+        head.train()
+        order = torch.randperm(len(train.feats), generator=gen)
+        for s in range(0, len(order), t.batch_size):
+            idx = order[s : s + t.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(head(train.feats[idx]), train.labels[idx])
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            if len(val.feats):
+                val_loss = float(nn.functional.cross_entropy(head(val.feats), val.labels))
+            else:
+                val_loss = float(loss_fn(head(train.feats), train.labels))
+        if val_loss < best[0] - 1e-4:
+            best = (val_loss, epoch + 1, {k: v.clone() for k, v in head.state_dict().items()})
+            since = 0
+        else:
+            since += 1
+            if since >= t.patience:
+                break
+    head.load_state_dict(best[2])
+    head.eval()
+    return ran, best[0]
+
+
+def calibrate_temperature(net: TileNet, val: FeatureSet) -> float:
+    """The temperature minimising validation images' NLL of the aggregated (image) prediction."""
+    head = net.head
+    if not len(val.feats):
+        return 1.0
+    head.temperature.fill_(1.0)
+    with torch.no_grad():
+        logits = head(val.feats)
+    n_images = len(val.image_labels)
+    seen = torch.bincount(val.image_of, minlength=n_images) > 0
+    best_t, best_nll = 1.0, math.inf
+    for temp in np.exp(np.linspace(math.log(0.3), math.log(8.0), 48)):
+        lp = image_log_probs(logits / float(temp), val.image_of, n_images)[seen]
+        nll = float(nn.functional.nll_loss(lp, val.image_labels[seen]))
+        if nll < best_nll - 1e-9:
+            best_t, best_nll = float(temp), nll
+    head.temperature.fill_(best_t)
+    return best_t
+
+
+def image_novelty(scores: torch.Tensor, image_of: torch.Tensor, n_images: int) -> np.ndarray:
+    """Median tile novelty per image (as `classify.aggregate` does)."""
+    out = np.full(n_images, np.nan)
+    s, idx = scores.numpy(), image_of.numpy()
+    for i in range(n_images):
+        mine = s[idx == i]
+        if len(mine):
+            out[i] = float(np.median(mine))
+    return out
+
+
+def validation_metrics(net: TileNet, val: FeatureSet, threshold: float, min_conf: float) -> dict[str, Any]:
+    if not len(val.feats):
+        return {"n_images": 0}
+    n_images = len(val.image_labels)
+    with torch.no_grad():
+        logits = net.head(val.feats)
+        novelty = net.novelty(val.feats)
+    seen = torch.bincount(val.image_of, minlength=n_images) > 0
+    lp = image_log_probs(logits, val.image_of, n_images)[seen]
+    conf, pred = lp.exp().max(dim=1)
+    truth = val.image_labels[seen]
+    nov = image_novelty(novelty, val.image_of, n_images)[seen.numpy()]
+    unknown = (nov > threshold) | (conf.numpy() < min_conf)
+    return {
+        "n_images": int(seen.sum()),
+        "n_tiles": len(val.feats),
+        "image_accuracy": round(float((pred == truth).float().mean()), 4),
+        "tile_accuracy": round(float((logits.argmax(1) == val.labels).float().mean()), 4),
+        "unknown_rate": round(float(unknown.mean()), 4),
+        "mean_confidence": round(float(conf.mean()), 4),
+    }
+
+
+# --- the whole thing ------------------------------------------------------------------------------
+
+
+def _reference_scale(items: list[LabelledImage], settings: Settings) -> tuple[float | None, float | None]:
+    """Median pixel size and magnification of (a sample of) the training images."""
+    sizes: list[float] = []
+    mags: list[float] = []
+    step = max(1, len(items) // 16)
+    for im in items[::step][:16]:
+        m = _read(im.path, settings)
+        if isinstance(m, Micrograph):
+            if m.metadata.pixel_size_nm:
+                sizes.append(m.metadata.pixel_size_nm)
+            if m.metadata.magnification:
+                mags.append(m.metadata.magnification)
+    return (float(np.median(sizes)) if sizes else None, float(np.median(mags)) if mags else None)
+
+
+class Progress:
+    """A rich progress bar with ETA on a terminal; occasional plain lines otherwise; nothing if off."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.done = 0
+        self.label = label
+        self._bar: Any = None
+        self._task: Any = None
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def __enter__(self) -> Progress:
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        return self
+
+    def describe(self, label: str) -> None:
+        self.label = label
+        if self._bar is not None:
+            self._bar.update(self._task, description=label)
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+        elif self.enabled and (time.monotonic() - self._last > 15 or self.done == self.total):
+            self._last = time.monotonic()
+            elapsed = self._last - self._start
+            eta = elapsed / max(self.done, 1) * (self.total - self.done)
+            print(
+                f"semwatch train: {self.label} {self.done}/{self.total} images, ETA {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def train_model(
+    data_dir: Path,
+    out_dir: Path,
+    settings: Settings,
+    *,
+    max_images_per_class: int | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on `data_dir` (one folder per class) and write the artifact to `out_dir`."""
+    started = time.monotonic()
+    t, tiling = settings.train, settings.tiling
+    try:
+        architecture(settings.model.architecture)
+    except ValueError as exc:
+        raise UserError(f"[model] architecture: {exc}", 78) from None
+    torch.manual_seed(t.seed)
+    classes, images = discover(data_dir, t.class_map)
+    if max_images_per_class is not None:
+        rng = np.random.default_rng(t.seed)
+        kept: list[LabelledImage] = []
+        for c in range(len(classes)):
+            members = [im for im in images if im.label == c]
+            order = sorted(rng.permutation(len(members))[:max_images_per_class])
+            kept += [members[i] for i in order]
+        images = kept
+    split = split_images(images, len(classes), t.val_fraction, t.test_fraction, t.seed)
+    ref_nm, ref_mag = _reference_scale(split["train"], settings)
+    recipe = Recipe(
+        tiling.tile_px,
+        tiling.tile_physical_px,
+        tiling.overlap,
+        tiling.max_tiles,
+        tiling.tile_std_min,
+        tiling.tile_saturated_max,
+        tiling.intensity,
+        ref_nm,
+        ref_mag,
+    )
+    device = select_device(settings.model.device)
+    if settings.model.cpu_threads > 0:
+        torch.set_num_threads(settings.model.cpu_threads)
+    net = TileNet(
+        settings.model.architecture,
+        tiling.tile_px,
+        len(classes),
+        hidden=HEAD_HIDDEN,
+        novelty_k=NOVELTY_K,
+        pretrained=True,
+    )
+    net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    skipped: list[str] = []
+
+    def train_tiles(i: int, m: Micrograph) -> np.ndarray:
+        rng = np.random.default_rng([t.seed, i])
+        return training_tiles(m, recipe, t.tiles_per_image, t.augment_copies, rng)
+
+    with Progress(progress, len(split["train"]) + len(split["val"]), "features (train)") as bar:
+        train_fs = extract_features(net, split["train"], train_tiles, settings, device, bar.tick, skipped)
+        bar.describe("features (val)")
+        val_fs = extract_features(
+            net, split["val"], lambda _i, m: grid_tiles(m, recipe), settings, device, bar.tick, skipped
+        )
+    if not len(train_fs.feats):
+        raise UserError(f"{data_dir}: no usable training tiles (all images unreadable or blank)", 1)
+    net.backbone.to("cpu")
+    ran, val_loss = train_head(net, train_fs, val_fs, len(classes), settings, epochs or t.epochs)
+    temperature = calibrate_temperature(net, val_fs)
+    net.novelty.fit(train_fs.feats, train_fs.labels, len(classes))
+    with torch.no_grad():
+        val_scores = image_novelty(net.novelty(val_fs.feats), val_fs.image_of, len(split["val"]))
+        train_scores = net.novelty(train_fs.feats)
+    finite = val_scores[np.isfinite(val_scores)]
+    basis = finite if len(finite) else train_scores.numpy()
+    threshold = float(np.quantile(basis, t.unknown_quantile)) * t.unknown_margin
+    validation = validation_metrics(net, val_fs, threshold, settings.model.min_confidence)
+    validation.update(val_loss=round(val_loss, 5), temperature=round(temperature, 4), epochs_run=ran)
+    manifest: dict[str, Any] = {
+        "name": out_dir.name,
+        "classes": [c.name for c in classes],
+        "class_info": [{"name": c.name, "composition": c.composition, "state": c.state} for c in classes],
+        "architecture": settings.model.architecture,
+        "tile_px": tiling.tile_px,
+        "tile_physical_px": tiling.tile_physical_px,
+        "overlap": tiling.overlap,
+        "intensity": tiling.intensity,
+        "normalisation": {
+            "intensity": tiling.intensity,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "channels": "grey repeated x3",
+        },
+        "reference_pixel_size_nm": ref_nm,
+        "reference_magnification": ref_mag,
+        "head_hidden": HEAD_HIDDEN,
+        "novelty_k": NOVELTY_K,
+        "unknown_threshold": round(threshold, 5),
+        "unknown_calibration": {
+            "quantile": t.unknown_quantile,
+            "margin": t.unknown_margin,
+            "statistic": "median tile Mahalanobis distance (whitened PCA) to nearest class",
+        },
+        "temperature": round(temperature, 5),
+        "training": {
+            "data_dir": str(data_dir),
+            "data_fingerprint": fingerprint(images),
+            "n_images": len(images),
+            "n_train_tiles": len(train_fs.feats),
+            "seed": t.seed,
+            "epochs_run": ran,
+            "tiles_per_image": t.tiles_per_image,
+            "augment_copies": t.augment_copies,
+            "device": str(device),
+            "wall_s": round(time.monotonic() - started, 1),
+            "skipped": skipped,
+        },
+        "validation": validation,
+        "split": {k: sorted(im.rel for im in v) for k, v in split.items()},
+        "semwatch_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    state = dict(net.state_dict())
+    mid = save_artifact(out_dir, state, manifest)
+    return TrainResult(
+        out_dir,
+        mid,
+        manifest["classes"],
+        len(split["train"]),
+        len(split["val"]),
+        len(split["test"]),
+        validation,
+        time.monotonic() - started,
+        skipped,
+    )
+
+
+def train_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.epochs is not None and args.epochs <= 0:
+        raise UserError("--epochs must be > 0")
+    if args.max_images_per_class is not None and args.max_images_per_class <= 0:
+        raise UserError("--max-images-per-class must be > 0")
+    result = train_model(
+        Path(args.data_dir),
+        Path(args.out),
+        settings,
+        max_images_per_class=args.max_images_per_class,
+        epochs=args.epochs,
+        progress=True,
+    )
+    if args.split_out is not None:
+        manifest = json.loads((Path(args.out) / "manifest.json").read_text(encoding="utf-8"))
+        Path(args.split_out).write_text(json.dumps(manifest["split"], indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+    else:
+        v = result.validation
+        print(
+            f"model {result.model_id} written to {result.model_dir} in {result.wall_s:.0f} s: "
+            f"{len(result.classes)} classes, {result.n_train}/{result.n_val}/{result.n_test} images "
+            f"train/val/test; validation image accuracy {v.get('image_accuracy', 'n/a')}, "
+            f"tile accuracy {v.get('tile_accuracy', 'n/a')}"
+        )
+    for line in result.skipped:
+        print(f"semwatch: skipped {line}", file=sys.stderr)
+    return 1 if result.skipped else 0
+
+
+def iter_split(manifest: dict[str, Any], which: str) -> Iterator[str]:
+    """Relative paths ("<folder>/<file>") of one split recorded in a manifest."""
+    yield from manifest.get("split", {}).get(which, [])
