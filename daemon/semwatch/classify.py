@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,14 +273,26 @@ def _marginals(probs: np.ndarray, info: list[ClassInfo]) -> tuple[str | None, st
 
 # --- streaming: decode and tile on worker threads while the network runs -----------------------
 
+Transform = Callable[[Micrograph], Micrograph]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One image's result with its tiles' outputs (for evaluation and benchmarks)."""
+
+    path: Path
+    result: ImageVerdict | MicrographError
+    output: TileOutput | None = None
+
 
 def _read_and_prepare(
-    classifier: Classifier, path: Path, settings: Settings
+    classifier: Classifier, path: Path, settings: Settings, transform: Transform | None
 ) -> PreparedImage | MicrographError:
     from semwatch.micrograph import read_micrograph
 
     try:
-        return classifier.prepare(read_micrograph(path, settings))
+        micrograph = read_micrograph(path, settings)
+        return classifier.prepare(transform(micrograph) if transform else micrograph)
     except MicrographError as exc:
         return exc
 
@@ -294,7 +306,20 @@ def stream(
     prefetch: int = 8,
 ) -> Iterator[tuple[Path, ImageVerdict | MicrographError]]:
     """Yield (path, verdict or error) in input order; batches are filled across images."""
-    paths = list(paths)
+    for o in outcomes(classifier, paths, settings, workers=workers, prefetch=prefetch):
+        yield o.path, o.result
+
+
+def outcomes(
+    classifier: Classifier,
+    paths: Iterable[Path],
+    settings: Settings,
+    *,
+    workers: int | None = None,
+    prefetch: int = 8,
+    transform: Transform | None = None,
+) -> Iterator[Outcome]:
+    """Like `stream`, with each image's tile outputs; `transform` alters each micrograph first."""
     workers = workers or max(1, settings.watch.reader_threads)
     batch_size = settings.model.batch_size
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semwatch-prepare") as pool:
@@ -304,14 +329,14 @@ def stream(
         def top_up() -> None:
             while len(pending) < prefetch:
                 try:
-                    p = next(it)
+                    p = Path(next(it))
                 except StopIteration:
                     return
-                pending.append((p, pool.submit(_read_and_prepare, classifier, Path(p), settings)))
+                pending.append((p, pool.submit(_read_and_prepare, classifier, p, settings, transform)))
 
         top_up()
         while pending:
-            # Take ready images until a batch is full (at least one image per round).
+            # Take images in order until a batch is full (at least one image per round).
             group: list[tuple[Path, PreparedImage | MicrographError]] = []
             tiles = 0
             while pending and (not group or tiles < batch_size):
@@ -325,28 +350,29 @@ def stream(
 
 def _run_group(
     classifier: Classifier, group: list[tuple[Path, PreparedImage | MicrographError]]
-) -> Iterator[tuple[Path, ImageVerdict | MicrographError]]:
+) -> Iterator[Outcome]:
     prepared = [item for _, item in group if isinstance(item, PreparedImage)]
     parts = [p.tiles for p in prepared if len(p.tiles)]
     size = classifier.settings.model.batch_size
+    whole = classifier.predict(np.zeros((0, 3, 1, 1), np.float32))
     if parts:
         tiles = np.concatenate(parts)
-        outs = [classifier.predict(tiles[i : i + size]) for i in range(0, len(tiles), size)]
-        probs = np.concatenate([o.probabilities for o in outs])
-        novelty = np.concatenate([o.novelty for o in outs])
+        # Balanced chunks of about `size` (a group may overshoot it by part of one image).
+        chunks = max(1, round(len(tiles) / size))
+        step = -(-len(tiles) // chunks)
+        outs = [classifier.predict(tiles[i : i + step]) for i in range(0, len(tiles), step)]
+        whole = TileOutput(
+            np.concatenate([o.probabilities for o in outs]), np.concatenate([o.novelty for o in outs])
+        )
     start = 0
     for path, item in group:
         if isinstance(item, MicrographError):
-            yield path, item
+            yield Outcome(path, item)
             continue
         n = len(item.tiles)
-        out = (
-            TileOutput(probs[start : start + n], novelty[start : start + n])
-            if n
-            else classifier.predict(item.tiles)
-        )
+        out = TileOutput(whole.probabilities[start : start + n], whole.novelty[start : start + n])
         start += n
-        yield path, classifier.verdict(item, out)
+        yield Outcome(path, classifier.verdict(item, out), out)
 
 
 # --- command -------------------------------------------------------------------------------------

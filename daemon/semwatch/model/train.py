@@ -16,8 +16,9 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,7 +223,16 @@ def extract_features(
 
     workers = max(1, settings.watch.reader_threads)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semwatch-train") as pool:
-        for i, result in enumerate(pool.map(job, range(len(items)))):
+        # A bounded window of images in flight: enough to keep the backbone busy, little memory.
+        window: deque[Future[np.ndarray | str]] = deque()
+        upcoming = iter(range(len(items)))
+        for i in range(len(items)):
+            while len(window) < 2 * workers + 1:
+                nxt = next(upcoming, None)
+                if nxt is None:
+                    break
+                window.append(pool.submit(job, nxt))
+            result = window.popleft().result()
             if isinstance(result, str):
                 skipped.append(f"{items[i].rel}: {result}")
             elif len(result):
