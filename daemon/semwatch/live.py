@@ -1,0 +1,217 @@
+"""The operator's dashboard: one renderer for the daemon's live view and `semwatch top`.
+
+Both read the daemon database read-only (`semwatch.snapshot`), so what `semwatch top` shows for a
+daemon under systemd is exactly what the daemon's own terminal shows. `render` is a pure function
+of a `Snapshot`, which keeps it testable with a recording console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from datetime import datetime
+from pathlib import PurePath
+from zoneinfo import ZoneInfo
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from semwatch.config import Settings
+from semwatch.snapshot import Snapshot, parse_utc, take_snapshot
+
+STATUS_STYLE = {"ok": "green", "unknown": "yellow", "rejected": "magenta", "failed": "bold red",
+                "pending": "dim"}
+VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "uncertain": "yellow", "unknown": "dim"}
+
+
+def _fmt_conf(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _local_time(text: str | None, zone: ZoneInfo) -> str:
+    when = parse_utc(text)
+    return when.astimezone(zone).strftime("%H:%M:%S") if when else "–"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def render(snap: Snapshot, settings: Settings) -> RenderableType:
+    """One dashboard frame."""
+    zone = ZoneInfo(settings.report.timezone)
+    if snap.problem is not None:
+        return Panel(Text(snap.problem, style="yellow"), title="semwatch", border_style="yellow")
+    parts: list[RenderableType] = [_header(snap, settings), _recent(snap, zone), _samples(snap)]
+    if snap.errors or (snap.daemon and snap.daemon.message):
+        parts.append(_errors(snap, zone))
+    return Group(*parts)
+
+
+def _header(snap: Snapshot, settings: Settings) -> RenderableType:
+    d = snap.daemon
+    lines = Text()
+    if d is None:
+        lines.append("no daemon has written to this database yet\n", style="bold yellow")
+    else:
+        state_style = "bold green" if d.state == "running" and not snap.stale else "bold yellow"
+        lines.append(f"daemon {d.state}", style=state_style)
+        lines.append(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {_age(snap.heartbeat_age_s)}\n")
+        if snap.stale:
+            lines.append(
+                f"no heartbeat for more than {settings.live.stale_seconds:.0f} s: the daemon is not "
+                "running (or is hung); figures below are from its last update\n", style="bold red")
+        lines.append("device ", style="dim")
+        lines.append(f"{d.device or '–'}")
+        lines.append("   model ", style="dim")
+        lines.append(f"{(d.model_id or '–')[:16]}")
+        lines.append("   folder ", style="dim")
+        lines.append(f"{d.watch_folder or '–'}\n")
+        lines.append("waiting ", style="dim")
+        lines.append(f"{d.waiting}", style="bold")
+        lines.append("   in progress ", style="dim")
+        lines.append(f"{d.in_progress}", style="bold")
+        lines.append("   done ", style="dim")
+        lines.append(f"{d.done}", style="bold green")
+        lines.append("   failed ", style="dim")
+        lines.append(f"{d.failed}", style="bold red" if d.failed else "bold")
+        lines.append("   throughput ", style="dim")
+        lines.append(f"{d.images_per_s:.2f} images/s, {d.tiles_per_s:.1f} tiles/s\n")
+    counts = "  ".join(f"{k} {v}" for k, v in sorted(snap.status_counts.items())) or "no images yet"
+    lines.append("in database ", style="dim")
+    lines.append(counts)
+    return Panel(lines, title="semwatch", subtitle=str(snap.database), border_style="blue")
+
+
+def _recent(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
+    table = Table(title=f"last {len(snap.recent)} verdicts", expand=True, title_justify="left")
+    for col in ("time", "file", "sample", "status", "composition", "state"):
+        table.add_column(col, overflow="fold" if col == "file" else "ellipsis")
+    table.add_column("confidence", justify="right")
+    for img in snap.recent:
+        style = STATUS_STYLE.get(img.status, "")
+        table.add_row(
+            _local_time(img.processed_at, zone), Text(PurePath(img.path).name), Text(img.sample_id or "–"),
+            Text(img.status, style=style), img.composition or "–", img.state or "–",
+            _fmt_conf(img.confidence), style=None,
+        )
+    if not snap.recent:
+        table.add_row("–", "no verdicts yet", "", "", "", "", "")
+    return table
+
+
+def _samples(snap: Snapshot) -> RenderableType:
+    table = Table(title="samples (running verdicts)", expand=True, title_justify="left")
+    numeric = ("images", "confidence", "uniformity")
+    for col in ("sample", *numeric[:1], "composition", "state", *numeric[1:], "expected", "verdict"):
+        table.add_column(col, justify="right" if col in numeric else "left")
+    for s in snap.samples:
+        table.add_row(
+            Text(s.sample_id), str(s.n_images), s.composition or "–", s.state or "–", _fmt_conf(s.confidence),
+            _fmt_conf(s.uniformity), Text(s.expected or "–"),
+            Text(s.verdict, style=VERDICT_STYLE.get(s.verdict, "")),
+        )
+    if not snap.samples:
+        table.add_row("no samples yet", "", "", "", "", "", "", "")
+    return table
+
+
+def _errors(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
+    text = Text()
+    if snap.daemon and snap.daemon.message:
+        text.append(f"daemon: {snap.daemon.message}\n", style="yellow")
+    for img in snap.errors:
+        when = _local_time(img.processed_at, zone)
+        text.append(f"{when}  ", style="dim")
+        text.append(PurePath(img.path).name, style="bold")
+        text.append(f": {img.error}\n", style="red")
+    text.rstrip()
+    return Panel(text, title="recent errors", border_style="red", title_align="left")
+
+
+def render_once(settings: Settings, console: Console, *, now: datetime | None = None) -> Snapshot:
+    """Print one frame; returns the snapshot it showed."""
+    snap = take_snapshot(settings, now=now)
+    console.print(render(snap, settings))
+    return snap
+
+
+class LiveView:
+    """The rich Live dashboard in a thread of its own (the daemon starts it on a terminal)."""
+
+    def __init__(self, settings: Settings, console: Console | None = None) -> None:
+        self.settings = settings
+        self.console = console or Console()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live: Live | None = None
+
+    def frame(self) -> RenderableType:
+        return render(take_snapshot(self.settings), self.settings)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._live = Live(self.frame(), console=self.console, auto_refresh=False,
+                          redirect_stdout=True, redirect_stderr=True, transient=False)
+        self._live.start(refresh=True)
+        self._thread = threading.Thread(target=self._run, name="semwatch-live", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = 1.0 / self.settings.live.refresh_per_second
+        while not self._stop.wait(interval):
+            assert self._live is not None
+            try:
+                self._live.update(self.frame(), refresh=True)
+            except Exception as exc:  # a frame must never kill the view: show why instead
+                self._live.update(Panel(Text(f"live view: {exc}", style="red")), refresh=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        if self._live is not None:
+            try:
+                self._live.update(self.frame(), refresh=True)
+            finally:
+                self._live.stop()
+                self._live = None
+
+    def __enter__(self) -> LiveView:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def top_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`semwatch top`: the dashboard of a running daemon, read from its database.
+
+    `--once` (or stdout not a terminal) prints one frame; exit 1 when there is no database to show.
+    """
+    console = Console()
+    if args.once or not sys.stdout.isatty():
+        snap = render_once(settings, console)
+        return 1 if snap.problem is not None else 0
+    view = LiveView(settings, console)
+    view.start()
+    try:
+        threading.Event().wait()  # until Ctrl-C
+    except KeyboardInterrupt:
+        pass
+    finally:
+        view.stop()
+    return 0

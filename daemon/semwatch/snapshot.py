@@ -1,0 +1,176 @@
+"""A read-only snapshot of the daemon database: what the live view and `semwatch top` render.
+
+Readers never write: the database is opened with `mode=ro` and every query is a plain SELECT, so
+the daemon's single writer is never blocked. A database that does not exist yet, or whose tables
+are not created yet, gives a snapshot that says so instead of an error.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from semwatch import db
+from semwatch.config import Settings
+
+
+@dataclass(frozen=True)
+class DaemonRow:
+    """The `daemon` table's single row (counts and rates written about once a second)."""
+
+    pid: int | None
+    hostname: str | None
+    started_at: str | None
+    heartbeat_at: str | None
+    device: str | None
+    model_id: str | None
+    watch_folder: str | None
+    state: str
+    waiting: int
+    in_progress: int
+    done: int
+    failed: int
+    images_per_s: float
+    tiles_per_s: float
+    message: str | None
+
+
+@dataclass(frozen=True)
+class RecentImage:
+    path: str
+    status: str
+    sample_id: str | None
+    predicted_class: str | None
+    composition: str | None
+    state: str | None
+    confidence: float | None
+    processed_at: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    sample_id: str
+    n_images: int
+    composition: str | None
+    state: str | None
+    confidence: float | None
+    uniformity: float | None
+    expected: str | None
+    verdict: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one dashboard frame shows; `problem` is set when there is nothing to show."""
+
+    database: Path
+    taken_at: datetime
+    problem: str | None = None
+    daemon: DaemonRow | None = None
+    heartbeat_age_s: float | None = None
+    stale: bool = False
+    status_counts: dict[str, int] = field(default_factory=dict)
+    recent: tuple[RecentImage, ...] = ()
+    samples: tuple[SampleRow, ...] = ()
+    errors: tuple[RecentImage, ...] = ()
+
+
+def parse_utc(text: str | None) -> datetime | None:
+    """A database timestamp (UTC ISO-8601) as an aware datetime; None for missing or malformed."""
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def take_snapshot(settings: Settings, *, now: datetime | None = None, max_samples: int = 12,
+                  max_errors: int = 5) -> Snapshot:
+    """Read the daemon database at `[store] database` read-only."""
+    path = settings.store.database
+    now = now or datetime.now(UTC)
+    if not path.is_file():
+        return Snapshot(path, now, problem=f"no database yet at {path} (has the daemon run?)")
+    try:
+        conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
+    except sqlite3.Error as exc:
+        return Snapshot(path, now, problem=f"cannot open {path}: {exc}")
+    try:
+        return _read(conn, path, now, settings.live.recent_rows, max_samples, max_errors,
+                     settings.live.stale_seconds)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return Snapshot(path, now, problem=f"database {path} is not initialised yet")
+        return Snapshot(path, now, problem=f"cannot read {path}: {exc}")
+    except sqlite3.DatabaseError as exc:
+        return Snapshot(path, now, problem=f"cannot read {path}: {exc}")
+    finally:
+        conn.close()
+
+
+def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, n_samples: int,
+          n_errors: int, stale_seconds: float) -> Snapshot:
+    # One read transaction: every query sees the same state of the database.
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute("SELECT * FROM daemon WHERE id = 1").fetchone()
+        daemon = _daemon_row(row) if row is not None else None
+        counts = {r[0]: int(r[1]) for r in conn.execute(
+            "SELECT status, COUNT(*) FROM images WHERE current = 1 GROUP BY status")}
+        recent = tuple(_image(r) for r in conn.execute(
+            "SELECT * FROM images WHERE processed_at IS NOT NULL AND status != 'pending' "
+            "ORDER BY processed_at DESC, id DESC LIMIT ?", (n_recent,)))
+        samples = tuple(_sample(r) for r in conn.execute(
+            "SELECT * FROM samples ORDER BY updated_at DESC, sample_id LIMIT ?", (n_samples,)))
+        errors = tuple(_image(r) for r in conn.execute(
+            "SELECT * FROM images WHERE error IS NOT NULL AND error != '' "
+            "ORDER BY COALESCE(processed_at, detected_at) DESC, id DESC LIMIT ?", (n_errors,)))
+    finally:
+        conn.execute("COMMIT")
+    age: float | None = None
+    beat = parse_utc(daemon.heartbeat_at) if daemon else None
+    if beat is not None:
+        age = max(0.0, (now - beat).total_seconds())
+    stale = daemon is None or age is None or age > stale_seconds
+    return Snapshot(path, now, daemon=daemon, heartbeat_age_s=age, stale=stale, status_counts=counts,
+                    recent=recent, samples=samples, errors=errors)
+
+
+def _get(row: sqlite3.Row, key: str, default: Any = None) -> Any:
+    return row[key] if key in row.keys() else default  # noqa: SIM118 - sqlite3.Row has no __contains__
+
+
+def _daemon_row(row: sqlite3.Row) -> DaemonRow:
+    return DaemonRow(
+        pid=_get(row, "pid"), hostname=_get(row, "hostname"), started_at=_get(row, "started_at"),
+        heartbeat_at=_get(row, "heartbeat_at"), device=_get(row, "device"), model_id=_get(row, "model_id"),
+        watch_folder=_get(row, "watch_folder"), state=_get(row, "state") or "stopped",
+        waiting=int(_get(row, "waiting") or 0), in_progress=int(_get(row, "in_progress") or 0),
+        done=int(_get(row, "done") or 0), failed=int(_get(row, "failed") or 0),
+        images_per_s=float(_get(row, "images_per_s") or 0.0),
+        tiles_per_s=float(_get(row, "tiles_per_s") or 0.0),
+        message=_get(row, "message"),
+    )
+
+
+def _image(row: sqlite3.Row) -> RecentImage:
+    return RecentImage(
+        path=row["path"], status=row["status"], sample_id=row["sample_id"],
+        predicted_class=row["predicted_class"], composition=row["composition"], state=row["state"],
+        confidence=row["confidence"], processed_at=row["processed_at"], error=row["error"],
+    )
+
+
+def _sample(row: sqlite3.Row) -> SampleRow:
+    return SampleRow(
+        sample_id=row["sample_id"], n_images=int(row["n_images"] or 0), composition=row["composition"],
+        state=row["state"], confidence=row["confidence"], uniformity=row["uniformity"],
+        expected=row["expected"], verdict=row["verdict"], updated_at=row["updated_at"],
+    )

@@ -1,0 +1,58 @@
+"""Database fixtures for the operator tests: the daemon's schema with rows inserted directly."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from semwatch import db
+from semwatch.store import create_schema
+
+
+def iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def make_database(path: Path, *, now: datetime, images: list[dict[str, object]],
+                  samples: list[dict[str, object]] | None = None, heartbeat_age_s: float = 1.0,
+                  daemon_state: str = "running", message: str | None = None) -> None:
+    """Create the schema and insert `images` (missing columns defaulted), samples and the daemon row."""
+    conn = db.connect(path)
+    try:
+        create_schema(conn)
+        for i, img in enumerate(images):
+            row: dict[str, object] = {
+                "path": f"/export/s1/img{i}.tif", "sha256": f"{i:064x}", "size_bytes": 1000 + i,
+                "mtime_ns": i, "status": "ok", "sample_id": "s1", "predicted_class": "622_pristine",
+                "composition": "622", "state": "pristine", "confidence": 0.9, "tile_agreement": 0.9,
+                "n_tiles": 12, "error": None, "model_id": "m1",
+                "detected_at": iso(now - timedelta(minutes=10)),
+                "processed_at": iso(now - timedelta(minutes=10) + timedelta(seconds=i)),
+                "probabilities": json.dumps({"622_pristine": 0.9, "811_cycled": 0.1}), "reasons": "[]",
+                "attempts": 1, "current": 1,
+            }
+            row.update(img)
+            cols = ", ".join(row)
+            conn.execute(f"INSERT INTO images ({cols}) VALUES ({', '.join('?' * len(row))})",
+                         tuple(row.values()))
+        for s in samples or []:
+            srow: dict[str, object] = {"sample_id": "s1", "n_images": 1, "composition": "622",
+                                       "state": "pristine", "predicted_class": "622_pristine",
+                                       "confidence": 0.9, "uniformity": 0.95, "expected": None,
+                                       "verdict": "pass", "updated_at": iso(now)}
+            srow.update(s)
+            conn.execute(f"INSERT INTO samples ({', '.join(srow)}) VALUES ({', '.join('?' * len(srow))})",
+                         tuple(srow.values()))
+        conn.execute(
+            "INSERT INTO models (model_id, name, classes, created_at, metrics) VALUES (?, ?, ?, ?, ?)",
+            ("m1", "ncm", json.dumps(["622_pristine", "811_cycled"]), iso(now), "{}"))
+        conn.execute(
+            "INSERT INTO daemon (id, pid, hostname, started_at, heartbeat_at, device, model_id, "
+            "watch_folder, waiting, in_progress, done, failed, images_per_s, tiles_per_s, state, message) "
+            "VALUES (1, 4242, 'sem-ws1', ?, ?, 'cpu', 'm1', '/export', 3, 2, ?, ?, 1.25, 30.5, ?, ?)",
+            (iso(now - timedelta(hours=1)), iso(now - timedelta(seconds=heartbeat_age_s)),
+             sum(1 for i in images if i.get("status", "ok") != "failed"),
+             sum(1 for i in images if i.get("status") == "failed"), daemon_state, message))
+    finally:
+        conn.close()
