@@ -1,0 +1,428 @@
+"""Reading one micrograph file into a `values.Micrograph` (float32 grey in [0, 1], data bar removed).
+
+Order of work, so that bad files fail fast and nothing huge is ever allocated: file checks (regular
+file, size), format from the file's signature (not its extension), image size from the header
+(refused above `[reading] max_pixels` before decoding), truncation checks, then decoding —
+TIFF with tifffile (vendor metadata from its tags), JPEG/PNG/BMP with OpenCV (metadata from an SNE
+sidecar `<image>.jpg.txt` where there is one). Every failure is a `MicrographError` with one line.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cv2
+import numpy as np
+import tifffile
+
+from semwatch import quality as quality_mod
+from semwatch.config import Settings
+from semwatch.databar import detect_databar
+from semwatch.sidecar import read_sidecar, sidecar_path
+from semwatch.values import Metadata, Micrograph, MicrographError
+from semwatch.vendor_meta import VendorInfo, from_fei, from_zeiss
+
+# Luma weights (ITU-R BT.601, as OpenCV's grey conversion) for RGB images.
+_RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# How far into a JPEG the header parser looks for the frame header (EXIF/ICC segments come first).
+_JPEG_HEADER_LIMIT = 4 * 1024 * 1024
+_CV2_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the file's header says, read without decoding the pixels."""
+
+    format: str  # "tiff", "jpeg", "png", "bmp"
+    width: int
+    height: int
+    bit_depth: int
+    pages: int = 1
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from the first bytes of a file, or None."""
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "bmp"
+    return None
+
+
+# --- file and header checks --------------------------------------------------------------------
+
+
+def _open_checked(path: Path, settings: Settings) -> tuple[BinaryIO, int]:
+    """Open `path` for reading after checking it is a regular, non-empty file within the size limit."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MicrographError("no such file") from None
+    except PermissionError:
+        raise MicrographError("permission denied") from None
+    except OSError as exc:
+        raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MicrographError("is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # FIFOs, sockets, devices: opening could block forever
+        raise MicrographError("not a regular file")
+    if st.st_size == 0:
+        raise MicrographError("empty file (0 bytes)")
+    limit = settings.reading.max_file_mb * 1024 * 1024
+    if st.st_size > limit:
+        raise MicrographError(
+            f"file too large ({st.st_size / 1048576:.1f} MB > [reading] max_file_mb "
+            f"{settings.reading.max_file_mb:g})"
+        )
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
+    except PermissionError:
+        raise MicrographError("permission denied") from None
+    except OSError as exc:
+        raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
+    return fh, st.st_size
+
+
+def _jpeg_header(fh: BinaryIO, size: int) -> Header:
+    data = fh.read(min(size, _JPEG_HEADER_LIMIT))
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise MicrographError("corrupt JPEG header (bad marker)")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            break
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise MicrographError("corrupt JPEG header (bad segment length)")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 10 > len(data):
+                break
+            precision, height, width = struct.unpack(">BHH", data[pos + 4 : pos + 9])
+            if width == 0 or height == 0:
+                raise MicrographError("JPEG header gives no image size")
+            return Header("jpeg", width, height, precision)
+        pos += 2 + length
+    if size <= len(data) and pos + 4 > len(data):
+        raise MicrographError("truncated JPEG (no frame header)")
+    raise MicrographError("corrupt JPEG header (no frame header)")
+
+
+def _png_header(fh: BinaryIO) -> Header:
+    data = fh.read(33)
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise MicrographError("truncated or corrupt PNG header")
+    width, height, depth, _colour = struct.unpack(">IIBB", data[16:26])
+    if width == 0 or height == 0:
+        raise MicrographError("PNG header gives no image size")
+    return Header("png", width, height, depth)
+
+
+def _bmp_header(fh: BinaryIO) -> Header:
+    data = fh.read(54)
+    if len(data) < 26:
+        raise MicrographError("truncated BMP header")
+    (dib,) = struct.unpack("<I", data[14:18])
+    if dib == 12:
+        width, height, _planes, bpp = struct.unpack("<hhHH", data[18:26])
+    elif dib >= 40 and len(data) >= 30:
+        width, height, _planes, bpp = struct.unpack("<iiHH", data[18:30])
+    else:
+        raise MicrographError("corrupt BMP header")
+    if width <= 0 or height == 0:
+        raise MicrographError("BMP header gives no image size")
+    return Header("bmp", width, abs(height), bpp)
+
+
+def _check_pixels(header: Header, settings: Settings) -> None:
+    if header.width <= 0 or header.height <= 0:
+        raise MicrographError(f"{header.format.upper()} header gives no image size")
+    limit = settings.reading.max_pixels
+    if header.width * header.height > limit:
+        raise MicrographError(
+            f"image too large: header says {header.width}×{header.height} pixels "
+            f"(> [reading] max_pixels {limit})"
+        )
+
+
+def probe(path: Path, settings: Settings) -> Header:
+    """Check a file cheaply (size, signature, header): the stability gate and `inspect` use it."""
+    fh, size = _open_checked(path, settings)
+    with fh:
+        return _probe_open(fh, size, settings)
+
+
+def _probe_open(fh: BinaryIO, size: int, settings: Settings) -> Header:
+    try:
+        head = fh.read(32)
+        fmt = sniff_format(head)
+        fh.seek(0)
+        if fmt is None:
+            raise MicrographError("not an image (unrecognised file signature)")
+        if fmt == "tiff":
+            with _tiff(fh) as tif:
+                header = _tiff_header(tif)
+        elif fmt == "jpeg":
+            header = _jpeg_header(fh, size)
+        elif fmt == "png":
+            header = _png_header(fh)
+        else:
+            header = _bmp_header(fh)
+        _check_pixels(header, settings)
+        return header
+    except OSError as exc:
+        raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+# --- TIFF --------------------------------------------------------------------------------------
+
+
+def _tiff(fh: BinaryIO) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(fh)
+    except MicrographError:
+        raise
+    except Exception as exc:  # tifffile raises many types on malformed input
+        raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
+
+
+def _first_page(tif: tifffile.TiffFile) -> Any:
+    try:
+        page = tif.pages.first
+    except Exception as exc:
+        raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
+    if page is None:
+        raise MicrographError("TIFF has no image")
+    return page
+
+
+def _tiff_header(tif: tifffile.TiffFile) -> Header:
+    page = _first_page(tif)
+    try:
+        width, height = int(page.imagewidth), int(page.imagelength)
+        depth = max(1, int(getattr(page, "imagedepth", 1) or 1))
+        bits = int(page.bitspersample)
+    except Exception as exc:
+        raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
+    # Volumes (imagedepth > 1) would be decoded whole: count their pixels too.
+    return Header("tiff", width, height * depth if depth > 1 else height, bits, pages=len(tif.pages))
+
+
+def _tiff_vendor(tif: tifffile.TiffFile) -> VendorInfo | None:
+    try:
+        fei = tif.fei_metadata
+        if fei:
+            return from_fei(fei)
+        zeiss = tif.sem_metadata
+        if zeiss:
+            return from_zeiss(zeiss)
+    except Exception:  # malformed vendor tags: the image itself may still be fine
+        return None
+    return None
+
+
+def _tiff_grey(tif: tifffile.TiffFile, size: int) -> np.ndarray:
+    page = _first_page(tif)
+    offsets = getattr(page, "dataoffsets", ()) or ()
+    counts = getattr(page, "databytecounts", ()) or ()
+    if any(o + c > size for o, c in zip(offsets, counts, strict=False)):
+        raise MicrographError("truncated TIFF (image data runs past the end of the file)")
+    try:
+        arr = page.asarray()
+    except Exception as exc:
+        text = _short(exc)
+        if "imagecodecs" in text:
+            raise MicrographError(f"unsupported TIFF compression ({page.compression.name})") from None
+        raise MicrographError(f"cannot decode TIFF ({text})") from None
+    axes = str(page.axes)
+    arr = np.asarray(arr)
+    # Keep Y, X and samples; take the first index of any other axis (volumes, planes).
+    index = tuple(slice(None) if ax in "YXS" else 0 for ax in axes) if len(axes) == arr.ndim else None
+    if index is not None:
+        arr = arr[index]
+        kept = [ax for ax in axes if ax in "YXS"]
+        if "S" in kept and kept.index("S") == 0:
+            arr = np.moveaxis(arr, 0, -1)
+    photometric = int(page.photometric) if page.photometric is not None else 1
+    if photometric == 3 and page.colormap is not None and arr.ndim == 2:  # palette
+        cmap = np.asarray(page.colormap, dtype=np.float32)
+        arr = np.tensordot(_RGB_WEIGHTS, cmap, axes=1)[arr] / 65535.0
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    grey = _to_unit_grey(arr)
+    if photometric == 0:  # MinIsWhite
+        grey = 1.0 - grey
+    return grey
+
+
+# --- pixel conversion --------------------------------------------------------------------------
+
+
+def _to_unit_grey(arr: np.ndarray) -> np.ndarray:
+    """Any decoded array → contiguous 2-D float32 in [0, 1], scaled by the dtype's range."""
+    if arr.ndim == 3:
+        channels = arr.shape[2]
+        if channels >= 3:
+            rgb = arr[..., :3]
+            if rgb.dtype == np.uint8 or rgb.dtype == np.uint16:
+                arr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+            else:
+                arr = rgb.astype(np.float32) @ _RGB_WEIGHTS
+        else:
+            arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise MicrographError(f"unsupported image layout (shape {arr.shape})")
+    dtype = arr.dtype
+    if dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(dtype, np.unsignedinteger):
+        out = arr.astype(np.float32)
+        out *= np.float32(1.0 / np.iinfo(dtype).max)
+        return out
+    if np.issubdtype(dtype, np.signedinteger):
+        info = np.iinfo(dtype)
+        out = arr.astype(np.float32)
+        out -= np.float32(info.min)
+        out *= np.float32(1.0 / (float(info.max) - float(info.min)))
+        return out
+    if np.issubdtype(dtype, np.floating):
+        out = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(out.min()), float(out.max())
+        if lo < 0.0 or hi > 1.0:  # not already in [0, 1]: stretch the data's own range
+            out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        return np.ascontiguousarray(out, dtype=np.float32)
+    raise MicrographError(f"unsupported pixel type {dtype}")
+
+
+# --- OpenCV formats ----------------------------------------------------------------------------
+
+
+def _check_complete(fh: BinaryIO, header: Header, size: int) -> None:
+    """Refuse files cut short (a copy still in progress, a broken transfer) before decoding."""
+    tail_len = min(size, 4096)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    if header.format == "jpeg":
+        # Entropy-coded data never contains FF D9 (FF is stuffed), so its presence marks the end.
+        if b"\xff\xd9" not in tail.rstrip(b"\x00"):
+            raise MicrographError("truncated JPEG (no end-of-image marker)")
+    elif header.format == "png":
+        if b"IEND" not in tail[-32:]:
+            raise MicrographError("truncated PNG (no IEND chunk)")
+    elif header.format == "bmp":
+        fh.seek(10)
+        (offset,) = struct.unpack("<I", fh.read(4))
+        fh.seek(30)
+        compression_raw = fh.read(4)
+        compression = struct.unpack("<I", compression_raw)[0] if len(compression_raw) == 4 else 0
+        stride = ((header.width * header.bit_depth + 31) // 32) * 4
+        if compression == 0 and offset + stride * header.height > size:
+            raise MicrographError("truncated BMP (pixel data runs past the end of the file)")
+
+
+def _decode_cv2(fh: BinaryIO, header: Header, size: int) -> np.ndarray:
+    fh.seek(0)
+    buf = np.frombuffer(fh.read(size), dtype=np.uint8)
+    try:
+        arr = cv2.imdecode(buf, _CV2_FLAGS)
+    except cv2.error as exc:
+        raise MicrographError(f"cannot decode {header.format.upper()} ({_short(exc)})") from None
+    if arr is None:
+        raise MicrographError(f"cannot decode {header.format.upper()} (corrupt image data)")
+    if arr.shape[:2] != (header.height, header.width):
+        raise MicrographError(
+            f"decoded size {arr.shape[1]}×{arr.shape[0]} differs from header "
+            f"{header.width}×{header.height}"
+        )
+    return _to_unit_grey(arr)
+
+
+# --- data bar and the whole read ---------------------------------------------------------------
+
+
+def _databar_rows(grey: np.ndarray, vendor: VendorInfo | None, settings: Settings) -> int:
+    forced = settings.reading.databar_rows
+    height = grey.shape[0]
+    if forced >= 0:
+        if forced >= height:
+            raise MicrographError(
+                f"[reading] databar_rows {forced} leaves no specimen rows (image has {height} rows)"
+            )
+        return forced
+    if vendor is not None and vendor.specimen_rows is not None and vendor.specimen_rows <= height:
+        return height - vendor.specimen_rows
+    return detect_databar(grey)
+
+
+def read_micrograph(path: Path, settings: Settings) -> Micrograph:
+    """Read one micrograph (see the module docstring); raises `MicrographError` with one line."""
+    path = Path(path)
+    fh, size = _open_checked(path, settings)
+    vendor: VendorInfo | None = None
+    try:
+        with fh:
+            header = _probe_open(fh, size, settings)
+            if header.format == "tiff":
+                fh.seek(0)
+                with _tiff(fh) as tif:
+                    grey = _tiff_grey(tif, size)
+                    vendor = _tiff_vendor(tif)
+            else:
+                _check_complete(fh, header, size)
+                grey = _decode_cv2(fh, header, size)
+    except MicrographError:
+        raise
+    except MemoryError:
+        raise MicrographError("not enough memory to decode the image") from None
+    except OSError as exc:
+        raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
+    except Exception as exc:  # a decoder bug on hostile input must not take the daemon down
+        raise MicrographError(f"cannot decode {path.suffix.lstrip('.') or 'file'} ({_short(exc)})") from None
+
+    height, width = grey.shape
+    metadata = vendor.metadata if vendor is not None else _sidecar_metadata(path)
+    rows = _databar_rows(grey, vendor, settings)
+    pixels = np.ascontiguousarray(grey[: height - rows])
+    return Micrograph(
+        path=path,
+        format=header.format,
+        width=width,
+        height=height,
+        bit_depth=header.bit_depth,
+        pixels=pixels,
+        databar_rows=rows,
+        metadata=metadata,
+        quality=quality_mod.assess(pixels, settings.quality),
+    )
+
+
+def _sidecar_metadata(path: Path) -> Metadata:
+    side = sidecar_path(path)
+    if side is None:
+        return Metadata()
+    try:
+        return read_sidecar(side)
+    except OSError:  # an unreadable sidecar costs the metadata, not the image
+        return Metadata()
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+__all__ = ["Header", "probe", "read_micrograph", "sniff_format"]

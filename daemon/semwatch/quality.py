@@ -1,0 +1,59 @@
+"""Image quality: focus, saturation, dynamic range, blank — cheap checks before classification.
+
+All measures are computed on the specimen area (data bar removed), grey in [0, 1]:
+- focus: variance of the Laplacian divided by the variance of the image, i.e. how much of the
+  image's contrast sits in fine detail; independent of brightness and contrast settings.
+- saturated_fraction: pixels at the black or white limit of the file's range.
+- dynamic_range: 1st to 99th percentile of grey levels.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from semwatch.config import QualitySettings
+from semwatch.values import Quality
+
+# Grey levels within this distance of 0 or 1 count as saturated (< half an 8-bit step).
+SATURATION_EPS = 0.5 / 255
+# Statistics are computed on at most about this many pixels (strided subsample) to stay fast.
+STAT_PIXELS = 250_000
+
+
+def _subsample(pixels: np.ndarray) -> np.ndarray:
+    step = max(1, int(np.sqrt(pixels.size / STAT_PIXELS)))
+    return pixels[::step, ::step]
+
+
+def assess(pixels: np.ndarray, settings: QualitySettings) -> Quality:
+    """Measure `pixels` (2-D float32 in [0, 1]) and judge them against `settings`."""
+    if pixels.ndim != 2 or pixels.size == 0 or min(pixels.shape) < 3:
+        return Quality(0.0, 0.0, 0.0, False, ("image too small",))
+    sample = _subsample(pixels)
+    std = float(sample.std())
+    saturated = float(((sample <= SATURATION_EPS) | (sample >= 1.0 - SATURATION_EPS)).mean())
+    lo, hi = np.percentile(sample, (1.0, 99.0))
+    dynamic_range = float(hi - lo)
+    if std > 0:
+        lap = cv2.Laplacian(pixels, cv2.CV_32F, ksize=1)
+        focus = float(lap.var()) / (std * std)
+    else:
+        focus = 0.0
+    reasons: list[str] = []
+    if std < settings.blank_std_min:
+        reasons.append(f"blank image (grey-level std {std:.4f} < {settings.blank_std_min})")
+    else:
+        if focus < settings.focus_min:
+            reasons.append(f"out of focus (focus {focus:.4f} < {settings.focus_min})")
+        if dynamic_range < settings.dynamic_range_min:
+            reasons.append(f"low dynamic range ({dynamic_range:.3f} < {settings.dynamic_range_min})")
+    if saturated > settings.saturated_max:
+        reasons.append(f"saturated ({saturated:.1%} of pixels at black/white > {settings.saturated_max:.1%})")
+    return Quality(
+        focus=round(focus, 6),
+        saturated_fraction=round(saturated, 6),
+        dynamic_range=round(dynamic_range, 6),
+        ok=not reasons,
+        reasons=tuple(reasons),
+    )

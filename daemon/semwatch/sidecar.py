@@ -1,0 +1,126 @@
+"""SEC Nanoeye / SNE-4500M sidecar files (`<image>.jpg.txt`) → `Metadata`.
+
+The format is INI-like (`[Section]` lines, `Key : Value` lines), UTF-8 with CRLF line ends. `Date`
+carries a Korean AM/PM marker (오전 = AM, 오후 = PM) and a 12-hour clock; `Time` is the 24-hour clock
+with fractional seconds, so the date comes from `Date` and the time of day from `Time`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, time
+from pathlib import Path, PureWindowsPath
+
+from semwatch.values import Metadata
+
+# A sidecar larger than this is not a sidecar (guards against reading a huge stray file).
+MAX_SIDECAR_BYTES = 1_000_000
+
+_MARKERS_PM = ("오후", "PM", "pm")
+_MARKERS_AM = ("오전", "AM", "am")
+_NUMBER = re.compile(r"[-+]?\d+(?:[.,]\d+)?")
+
+
+def sidecar_path(image: Path) -> Path | None:
+    """The sidecar beside `image`: `<name>.txt` (SNE's convention), else `<stem>.txt`."""
+    for candidate in (image.with_name(image.name + ".txt"), image.with_suffix(".txt")):
+        if candidate != image and candidate.is_file():
+            return candidate
+    return None
+
+
+def parse_sections(text: str) -> dict[str, dict[str, str]]:
+    """`{section: {key: value}}`; the first occurrence of a key in a section wins."""
+    sections: dict[str, dict[str, str]] = {}
+    current = sections.setdefault("", {})
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1].strip(" -"), {})
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            current.setdefault(key.strip(), value.strip())
+    return sections
+
+
+def _number(text: str | None) -> float | None:
+    if not text:
+        return None
+    m = _NUMBER.search(text)
+    return float(m.group().replace(",", ".")) if m else None
+
+
+def _voltage_kv(text: str | None) -> float | None:
+    value = _number(text)
+    if value is None or text is None:
+        return None
+    unit = text.lower()
+    if "kv" in unit:
+        return value
+    if "v" in unit:
+        return value / 1000.0
+    return value
+
+
+def _acquired_at(date_line: str | None, time_line: str | None) -> datetime | None:
+    if not date_line:
+        return None
+    parts = date_line.split()
+    try:
+        day = datetime.strptime(parts[0], "%Y-%m-%d").date()
+    except (ValueError, IndexError):
+        return None
+    if time_line:  # 24-hour clock, e.g. "20:35:02.0234407" (7 fractional digits: keep microseconds)
+        m = re.match(r"(\d{1,2}):(\d{2}):(\d{2})(?:\.(\d+))?", time_line)
+        if m and int(m.group(1)) < 24:
+            micro = int((m.group(4) or "0")[:6].ljust(6, "0"))
+            return datetime.combine(day, time(int(m.group(1)), int(m.group(2)), int(m.group(3)), micro))
+    clock = next((p for p in parts[1:] if ":" in p), None)
+    if clock is None:
+        return datetime.combine(day, time())
+    try:
+        h, mi, s = (int(x) for x in clock.split(":"))
+        if any(p in _MARKERS_PM for p in parts):
+            h = h % 12 + 12
+        elif any(p in _MARKERS_AM for p in parts):
+            h = h % 12
+        return datetime.combine(day, time(h, mi, s))
+    except ValueError:
+        return None
+
+
+def read_sidecar(path: Path) -> Metadata:
+    """Parse one SNE sidecar; fields it does not carry stay None (never raises on content)."""
+    with path.open("rb") as fh:
+        data = fh.read(MAX_SIDECAR_BYTES)
+    text = data.decode("utf-8-sig", errors="replace")
+    sections = parse_sections(text)
+    info = sections.get("Image Info") or next((s for s in sections.values() if "Model" in s), {})
+    image_process = sections.get("Image Process", {})
+    mag = _number(info.get("Magnification"))
+    file_name = info.get("File Name")
+    session = None
+    if file_name:
+        parent = PureWindowsPath(file_name).parent.name
+        session = parent or None
+    extra = {k.lower(): v for k, v in image_process.items() if k in ("Brightness", "Contrast")}
+    for key in ("Vacuum Mode", "Emission Current", "Working Distance"):
+        value = info.get(key) or sections.get("Working Distance", {}).get(key)
+        if value:
+            extra[key.lower().replace(" ", "_")] = value
+    if file_name:
+        extra["file_name"] = file_name
+    return Metadata(
+        vendor="SEC",
+        instrument=info.get("Model") or None,
+        pixel_size_nm=None,
+        magnification=mag if mag and mag > 0 else None,
+        voltage_kv=_voltage_kv(info.get("Acceleated Voltage") or info.get("Accelerated Voltage")),
+        detector=info.get("Detector Mode") or None,
+        acquired_at=_acquired_at(info.get("Date"), info.get("Time")),
+        session=session,
+        extra=extra,
+    )
