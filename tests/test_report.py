@@ -1,0 +1,190 @@
+"""The day's report: folder, CSVs and a self-contained, escaped HTML page, for a fixture day."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, date, datetime
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from dbfixture import make_database
+from semwatch.config import ReportSettings, Settings
+from semwatch.errors import UserError
+from semwatch.report import write_report
+
+DAY = date(2026, 11, 24)
+SCRIPT_NAME = "<script>alert(1)</script>.tif"
+
+
+class Page(HTMLParser):
+    """Tags, table rows (as cell texts) and the text of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[dict[str, str | None]] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table: str | None = None
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a)
+        elif tag == "table":
+            self._table = a.get("id") or f"table{len(self.tables)}"
+            self.tables[self._table] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None and self._table is not None:
+            self.tables[self._table].append(self._row)
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+@pytest.fixture
+def seoul(settings: Settings) -> Settings:
+    return settings.replace(report=ReportSettings(folder=settings.report.folder, timezone="Asia/Seoul"))
+
+
+def _day_fixture(settings: Settings, tmp_path: Path, ncm_dir: Path) -> None:
+    """Images around the local day 2026-11-24 in Seoul (UTC+9): 2026-11-23T15:00Z .. 2026-11-24T15:00Z."""
+    real = tmp_path / "export" / "lotC" / "c1.jpg"
+    real.parent.mkdir(parents=True)
+    shutil.copy(next(iter(sorted((ncm_dir / "622").glob("*.jpg")))), real)
+    corrupt = tmp_path / "export" / "lotC" / "broken.tif"
+    corrupt.write_bytes(b"II*\x00garbage")
+    make_database(settings.store.database, now=datetime(2026, 11, 24, 12, tzinfo=UTC), images=[
+        {"path": "/export/lotA/early.tif", "sample_id": "lotA",
+         "processed_at": "2026-11-23T14:59:59.000+00:00"},
+        {"path": "/export/lotA/a1.tif", "sample_id": "lotA", "processed_at": "2026-11-23T15:00:00.000+00:00"},
+        {"path": "/export/lotA/a2.tif", "sample_id": "lotA", "processed_at": "2026-11-24T03:10:00.000+00:00",
+         "predicted_class": "811_cycled", "composition": "811", "state": "cycled", "confidence": 0.72},
+        {"path": f"/export/lotB/{SCRIPT_NAME}", "sample_id": "<b>lotB</b>", "status": "unknown",
+         "confidence": 0.3, "predicted_class": None, "composition": None, "state": None,
+         "reasons": json.dumps(["far from the training data"]),
+         "processed_at": "2026-11-24T05:00:00.000+00:00"},
+        {"path": str(real), "sample_id": "lotC", "status": "unknown", "confidence": 0.4,
+         "processed_at": "2026-11-24T06:00:00.000+00:00"},
+        {"path": str(corrupt), "sample_id": "lotC", "status": "failed", "confidence": None,
+         "error": "not a TIFF: truncated", "processed_at": "2026-11-24T06:30:00.000+00:00"},
+        {"path": "/export/lotA/late.tif", "sample_id": "lotA",
+         "processed_at": "2026-11-24T15:00:00.000+00:00"},
+        {"path": "/export/lotA/pending.tif", "sample_id": "lotA", "status": "pending",
+         "processed_at": None, "confidence": None},
+    ], samples=[
+        {"sample_id": "lotA", "n_images": 5, "verdict": "uncertain", "confidence": 0.6},
+        {"sample_id": "<b>lotB</b>", "n_images": 1, "verdict": "unknown", "confidence": None,
+         "composition": None, "state": None},
+        {"sample_id": "lotC", "n_images": 2, "verdict": "fail", "expected": "811_cycled"},
+        {"sample_id": "lotZ", "n_images": 3, "verdict": "pass"},  # nothing this day
+    ])
+
+
+def test_report_for_a_fixture_day(seoul: Settings, tmp_path: Path, ncm_dir: Path) -> None:
+    _day_fixture(seoul, tmp_path, ncm_dir)
+    paths = write_report(seoul, DAY)
+    assert paths.folder == seoul.report.folder / "2026-11-24"
+    assert sorted(p.name for p in paths.folder.iterdir()) == ["images.csv", "report.html", "samples.csv"]
+    assert paths.n_images == 5 and paths.n_samples == 3
+
+    with paths.images_csv.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = [Path(r["path"]).name for r in rows]
+    assert names == ["a1.tif", "a2.tif", "script>.tif", "c1.jpg", "broken.tif"]  # local day only, in order
+    assert rows[0]["processed_local"] == "2026-11-24T00:00:00+09:00"
+    assert rows[2]["path"].endswith(SCRIPT_NAME)
+    with paths.samples_csv.open(encoding="utf-8", newline="") as fh:
+        samples = {r["sample_id"]: r for r in csv.DictReader(fh)}
+    assert set(samples) == {"lotA", "<b>lotB</b>", "lotC"}
+    assert samples["lotA"]["images_this_day"] == "2" and samples["lotC"]["verdict"] == "fail"
+
+    page = _parse(paths.html)
+    assert "script" not in page.tags
+    assert page.tags.count("b") == 3  # thumbnail captions only: <b>lotB</b> is text
+    text = "".join(page.text)
+    assert SCRIPT_NAME in text and "<b>lotB</b>" in text  # shown as text, not markup
+    raw = paths.html.read_text(encoding="utf-8")
+    assert "<script>" not in raw and "&lt;script&gt;alert(1)&lt;/script&gt;.tif" in raw
+    # every image is embedded (self-contained) and is a real PNG
+    assert len(page.images) >= 4
+    for img in page.images:
+        src = img["src"] or ""
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    alts = [img["alt"] for img in page.images]
+    assert {"verdicts over the day", "class distribution", "confidence histogram"} <= set(alts)
+    assert "image of c1.jpg" in alts  # plain thumbnail (no model configured)
+    assert "not readable now" in text  # the corrupt file: no thumbnail, but listed
+    sample_rows = {r[0]: r for r in page.tables["samples"][1:]}
+    assert sample_rows["lotC"][1] == "fail" and sample_rows["lotA"][1] == "uncertain"
+    assert sample_rows["<b>lotB</b>"][1] == "unknown"
+    summary = {r[0]: r[1] for r in page.tables["summary"]}
+    assert summary["images"] == "5" and summary["failed"] == "1" and summary["unknown"] == "2"
+    assert summary["samples fail"] == "1"
+    assert "far from the training data" in text
+
+
+def test_rewrite_replaces_files_and_empty_day(seoul: Settings, tmp_path: Path, ncm_dir: Path) -> None:
+    _day_fixture(seoul, tmp_path, ncm_dir)
+    first = write_report(seoul, DAY)
+    before = first.html.stat().st_ino
+    again = write_report(seoul, DAY)
+    assert again.html.stat().st_ino != before  # replaced, not rewritten in place
+    assert not [p for p in first.folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    empty = write_report(seoul, date(2026, 1, 1))
+    assert empty.n_images == 0 and "No images were processed" in empty.html.read_text(encoding="utf-8")
+
+
+def test_missing_database_is_a_user_error(settings: Settings) -> None:
+    with pytest.raises(UserError, match="no database"):
+        write_report(settings, DAY)
+
+
+def test_report_cli_json_and_bad_date(seoul: Settings, tmp_path: Path, ncm_dir: Path) -> None:
+    _day_fixture(seoul, tmp_path, ncm_dir)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\ndatabase = "{seoul.store.database}"\n[report]\nfolder = "{seoul.report.folder}"\n'
+        f'timezone = "Asia/Seoul"\n[model]\npath = "{tmp_path / "none"}"\n', encoding="utf-8")
+    base = [sys.executable, "-m", "semwatch", "report", "--config", str(config)]
+    env = dict(os.environ)
+    out = subprocess.run([*base, "--date", "2026-11-24", "--json"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    obj = json.loads(out.stdout)
+    assert obj["day"] == "2026-11-24" and obj["n_images"] == 5 and Path(obj["html"]).is_file()
+    plain = subprocess.run([*base, "--date", "2026-11-24"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert plain.returncode == 0 and str(Path(obj["images_csv"])) in plain.stdout
+    bad = subprocess.run([*base, "--date", "24.11.2026"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr and "Traceback" not in bad.stderr
