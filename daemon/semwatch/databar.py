@@ -21,17 +21,19 @@ SOLID = 0.9
 FLAT_TOL = 0.02
 # The band below the boundary must be at least this fraction extreme pixels ...
 BAND_EXTREME = 0.7
-# ... and the row above it (specimen) at most this fraction.
-SPECIMEN_EXTREME = 0.5
+# ... and exceed that of the specimen rows just above it by this much (dark specimens have many
+# near-black pixels too; a drawn bar has more).
+MARGIN = 0.25
+ABOVE_ROWS = 16
 
 
 def detect_databar(grey: np.ndarray) -> int:
     """Rows of data bar at the bottom of `grey` (float in [0, 1], 2-D); 0 when there is none."""
     height = grey.shape[0]
     top = height - int(height * MAX_FRACTION)
-    if height < 4 * MIN_ROWS or top < 1:
+    if height < 4 * MIN_ROWS or top < ABOVE_ROWS:
         return 0
-    region = grey[top - 1 :]
+    region = grey[top - ABOVE_ROWS :]
     # Subsample columns: the statistics are fractions over a row, 1 of 2 columns is plenty.
     sample = region[:, ::2] if region.shape[1] >= 64 else region
     extreme = (sample <= EXTREME) | (sample >= 1.0 - EXTREME)
@@ -40,8 +42,9 @@ def detect_databar(grey: np.ndarray) -> int:
     solid = (np.abs(sample - median) <= FLAT_TOL).mean(axis=1) >= SOLID
     # Mean extreme fraction of the band from each row to the bottom (suffix means).
     suffix = np.cumsum(ext_frac[::-1])[::-1] / np.arange(len(ext_frac), 0, -1)
-    for i in range(1, len(ext_frac) - MIN_ROWS + 1):
-        boundary = solid[i] and not solid[i - 1] and ext_frac[i - 1] <= SPECIMEN_EXTREME
-        if boundary and suffix[i] >= BAND_EXTREME:
+    for i in range(ABOVE_ROWS, len(ext_frac) - MIN_ROWS + 1):
+        if not solid[i] or solid[i - 1] or suffix[i] < BAND_EXTREME:
+            continue
+        if float(ext_frac[i - ABOVE_ROWS : i].mean()) <= suffix[i] - MARGIN:
             return len(ext_frac) - i
     return 0

@@ -73,11 +73,10 @@ def _acquired_at(date_line: str | None, time_line: str | None) -> datetime | Non
         day = datetime.strptime(parts[0], "%Y-%m-%d").date()
     except (ValueError, IndexError):
         return None
-    if time_line:  # 24-hour clock, e.g. "20:35:02.0234407" (7 fractional digits: keep microseconds)
-        m = re.match(r"(\d{1,2}):(\d{2}):(\d{2})(?:\.(\d+))?", time_line)
+    if time_line:  # 24-hour clock, e.g. "20:35:02.0234407"
+        m = re.match(r"(\d{1,2}):(\d{2}):(\d{2})", time_line)  # whole seconds, as `Date` gives
         if m and int(m.group(1)) < 24:
-            micro = int((m.group(4) or "0")[:6].ljust(6, "0"))
-            return datetime.combine(day, time(int(m.group(1)), int(m.group(2)), int(m.group(3)), micro))
+            return datetime.combine(day, time(int(m.group(1)), int(m.group(2)), int(m.group(3))))
     clock = next((p for p in parts[1:] if ":" in p), None)
     if clock is None:
         return datetime.combine(day, time())

@@ -1,0 +1,115 @@
+"""`semwatch inspect FILE...`: what semwatch reads from each file — metadata, data bar, quality.
+
+With `--json`, one JSON object per file and line (`{path, error}` for a file that cannot be read);
+otherwise a rich table. Exit status 1 when any file could not be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from semwatch.config import Settings
+from semwatch.values import Micrograph, MicrographError
+
+
+def describe(m: Micrograph) -> dict[str, Any]:
+    """The `inspect --json` object for one micrograph."""
+    md = m.metadata
+    return {
+        "path": str(m.path),
+        "format": m.format,
+        "width": m.width,
+        "height": m.height,
+        "bit_depth": m.bit_depth,
+        "vendor": md.vendor,
+        "instrument": md.instrument,
+        "pixel_size_nm": md.pixel_size_nm,
+        "magnification": md.magnification,
+        "voltage_kv": md.voltage_kv,
+        "detector": md.detector,
+        "acquired_at": md.acquired_at.isoformat() if md.acquired_at else None,
+        "session": md.session,
+        "databar_rows": m.databar_rows,
+        "quality": {
+            "focus": m.quality.focus,
+            "saturated_fraction": m.quality.saturated_fraction,
+            "dynamic_range": m.quality.dynamic_range,
+            "ok": m.quality.ok,
+            "reasons": list(m.quality.reasons),
+        },
+    }
+
+
+def inspect_path(path: Path, settings: Settings) -> dict[str, Any]:
+    """`describe` of one file, or `{path, error}` when it cannot be read."""
+    from semwatch.micrograph import read_micrograph
+
+    try:
+        return describe(read_micrograph(path, settings))
+    except MicrographError as exc:
+        return {"path": str(path), "error": str(exc)}
+    except Exception as exc:  # never a traceback for one bad file; the others still get inspected
+        return {"path": str(path), "error": f"unexpected error: {type(exc).__name__}: {exc}"}
+
+
+def inspect_files(paths: Sequence[Path], settings: Settings, *, as_json: bool) -> int:
+    from semwatch.cli import emit_json
+
+    failed = 0
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        result = inspect_path(path, settings)
+        failed += "error" in result
+        if as_json:
+            emit_json(result)
+        else:
+            results.append(result)
+    if not as_json:
+        _print_table(results)
+    return 1 if failed else 0
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "—"
+    return format(value, spec) if spec else str(value)
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    """One small two-column table per file: readable at any terminal width."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        table = Table(title=escape(r["path"]), title_justify="left", show_header=False, box=None,
+                      padding=(0, 2))
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        if "error" in r:
+            table.add_row("error", f"[red]{escape(r['error'])}[/red]")
+            console.print(table, "")
+            continue
+        q = r["quality"]
+        rows = [
+            ("format", f"{r['format']}, {r['width']}×{r['height']}, {r['bit_depth']}-bit"),
+            ("instrument", " ".join(x for x in (r["vendor"], r["instrument"]) if x) or None),
+            ("pixel size", _fmt(r["pixel_size_nm"], "g") + " nm" if r["pixel_size_nm"] else None),
+            ("magnification", _fmt(r["magnification"], "g") + "×" if r["magnification"] else None),
+            ("voltage", _fmt(r["voltage_kv"], "g") + " kV" if r["voltage_kv"] else None),
+            ("detector", r["detector"]),
+            ("acquired", r["acquired_at"]),
+            ("session", r["session"]),
+            ("data bar", f"{r['databar_rows']} rows"),
+            ("quality", f"focus {q['focus']:.4f}, saturated {q['saturated_fraction']:.2%}, "
+                        f"dynamic range {q['dynamic_range']:.3f}"),
+        ]
+        for name, value in rows:
+            table.add_row(name, escape(_fmt(value)))
+        reasons = escape("; ".join(q["reasons"]))
+        verdict = "[green]ok[/green]" if q["ok"] else f"[yellow]{reasons}[/yellow]"
+        table.add_row("", verdict)
+        console.print(table, "")
