@@ -44,6 +44,7 @@ def unique_copy(src: Path, dst: Path, tag: int) -> None:
 class Daemon:
     def __init__(self, root: Path, model: Path, folder: Path, settle: float = 2.0, **extra: Any) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.db = root / "semwatch.db"
         self.log = root / "daemon.log"
         self.config = root / "config.toml"
@@ -107,7 +108,6 @@ class Daemon:
 
 def bare_throughput(model: Path, paths: list[Path]) -> dict[str, Any]:
     from semwatch.classify import Classifier
-
     from semwatch.config import load_settings
 
     settings = load_settings(None)
@@ -126,10 +126,9 @@ def daemon_throughput(model: Path, paths: list[Path], work: Path) -> dict[str, A
     for i, p in enumerate(paths):
         (folder / f"{i // 50}").mkdir(parents=True, exist_ok=True)
         (folder / f"{i // 50}" / f"{i:05d}.jpg").symlink_to(p)
+    # The clock starts when the daemon is running (model loaded, folder scanned), like the bare
+    # figure, which starts after loading.
     d = Daemon(work / "tp", model, folder)
-    (work / "tp").mkdir()
-    # Warm the model on a different folder first? No: the clock starts when the daemon is running
-    # (model loaded, scan done), like the bare figure which starts after loading.
     try:
         d.start()
         t0 = time.monotonic()
@@ -145,7 +144,6 @@ def latency(model: Path, sources: list[Path], work: Path, settle: float, repeats
             mode: str) -> dict[str, Any]:
     folder = work / f"lat-{mode}-in"
     folder.mkdir()
-    (work / f"lat-{mode}").mkdir()
     d = Daemon(work / f"lat-{mode}", model, folder, settle=settle, mode=mode)
     lat: list[float] = []
     try:
@@ -174,7 +172,6 @@ def backlog(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, A
         if i % 500 == 0:
             sub.mkdir(parents=True)
         (sub / f"img_{i:05d}.jpg").symlink_to(sources[i % len(sources)])
-    (work / "bl").mkdir()
     d = Daemon(work / "bl", model, folder)
     try:
         d.start()
@@ -188,7 +185,6 @@ def backlog(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, A
 
 def memory(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, Any]:
     folder = work / "mem-in"
-    (work / "mem").mkdir()
     d = Daemon(work / "mem", model, folder, rescan_seconds=3600.0)
     folder.mkdir()
     samples: list[tuple[int, float]] = []
@@ -217,7 +213,6 @@ def idle_cpu(model: Path, work: Path, seconds: float, mode: str) -> dict[str, An
     folder.mkdir()
     for i in range(200):
         (folder / f"old_{i}.txt").write_text("x")  # files that are listed but never processed
-    (work / f"idle-{mode}").mkdir()
     d = Daemon(work / f"idle-{mode}", model, folder, mode=mode)
     try:
         d.start()
