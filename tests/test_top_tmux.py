@@ -1,0 +1,86 @@
+"""`semwatch top` in a real terminal (tmux): the live dashboard follows the database as it changes."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from dbfixture import iso, make_database
+from semwatch import db
+from semwatch.config import Settings
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
+                                reason="tmux is not installed (apt-get install -y tmux)")
+
+
+@pytest.fixture
+def tmux() -> Iterator[list[str]]:
+    socket = f"semwatch-test-{uuid.uuid4().hex[:8]}"  # a private server: never touches anyone's tmux
+    base = ["tmux", "-L", socket]
+    yield base
+    subprocess.run([*base, "kill-server"], capture_output=True, timeout=10)
+
+
+def _screen(base: list[str]) -> str:
+    out = subprocess.run([*base, "capture-pane", "-p", "-t", "top"], capture_output=True, text=True,
+                         timeout=10)
+    return out.stdout
+
+
+def _wait_for(base: list[str], needle: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = _screen(base)
+        if needle in screen:
+            return screen
+        time.sleep(0.2)
+    raise AssertionError(f"{needle!r} not on screen:\n{screen}")
+
+
+def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Path, tmux: list[str]) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n[live]\nrefresh_per_second = 5.0\n',
+                      encoding="utf-8")
+    done_file = tmp_path / "exit-code"
+    cmd = (f"{shlex.quote(sys.executable)} -m semwatch top --config {shlex.quote(str(config))}; "
+           f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
+    subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
+                   timeout=10)
+    _wait_for(tmux, "no database yet")  # started before the daemon ever ran
+
+    now = datetime.now(UTC)
+    make_database(settings.store.database, now=now, images=[{"path": "/export/lotA/first.tif",
+                                                              "sample_id": "lotA", "processed_at": iso(now)}],
+                  samples=[{"sample_id": "lotA"}])
+    screen = _wait_for(tmux, "first.tif")
+    assert "daemon running" in screen and "lotA" in screen
+
+    # The "daemon" writes a new verdict while top is reading.
+    conn = db.connect(settings.store.database)
+    try:
+        conn.execute(
+            "INSERT INTO images (path, size_bytes, mtime_ns, status, sample_id, error, detected_at, "
+            "processed_at) VALUES ('/export/lotB/second.tif', 1, 1, 'failed', 'lotB', 'truncated file', "
+            "?, ?)",
+            (iso(now), iso(datetime.now(UTC))))
+    finally:
+        conn.close()
+    screen = _wait_for(tmux, "second.tif: truncated file")
+    assert "failed" in screen
+
+    subprocess.run([*tmux, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
+    deadline = time.monotonic() + 15
+    while not done_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done_file.read_text().strip() == "0"
+    assert "Traceback" not in _screen(tmux)
