@@ -223,7 +223,11 @@ def aggregate(
     quality_bad = prepared.quality is not None and not prepared.quality.ok
     if quality_bad and prepared.quality is not None:
         reasons.extend(prepared.quality.reasons or ("quality gate failed",))
-    few_tiles = n < min_tiles
+    # Too small at the model's scale to judge is "unknown"; blank/saturated tiles are "rejected".
+    too_small = prepared.n_candidates < min_tiles
+    if too_small:
+        reasons.append(f"only {prepared.n_candidates} tile(s) fit at the model's scale, need {min_tiles}")
+    few_tiles = n < min_tiles and not too_small
     if few_tiles:
         reasons.append(f"{n} usable tile(s) of {prepared.n_candidates}, need {min_tiles}")
     confidence = float(probs.max()) if n else 0.0
@@ -231,7 +235,7 @@ def aggregate(
     if low_conf:
         reasons.append(f"low confidence {confidence:.2f} < {min_confidence:.2f}")
 
-    if out_of_range or foreign:
+    if out_of_range or foreign or too_small:
         status = "unknown"
     elif quality_bad or few_tiles:
         status = "rejected"

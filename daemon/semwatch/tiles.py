@@ -100,15 +100,16 @@ def tile_usable(tile: np.ndarray, std_min: float, saturated_max: float) -> bool:
 
 
 def to_network(tiles: list[np.ndarray], out_px: int, intensity: str) -> np.ndarray:
-    """Grey tiles in [0, 1] → (N, 3, out_px, out_px) float32: resize, normalise intensity per tile
-    (the same in training and inference), ImageNet mean/std on 3 identical channels."""
+    """Grey tiles in [0, 1] → (N, 3, out_px, out_px) float32: normalise intensity per tile (the same
+    in training and inference), resize, ImageNet mean/std on 3 identical channels."""
     out = np.empty((len(tiles), 3, out_px, out_px), np.float32)
     mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
     std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
     for i, tile in enumerate(tiles):
+        tile = normalise_intensity(tile, intensity)  # before resizing: exact invariance
         if tile.shape[0] != out_px or tile.shape[1] != out_px:
             tile = cv2.resize(tile, (out_px, out_px), interpolation=cv2.INTER_AREA)
-        out[i] = (normalise_intensity(tile, intensity)[None, :, :] - mean) / std
+        out[i] = (tile[None, :, :] - mean) / std
     return out
 
 

@@ -1,7 +1,7 @@
 """The model artifact: `model.safetensors` (weights, never pickled) + `manifest.json`.
 
-The manifest carries the sha256 of the weights file, so a corrupt or tampered artifact is
-refused before anything is built from it. The model id is a hash of both files' content.
+The manifest carries the sha256 of the weights file and of its own content, so a corrupt or
+edited artifact is refused before anything is built from it. The model id is a hash of both files' content.
 """
 
 from __future__ import annotations
@@ -65,9 +65,16 @@ def save_artifact(out_dir: Path, state: dict[str, torch.Tensor], manifest: dict[
     blob = save(tensors)
     _atomic_write(out_dir / WEIGHTS, blob)
     manifest = dict(manifest, format=FORMAT, weights_sha256=hashlib.sha256(blob).hexdigest())
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
     _atomic_write(out_dir / MANIFEST, text.encode("utf-8"))
     return model_id(manifest)
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum (edits are detected)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 def model_id(manifest: dict[str, Any]) -> str:
@@ -93,6 +100,8 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: manifest lacks {', '.join(missing)}")
     if manifest["format"] != FORMAT:
         raise UserError(f"{path}: unsupported model format {manifest['format']!r} (expected {FORMAT})")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise UserError(f"{path}: manifest checksum mismatch; the model is corrupt or was altered")
     return manifest
 
 

@@ -1,0 +1,201 @@
+"""Classifier contract, aggregation rules and `semwatch classify` on real and broken files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from semwatch.classify import Classifier, ClassInfo, PreparedImage, TileOutput, aggregate, parse_class
+from semwatch.config import Settings
+from semwatch.tiles import Scale
+from semwatch.values import ImageVerdict, MicrographError
+
+CLASSES = ["333", "333_cycled", "811", "811_cycled"]
+INFO = [parse_class(c) for c in CLASSES]
+
+
+def prepared(n: int, *, scale_ok: bool = True, candidates: int = 4) -> PreparedImage:
+    return PreparedImage(
+        Path("x.jpg"),
+        np.zeros((n, 3, 8, 8), np.float32),
+        [(0, 0)] * n,
+        candidates,
+        Scale(1.0, "none"),
+        scale_ok,
+        (8, 8),
+    )
+
+
+def verdict(probs: list[list[float]], novelty: float = 0.1, *, scale_ok: bool = True) -> ImageVerdict:
+    p = np.array(probs, np.float32)
+    out = TileOutput(p, np.full(len(p), novelty, np.float32))
+    return aggregate(
+        prepared(len(p), scale_ok=scale_ok),
+        out,
+        CLASSES,
+        INFO,
+        unknown_threshold=1.0,
+        min_confidence=0.5,
+        min_tiles=2,
+        model_id="m",
+    )
+
+
+def test_parse_class_defaults_to_pristine() -> None:
+    assert parse_class("622") == ClassInfo("622", "622", "pristine")
+    assert parse_class("811_formation") == ClassInfo("811_formation", "811", "formation")
+
+
+def test_aggregation_marginals_and_agreement() -> None:
+    v = verdict([[0.05, 0.05, 0.1, 0.8], [0.05, 0.05, 0.2, 0.7], [0.1, 0.1, 0.6, 0.2]])
+    assert v.status == "ok" and v.predicted_class == "811_cycled"
+    assert v.composition == "811" and v.state == "cycled"
+    assert v.tile_agreement == pytest.approx(2 / 3, abs=1e-4)
+    assert sum(v.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert v.n_tiles == 3 and v.model_id == "m"
+
+
+def test_foreign_low_confidence_few_tiles_and_scale() -> None:
+    confident = [[0.97, 0.01, 0.01, 0.01]] * 4
+    far = verdict(confident, novelty=5.0)
+    assert far.status == "unknown" and far.predicted_class is None and "unlike the training" in far.reasons[0]
+    unsure = verdict([[0.3, 0.3, 0.2, 0.2]] * 4)
+    assert unsure.status == "unknown" and any("low confidence" in r for r in unsure.reasons)
+    few = verdict([[0.97, 0.01, 0.01, 0.01]])
+    assert few.status == "rejected" and "usable tile" in few.reasons[0]
+    none = verdict(np.zeros((0, 4)).tolist())
+    assert none.status == "rejected" and none.n_tiles == 0
+    empty = TileOutput(np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+    small = aggregate(
+        prepared(0, candidates=1),
+        empty,
+        CLASSES,
+        INFO,
+        unknown_threshold=1.0,
+        min_confidence=0.5,
+        min_tiles=2,
+        model_id=None,
+    )
+    assert small.status == "unknown" and "fit at the model's scale" in small.reasons[0]
+    odd_scale = verdict(confident, scale_ok=False)
+    assert odd_scale.status == "unknown" and "outside the model's range" in odd_scale.reasons[0]
+
+
+def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, settings: Settings) -> None:
+    from semwatch.micrograph import read_micrograph
+
+    clf = Classifier.load(tiny_model, settings)
+    image = next(iter(sorted((ncm_dir / "523").glob("*.jpg"))))
+    prep = clf.prepare(read_micrograph(image, settings))
+    assert prep.tiles.dtype == np.float32 and prep.tiles.shape[1:] == (3, 224, 224)
+    assert len(prep.tiles) == 12  # 1280 x 895 specimen area at the reference scale
+    out = clf.predict(prep.tiles)
+    assert out.probabilities.shape == (12, 12) and out.novelty.shape == (12,)
+    assert np.allclose(out.probabilities.sum(axis=1), 1.0, atol=1e-4)
+    v = clf.verdict(prep, out)
+    assert v.n_tiles == 12 and v.model_id == clf.model_id and v.status in ("ok", "unknown")
+    empty = clf.predict(np.zeros((0, 3, 224, 224), np.float32))
+    assert empty.probabilities.shape == (0, 12)
+    # The same tiles in a bigger batch give the same answer.
+    both = clf.predict(np.concatenate([prep.tiles, prep.tiles]))
+    assert np.allclose(both.probabilities[:12], out.probabilities, atol=1e-4)
+
+
+def test_classify_cli_real_vendor_and_broken_files(
+    tiny_model: Path, ncm_dir: Path, vendor_dir: Path, tmp_path: Path
+) -> None:
+    ncm = sorted((ncm_dir / "811_cycled").glob("*.jpg"))[0]
+    fei = vendor_dir / "fei" / "Untreated_ME_5KV_1200x_ETD_16bit.tif"
+    zeiss = vendor_dir / "zeiss" / "FeMoOx_AntiA_04_1k5x_CN.tif"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((960, 1280), 128, np.uint8))
+    missing = tmp_path / "missing.tif"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "semwatch",
+            "classify",
+            str(ncm),
+            str(fei),
+            str(zeiss),
+            str(broken),
+            str(blank),
+            str(missing),
+            "--model",
+            str(tiny_model),
+            "--json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    by_path = {Path(line["path"]).name: line for line in lines}
+    assert list(by_path) == [p.name for p in (ncm, fei, zeiss, broken, blank, missing)]
+    for name in (ncm.name, fei.name, zeiss.name):
+        line = by_path[name]
+        for key in (
+            "status",
+            "predicted_class",
+            "composition",
+            "state",
+            "confidence",
+            "tile_agreement",
+            "n_tiles",
+            "probabilities",
+            "reasons",
+        ):
+            assert key in line, key
+        assert line["status"] in ("ok", "unknown", "rejected")
+    assert by_path[ncm.name]["n_tiles"] == 12
+    assert set(by_path[broken.name]) == {"path", "error"} and set(by_path[missing.name]) == {"path", "error"}
+    assert by_path[blank.name]["status"] == "rejected"
+
+
+def test_classify_paths_and_explain(
+    tiny_model: Path, ncm_dir: Path, settings: Settings, tmp_path: Path
+) -> None:
+    from semwatch.micrograph import read_micrograph
+    from semwatch.model.gradcam import explain_image
+
+    clf = Classifier.load(tiny_model, settings)
+    image = sorted((ncm_dir / "622_formation").glob("*.jpg"))[0]
+    results = clf.classify_paths([image, tmp_path / "nope.jpg"])
+    assert isinstance(results[0], ImageVerdict) and isinstance(results[1], MicrographError)
+    micrograph = read_micrograph(image, settings)
+    overlay = explain_image(clf, micrograph)
+    assert overlay.dtype == np.uint8 and overlay.shape == (*micrograph.pixels.shape, 3)
+    assert float(overlay.std()) > 0
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "semwatch",
+            "classify",
+            str(image),
+            "--model",
+            str(tiny_model),
+            "--explain",
+            str(tmp_path / "cams"),
+            "--json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    written = Path(json.loads(proc.stdout)["explanation"])
+    assert written.is_file() and cv2.imread(str(written)).shape[:2] == micrograph.pixels.shape
