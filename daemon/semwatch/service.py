@@ -171,9 +171,10 @@ class Service:
                     break
             if watcher.error is not None:
                 raise watcher.error
-            self.notifier.notify("READY=1", f"STATUS=watching {self.folder}")
-            extras = self._start_extras()
-            code = self._loop(writer, pipeline, watcher)
+            if not self.signals.stop.is_set():
+                self.notifier.notify("READY=1", f"STATUS=watching {self.folder}")
+                extras = self._start_extras()
+                code = self._loop(writer, pipeline, watcher)
         finally:
             self.notifier.notify("STOPPING=1", "STATUS=stopping")
             code = self._shutdown(writer, pipeline, watcher, store, extras, code)
