@@ -9,6 +9,7 @@ sidecar `<image>.jpg.txt` where there is one). Every failure is a `MicrographErr
 
 from __future__ import annotations
 
+import logging
 import stat
 import struct
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ _RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # How far into a JPEG the header parser looks for the frame header (EXIF/ICC segments come first).
 _JPEG_HEADER_LIMIT = 4 * 1024 * 1024
 _CV2_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+
+# tifffile logs its own complaint about a malformed file before raising; ours is the one line that
+# counts (stored with the image, printed by `inspect`), so keep its warnings off the console.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,10 @@ def _tiff_grey(tif: tifffile.TiffFile, size: int) -> np.ndarray:
     except Exception as exc:
         text = _short(exc)
         if "imagecodecs" in text:
-            raise MicrographError(f"unsupported TIFF compression ({page.compression.name})") from None
+            # LZW, PackBits, JPEG-in-TIFF ...: tifffile needs imagecodecs for these, OpenCV's libtiff
+            # decodes them (first page, grey), so fall back to it rather than add a dependency.
+            return _decode_cv2(tif.filehandle, Header("tiff", page.imagewidth, page.imagelength,
+                                                      page.bitspersample), size)
         raise MicrographError(f"cannot decode TIFF ({text})") from None
     axes = str(page.axes)
     arr = np.asarray(arr)
@@ -333,7 +341,7 @@ def _check_complete(fh: BinaryIO, header: Header, size: int) -> None:
             raise MicrographError("truncated BMP (pixel data runs past the end of the file)")
 
 
-def _decode_cv2(fh: BinaryIO, header: Header, size: int) -> np.ndarray:
+def _decode_cv2(fh: Any, header: Header, size: int) -> np.ndarray:
     fh.seek(0)
     buf = np.frombuffer(fh.read(size), dtype=np.uint8)
     try:
@@ -421,7 +429,9 @@ def _sidecar_metadata(path: Path) -> Metadata:
 
 def _short(exc: BaseException) -> str:
     """An exception as one short line."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split())
+    if len(text) < 12:  # "0", "'S'": the exception type says more than such a message
+        text = f"{type(exc).__name__} {text}".strip()
     return text if len(text) <= 160 else text[:157] + "..."
 
 
