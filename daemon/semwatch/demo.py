@@ -111,25 +111,39 @@ def _replace(section: Any, **values: Any) -> Any:
 # --- images -------------------------------------------------------------------------------------
 
 
+def held_out(manifest: dict[str, Any], data_dir: Path) -> list[Path]:
+    """Images the model never trained on: its test split first, then images of `data_dir` in no split
+    (a model trained on a subset, like the quick demo model, leaves many)."""
+    from semwatch.model.train import IMAGE_SUFFIXES
+
+    split = manifest.get("split", {})
+    seen = {rel for part in split.values() for rel in part}
+    test = [data_dir / rel for rel in split.get("test", [])]
+    unseen = sorted(p for p in data_dir.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.parent.name.startswith(".") and f"{p.parent.name}/{p.name}" not in seen)
+    return [p for p in test if p.is_file()] + unseen
+
+
 def choose_images(manifest: dict[str, Any], data_dir: Path, class_map: dict[str, str], incoming: Path,
                   n: int, seed: int = 0) -> list[Drop]:
-    """`n` test-split images, round-robin over classes (so every class shows up), shuffled."""
-    by_class: dict[str, list[Path]] = {}
-    for rel in manifest.get("split", {}).get("test", []):
-        source = data_dir / rel
-        if source.is_file():
-            folder = source.parent.name
-            by_class.setdefault(class_map.get(folder, folder), []).append(source)
-    if not by_class:
-        raise UserError(f"the model's test split names no image found under {data_dir}", 1)
+    """`n` held-out images, shuffled: the test split first, then unseen images, each taken round-robin
+    over classes so that every class shows up."""
     rng = random.Random(seed)
-    for files in by_class.values():
-        rng.shuffle(files)
+    test = {data_dir / rel for rel in manifest.get("split", {}).get("test", [])}
+    pools: list[dict[str, list[Path]]] = [{}, {}]
+    for source in held_out(manifest, data_dir):
+        folder = source.parent.name
+        pools[0 if source in test else 1].setdefault(class_map.get(folder, folder), []).append(source)
+    if not any(pools):
+        raise UserError(f"no held-out images under {data_dir}: the model was trained on all of them", 1)
     picked: list[tuple[str, Path]] = []
-    while len(picked) < n and any(by_class.values()):
-        for name in sorted(by_class):
-            if by_class[name] and len(picked) < n:
-                picked.append((name, by_class[name].pop()))
+    for pool in pools:
+        for files in pool.values():
+            rng.shuffle(files)
+        while len(picked) < n and any(pool.values()):
+            for name in sorted(pool):
+                if pool[name] and len(picked) < n:
+                    picked.append((name, pool[name].pop()))
     rng.shuffle(picked)
     drops = []
     for i, (name, source) in enumerate(picked):
@@ -331,7 +345,7 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
     assert manifest is not None
     drops = choose_images(manifest, data_dir, settings.train.class_map, incoming, args.images)
     if len(drops) < args.images:
-        say(f"  (only {len(drops)} test-split images exist for this model; using all of them)")
+        say(f"  (only {len(drops)} held-out images exist for this model; using all of them)")
     config = write_config(settings, workdir, model_dir)
     demo_settings = load_settings(config, environ={})
 

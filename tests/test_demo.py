@@ -1,0 +1,104 @@
+"""`semwatch demo`: its parts on real files, and one end-to-end run with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semwatch.config import Settings, load_settings
+from semwatch.demo import Drop, choose_images, held_out, summarise, write_config, write_like_an_instrument
+
+
+def _manifest(ncm_dir: Path) -> dict[str, object]:
+    files = {c: sorted(p.name for p in (ncm_dir / c).glob("*.jpg"))[:6] for c in ("622", "811_cycled")}
+    return {"split": {"train": [f"{c}/{f}" for c, fs in files.items() for f in fs[:3]],
+                      "val": [f"{c}/{f}" for c, fs in files.items() for f in fs[3:5]],
+                      "test": [f"{c}/{f}" for c, fs in files.items() for f in fs[5:6]]},
+            "training": {"data_dir": str(ncm_dir)}}
+
+
+def test_held_out_images_are_never_training_images(ncm_dir: Path, tmp_path: Path) -> None:
+    manifest = _manifest(ncm_dir)
+    split = manifest["split"]
+    assert isinstance(split, dict)
+    images = held_out(manifest, ncm_dir)
+    rels = [f"{p.parent.name}/{p.name}" for p in images]
+    assert rels[:2] == split["test"]  # the recorded test split comes first
+    assert not set(rels) & set(split["train"] + split["val"])
+    drops = choose_images(manifest, ncm_dir, {"622": "622_pristine"}, tmp_path / "in", 6)
+    assert len(drops) == 6
+    classes = sorted(d.true_class for d in drops)
+    assert classes[:2] == ["333", "333_cycled"] and "622_pristine" in classes and "811_cycled" in classes
+    assert len({d.target for d in drops}) == 6  # names repeat across class folders: targets must not
+    assert all(d.target.parent.name == f"sample-{d.true_class}" for d in drops)
+    # test-split images are preferred over merely unseen ones
+    picked = {f"{d.source.parent.name}/{d.source.name}" for d in drops}
+    assert set(split["test"]) <= picked
+
+
+def test_instrument_style_write(ncm_dir: Path, tmp_path: Path) -> None:
+    source = next(p for p in sorted((ncm_dir / "622").glob("*.jpg")) if Path(f"{p}.txt").is_file())
+    drop = Drop(source, "622", tmp_path / "in" / "sample-622" / f"000_{source.name}")
+    write_like_an_instrument(drop)
+    assert drop.target.read_bytes() == source.read_bytes()
+    assert Path(f"{drop.target}.txt").read_bytes() == Path(f"{source}.txt").read_bytes()
+    assert (drop.target.parent / "expected.txt").read_text(encoding="utf-8").strip() == "622"
+    assert not list(drop.target.parent.glob(".*"))  # no temporary files left behind
+
+
+def test_generated_config_loads_and_stays_in_the_workdir(settings: Settings, tmp_path: Path) -> None:
+    work = tmp_path / "work [demo] \"quoted\""
+    work.mkdir()
+    config = write_config(settings, work, tmp_path / "model")
+    loaded = load_settings(config, environ={})
+    for path in (loaded.watch.folder, loaded.store.database, loaded.store.results_csv, loaded.report.folder):
+        assert path.is_relative_to(work)
+    assert loaded.model.path == (tmp_path / "model").resolve() and not loaded.report.enabled
+
+
+def test_summary_against_true_labels(tmp_path: Path) -> None:
+    drops = [Drop(tmp_path / f"{i}.jpg", c, tmp_path / f"t{i}.jpg")
+             for i, c in enumerate(["622", "622", "811_cycled", "333_formation"])]
+    rows = {
+        str(drops[0].target): {"status": "ok", "predicted_class": "622", "composition": "622",
+                               "state": "pristine"},
+        str(drops[1].target): {"status": "ok", "predicted_class": "811", "composition": "811",
+                               "state": "pristine"},
+        str(drops[2].target): {"status": "unknown", "predicted_class": None, "composition": None,
+                               "state": None},
+    }
+    s = summarise(drops, rows, [{"verdict": "pass"}, {"verdict": "fail"}])
+    assert s.n_dropped == 4 and s.n_done == 3
+    assert s.status == {"ok": 2, "unknown": 1, "not processed": 1}
+    assert s.accuracy == 0.25 and s.accuracy_ok == 0.5
+    assert s.composition_accuracy == 0.5 and s.state_accuracy == 1.0
+    assert s.sample_verdicts == {"pass": 1, "fail": 1}
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "user.toml"
+    config.write_text(f'[model]\npath = {json.dumps(str(tiny_model))}\ndevice = "cpu"\n'
+                      f'[data]\nncm_dir = {json.dumps(str(ncm_dir))}\n', encoding="utf-8")
+    work = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "semwatch", "demo", "--config", str(config), "--workdir", str(work),
+           "--images", "3", "--interval", "0.2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "COLUMNS": "150"})
+    assert out.returncode in (0, 1), out.stdout + out.stderr  # 1 only if an image had no verdict
+    text = out.stdout
+    assert "Traceback" not in out.stderr
+    assert "reusing" in text and "SIGTERM (exit 0)" in text
+    assert re.search(r"images\s+3 of 3 processed", text), text
+    assert "accuracy" in text
+    report = work / "reports"
+    htmls = list(report.glob("*/report.html"))
+    assert len(htmls) == 1 and (htmls[0].parent / "images.csv").read_text(encoding="utf-8").count("\n") == 4
+    assert (work / "var" / "semwatch.db").is_file() and (work / "var" / "results.csv").is_file()
+    assert out.returncode == 0
