@@ -9,6 +9,7 @@ naming the key; the CLI turns that into a one-line message and exit code 78.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -326,7 +327,9 @@ def load_settings(
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            raise ConfigError(f"{path}: not valid TOML: {' '.join(str(exc).split())}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         base = path.resolve().parent
     env = dict(os.environ if environ is None else environ)
     for section, values in _env_overrides(env).items():
@@ -347,9 +350,14 @@ def load_settings(
             raise ConfigError(f"[{name}] must be a table")
         sections[name] = _build_section(name, cls, table, base)
     data_env = env.get(DATA_ENV)
-    if data_env and "ncm_dir" not in raw.get("data", {}):
-        root = Path(data_env)
-        sections["data"] = DataSettings(ncm_dir=root / "ncm-sem", vendor_dir=root / "vendor-tiff")
+    if data_env:  # points the [data] folders that were not set explicitly at another copy
+        root = Path(data_env).expanduser().absolute()
+        given = raw.get("data", {})
+        sections["data"] = dataclasses.replace(
+            sections["data"],
+            **{key: root / sub for key, sub in (("ncm_dir", "ncm-sem"), ("vendor_dir", "vendor-tiff"))
+               if key not in given},
+        )
     return Settings(**sections, source=path)
 
 
@@ -381,6 +389,12 @@ def _build_section(name: str, cls: type, table: dict[str, Any], base: Path) -> A
         if key not in known:
             raise ConfigError(f"unknown key [{name}] {key}")
     kwargs = {key: _coerce(f"[{name}] {key}", hints[key], value, base) for key, value in table.items()}
+    # Default paths resolve like written ones: against the config file's folder, not wherever the
+    # process happens to start (systemd starts it in /).
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if hints[f.name] is Path and f.name not in kwargs and isinstance(default, Path):
+            kwargs[f.name] = default if default.is_absolute() else base / default
     try:
         section = cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the known-key check
@@ -409,6 +423,8 @@ def _coerce(name: str, hint: Any, value: Any, base: Path) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
