@@ -1,0 +1,89 @@
+"""`semwatch inspect`: the real command on real vendor TIFFs and NCM JPEGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from semwatch.config import Settings
+from semwatch.inspect import inspect_files
+
+SEMWATCH = Path(sys.executable).parent / "semwatch"
+FIELDS = {"path", "format", "width", "height", "bit_depth", "vendor", "instrument", "pixel_size_nm",
+          "magnification", "voltage_kv", "detector", "acquired_at", "databar_rows", "quality"}
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEMWATCH_") or k == "SEMWATCH_DATA"}
+    return subprocess.run([str(SEMWATCH), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_inspect_json_vendor_tiffs(vendor_dir: Path, tmp_path: Path) -> None:
+    paths = sorted(vendor_dir.glob("*/*.tif"))
+    proc = _run("inspect", "--json", *map(str, paths), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {Path(r["path"]).name: r for r in _json_lines(proc.stdout)}
+    assert len(rows) == len(paths)
+    for r in rows.values():
+        assert set(r) >= FIELDS
+        assert set(r["quality"]) == {"focus", "saturated_fraction", "dynamic_range", "ok", "reasons"}
+        assert r["quality"]["ok"] and r["quality"]["reasons"] == []
+    fei16 = rows["Untreated_ME_5KV_1200x_ETD_16bit.tif"]
+    assert fei16["pixel_size_nm"] == pytest.approx(112.413)
+    assert (fei16["bit_depth"], fei16["databar_rows"], fei16["voltage_kv"]) == (16, 79, 5.0)
+    assert fei16["magnification"] == pytest.approx(1200, rel=1e-3)
+    assert fei16["acquired_at"] == "2020-02-13T18:32:25"
+    assert fei16["vendor"] == "Thermo Fisher (FEI)" and fei16["instrument"] == "Versa 3D"
+    zeiss = rows["FeMoOx_AntiA_04_1k5x_CN.tif"]
+    assert zeiss["pixel_size_nm"] == pytest.approx(74.43)
+    assert (zeiss["magnification"], zeiss["voltage_kv"], zeiss["databar_rows"]) == (1500, 5.0, 78)
+    assert zeiss["acquired_at"] == "2021-07-13T18:23:36" and zeiss["detector"] == "InLens"
+    assert (zeiss["width"], zeiss["height"], zeiss["format"]) == (1024, 768, "tiff")
+
+
+def test_inspect_json_ncm_jpegs(ncm_dir: Path, tmp_path: Path) -> None:
+    paths = [sorted((ncm_dir / c).glob("*.jpg"))[0] for c in ("333", "523_formation", "811_cycled")]
+    proc = _run("inspect", "--json", *map(str, paths), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for r, path in zip(_json_lines(proc.stdout), paths, strict=True):
+        assert r["path"] == str(path)
+        assert (r["format"], r["width"], r["height"], r["bit_depth"]) == ("jpeg", 1280, 960, 8)
+        assert r["databar_rows"] == 64
+        assert r["magnification"] == 500 and r["voltage_kv"] == 20
+        assert r["instrument"] == "SNE-4500M Plus" and r["detector"] == "SED"
+        assert datetime.fromisoformat(r["acquired_at"]).year in (2019, 2020, 2021, 2022)
+        assert r["pixel_size_nm"] is None
+        assert r["quality"]["ok"]
+
+
+def test_inspect_table_and_failures(vendor_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello", encoding="utf-8")
+    good = vendor_dir / "fei" / "CS_DC_5KV_1000x_ETD_8bit.tif"
+    proc = _run("inspect", str(good), str(text), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    for word in ("Thermo Fisher (FEI) Versa 3D", "134.896 nm", "1000×", "5 kV", "79 rows", "not an image"):
+        assert word in proc.stdout, (word, proc.stdout)
+
+
+def test_inspect_files_in_process(vendor_dir: Path, settings: Settings, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    good = sorted(vendor_dir.glob("zeiss/*.tif"))
+    assert inspect_files(good, settings, as_json=True) == 0
+    assert [Path(r["path"]) for r in _json_lines(capsys.readouterr().out)] == good
+    assert inspect_files([*good, tmp_path / "missing.tif"], settings, as_json=True) == 1
+    last = _json_lines(capsys.readouterr().out)[-1]
+    assert last == {"path": str(tmp_path / "missing.tif"), "error": "no such file"}
