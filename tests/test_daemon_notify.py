@@ -78,3 +78,17 @@ class _Alive:
 
     def alive(self) -> bool:
         return True
+
+
+def test_notify_never_blocks_on_a_full_queue() -> None:
+    name = f"semwatch-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(b"\0" + name.encode())
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
+        try:
+            t0 = time.monotonic()
+            results = [notifier.notify("WATCHDOG=1") for _ in range(2000)]  # nobody reads
+            assert time.monotonic() - t0 < 5.0
+            assert results[0] and not all(results)
+        finally:
+            notifier.close()

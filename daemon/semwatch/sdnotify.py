@@ -40,7 +40,8 @@ class Notifier:
         if self.sock is None or self.address is None:
             return False
         try:
-            self.sock.sendto("\n".join(lines).encode("utf-8"), self.address)
+            # Never block the daemon on a receiver that does not read (a full datagram queue).
+            self.sock.sendto("\n".join(lines).encode("utf-8"), socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             log.debug("sd_notify failed: %s", exc)
             return False
