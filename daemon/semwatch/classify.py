@@ -69,6 +69,28 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_bfloat16(settings: Settings) -> bool:
+    """bfloat16 on CPU: asked for, or "auto" and the CPU does it natively (oneDNN)."""
+    choice = settings.model.cpu_precision
+    if choice == "auto":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+            return False
+    return choice == "bfloat16"
+
+
+def autocast_for(device: torch.device, settings: Settings) -> contextlib.AbstractContextManager[Any]:
+    """float16 autocast on CUDA (if mixed_precision), bfloat16 on a capable CPU, else nothing."""
+    if device.type == "cuda":
+        if settings.model.mixed_precision:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+    if cpu_bfloat16(settings):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
@@ -166,9 +188,7 @@ class Classifier:
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.torch_device.type == "cuda" and self.settings.model.mixed_precision:
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        return autocast_for(self.torch_device, self.settings)
 
     def verdict(self, prepared: PreparedImage, output: TileOutput) -> ImageVerdict:
         return aggregate(

@@ -147,6 +147,7 @@ class ModelSettings:
     batch_size: int = 32
     max_batch_latency_ms: float = 200.0
     mixed_precision: bool = True
+    cpu_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     cpu_threads: int = 0
     unknown_threshold: float = -1.0
     min_confidence: float = 0.5

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from semwatch import __version__
-from semwatch.classify import ClassInfo, parse_class, select_device
+from semwatch.classify import ClassInfo, autocast_for, cpu_bfloat16, parse_class, select_device
 from semwatch.config import Settings
 from semwatch.errors import UserError
 from semwatch.model.artifact import save_artifact
@@ -213,7 +213,6 @@ def extract_features(
     feats: list[torch.Tensor] = []
     labels: list[int] = []
     image_of: list[int] = []
-    amp = device.type == "cuda" and settings.model.mixed_precision
 
     def job(i: int) -> np.ndarray | str:
         m = _read(items[i].path, settings)
@@ -239,7 +238,7 @@ def extract_features(
                 for s in range(0, len(result), FEATURE_BATCH):
                     x = torch.from_numpy(result[s : s + FEATURE_BATCH]).to(device)
                     x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=amp):
+                    with torch.inference_mode(), autocast_for(device, settings):
                         f, _ = net.backbone(x)
                     feats.append(f.float().cpu())
                 labels += [items[i].label] * len(result)
@@ -541,7 +540,7 @@ def train_model(
         },
         "temperature": round(temperature, 5),
         "training": {
-            "data_dir": str(data_dir),
+            "data_dir": str(data_dir.resolve()),
             "data_fingerprint": fingerprint(images),
             "n_images": len(images),
             "n_train_tiles": len(train_fs.feats),
@@ -550,10 +549,16 @@ def train_model(
             "tiles_per_image": t.tiles_per_image,
             "augment_copies": t.augment_copies,
             "device": str(device),
+            "precision": "float16"
+            if device.type == "cuda" and settings.model.mixed_precision
+            else "bfloat16"
+            if device.type == "cpu" and cpu_bfloat16(settings)
+            else "float32",
             "wall_s": round(time.monotonic() - started, 1),
             "skipped": skipped,
         },
         "validation": validation,
+        "metrics": {"validation": validation},
         "split": {k: sorted(im.rel for im in v) for k, v in split.items()},
         "semwatch_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
