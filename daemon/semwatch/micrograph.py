@@ -46,7 +46,6 @@ class Header:
     width: int
     height: int
     bit_depth: int
-    pages: int = 1
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -173,11 +172,7 @@ def probe(path: Path, settings: Settings) -> Header:
 
 def _probe_open(fh: BinaryIO, size: int, settings: Settings) -> Header:
     try:
-        head = fh.read(32)
-        fmt = sniff_format(head)
-        fh.seek(0)
-        if fmt is None:
-            raise MicrographError("not an image (unrecognised file signature)")
+        fmt = _sniff_open(fh)
         if fmt == "tiff":
             with _tiff(fh) as tif:
                 header = _tiff_header(tif)
@@ -191,6 +186,14 @@ def _probe_open(fh: BinaryIO, size: int, settings: Settings) -> Header:
         return header
     except OSError as exc:
         raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _sniff_open(fh: BinaryIO) -> str:
+    fmt = sniff_format(fh.read(32))
+    fh.seek(0)
+    if fmt is None:
+        raise MicrographError("not an image (unrecognised file signature)")
+    return fmt
 
 
 # --- TIFF --------------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ def _tiff_header(tif: tifffile.TiffFile) -> Header:
     except Exception as exc:
         raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
     # Volumes (imagedepth > 1) would be decoded whole: count their pixels too.
-    return Header("tiff", width, height * depth if depth > 1 else height, bits, pages=len(tif.pages))
+    return Header("tiff", width, height * depth if depth > 1 else height, bits)
 
 
 def _tiff_vendor(tif: tifffile.TiffFile) -> VendorInfo | None:
@@ -382,13 +385,14 @@ def read_micrograph(path: Path, settings: Settings) -> Micrograph:
     vendor: VendorInfo | None = None
     try:
         with fh:
-            header = _probe_open(fh, size, settings)
-            if header.format == "tiff":
-                fh.seek(0)
+            if _sniff_open(fh) == "tiff":  # parse the TIFF structure once: header, pixels, tags
                 with _tiff(fh) as tif:
+                    header = _tiff_header(tif)
+                    _check_pixels(header, settings)
                     grey = _tiff_grey(tif, size)
                     vendor = _tiff_vendor(tif)
             else:
+                header = _probe_open(fh, size, settings)
                 _check_complete(fh, header, size)
                 grey = _decode_cv2(fh, header, size)
     except MicrographError:
