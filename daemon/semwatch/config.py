@@ -171,8 +171,8 @@ class TrainSettings:
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    augment_copies: int = 4
-    tiles_per_image: int = 12
+    augment_copies: int = 2
+    tiles_per_image: int = 8
     class_map: dict[str, str] = field(default_factory=dict)
     unknown_quantile: float = 0.99
     unknown_margin: float = 1.2

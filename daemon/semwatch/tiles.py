@@ -59,7 +59,7 @@ def normalise_intensity(pixels: np.ndarray, mode: str) -> np.ndarray:
         return np.clip((pixels - float(pixels.mean())) / max(std, 1e-6) * 0.2 + 0.5, 0.0, 1.0).astype(
             np.float32
         )
-    q = np.round(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    q = (np.clip(pixels, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
     hist = np.bincount(q.ravel(), minlength=65536).astype(np.float64)
     cdf = np.cumsum(hist)
     lut = ((cdf - hist / 2.0) / max(float(q.size), 1.0)).astype(np.float32)
@@ -99,6 +99,13 @@ def tile_usable(tile: np.ndarray, std_min: float, saturated_max: float) -> bool:
     return saturated <= saturated_max
 
 
+def fit(tile: np.ndarray, out_px: int) -> np.ndarray:
+    """A square tile resized to out_px (area interpolation)."""
+    if tile.shape[0] == out_px and tile.shape[1] == out_px:
+        return tile
+    return np.asarray(cv2.resize(tile, (out_px, out_px), interpolation=cv2.INTER_AREA), np.float32)
+
+
 def to_network(tiles: list[np.ndarray], out_px: int, intensity: str) -> np.ndarray:
     """Grey tiles in [0, 1] → (N, 3, out_px, out_px) float32: normalise intensity per tile (the same
     in training and inference), resize, ImageNet mean/std on 3 identical channels."""
@@ -106,10 +113,9 @@ def to_network(tiles: list[np.ndarray], out_px: int, intensity: str) -> np.ndarr
     mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
     std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
     for i, tile in enumerate(tiles):
-        tile = normalise_intensity(tile, intensity)  # before resizing: exact invariance
-        if tile.shape[0] != out_px or tile.shape[1] != out_px:
-            tile = cv2.resize(tile, (out_px, out_px), interpolation=cv2.INTER_AREA)
-        out[i] = (tile[None, :, :] - mean) / std
+        # Resize first (4x fewer pixels to rank); area averaging commutes with brightness and
+        # contrast changes, so only gamma is approximately rather than exactly undone.
+        out[i] = (normalise_intensity(fit(tile, out_px), intensity)[None, :, :] - mean) / std
     return out
 
 
@@ -136,11 +142,12 @@ def cut_tiles(
     """Resample, choose grid tiles, skip unusable ones (judged on raw grey levels), normalise each."""
     image = resample(pixels.astype(np.float32, copy=False), factor)
     positions = grid_positions(image.shape[0], image.shape[1], tile_physical_px, overlap, max_tiles)
-    keep = [
-        (y, x)
-        for y, x in positions
-        if tile_usable(image[y : y + tile_physical_px, x : x + tile_physical_px], std_min, saturated_max)
-    ]
-    raw = [image[y : y + tile_physical_px, x : x + tile_physical_px] for y, x in keep]
-    tiles = to_network(raw, tile_px, intensity)
+    keep: list[tuple[int, int]] = []
+    small: list[np.ndarray] = []
+    for y, x in positions:
+        tile = fit(image[y : y + tile_physical_px, x : x + tile_physical_px], tile_px)
+        if tile_usable(tile, std_min, saturated_max):  # judged at network resolution, raw grey levels
+            keep.append((y, x))
+            small.append(tile)
+    tiles = to_network(small, tile_px, intensity)
     return TileSet(tiles, keep, len(positions), (image.shape[0], image.shape[1]))

@@ -35,7 +35,7 @@ from semwatch.errors import UserError
 from semwatch.model.artifact import save_artifact
 from semwatch.model.augment import augment_tile, geometric
 from semwatch.model.backbone import TileNet, architecture
-from semwatch.tiles import grid_positions, resample, scale_for, tile_usable, to_network
+from semwatch.tiles import fit, grid_positions, resample, scale_for, tile_usable, to_network
 from semwatch.values import Micrograph, MicrographError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
@@ -154,7 +154,7 @@ def grid_tiles(m: Micrograph, r: Recipe) -> np.ndarray:
     image = resample(m.pixels, _factor(m, r))
     size = r.tile_physical_px
     cells = grid_positions(image.shape[0], image.shape[1], size, r.overlap, r.max_tiles)
-    raw = [image[y : y + size, x : x + size] for y, x in cells]
+    raw = [fit(image[y : y + size, x : x + size], r.tile_px) for y, x in cells]
     return to_network([t for t in raw if tile_usable(t, r.std_min, r.saturated_max)], r.tile_px, r.intensity)
 
 
@@ -173,7 +173,7 @@ def training_tiles(
         tries += 1
         y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
         crop = image[y : y + size, x : x + size]
-        if not tile_usable(crop, r.std_min, r.saturated_max):
+        if not tile_usable(fit(crop, r.tile_px), r.std_min, r.saturated_max):
             continue
         out.append(geometric(crop, rng))
         out.extend(augment_tile(crop, rng) for _ in range(copies))
