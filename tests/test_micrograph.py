@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from datetime import datetime
 from pathlib import Path
@@ -293,3 +294,70 @@ def test_quality_fails_blank_blurred_saturated(ncm_dir: Path, settings: Settings
     assert not saturated.ok and any("saturated" in r for r in saturated.reasons)
     flat = assess((0.5 + 0.1 * (real - real.mean())).astype(np.float32), q)
     assert not flat.ok and any("dynamic range" in r for r in flat.reasons)
+
+
+SNE_SIDECAR = (
+    "[Image Info]\r\nModel : SNE-4500M Plus\r\nDate : 2020-01-05 {marker} {clock}\r\n{time_line}"
+    "File Name : D:\\DATA\\lot 7\\200105_ncm622_pristine\\img 1.jpg\r\nAcceleated Voltage :  15 kV\r\n"
+    "Magnification : x1.5k \r\nDetector Mode : BSE\r\n[   - Image Process]\r\nBrightness : 97\r\n"
+    "Contrast : -169\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("marker", "clock", "time_line", "expected"),
+    [
+        ("오후", "12:05:09", "", datetime(2020, 1, 5, 12, 5, 9)),
+        ("오전", "12:05:09", "", datetime(2020, 1, 5, 0, 5, 9)),
+        ("오후", "7:34:06", "", datetime(2020, 1, 5, 19, 34, 6)),
+        ("오후", "7:34:06", "Time : 19:34:06.1234567\r\n", datetime(2020, 1, 5, 19, 34, 6)),
+        ("PM", "7:34:06", "", datetime(2020, 1, 5, 19, 34, 6)),
+    ],
+)
+def test_sidecar_variants(tmp_path: Path, marker: str, clock: str, time_line: str,
+                          expected: datetime) -> None:
+    side = tmp_path / "img 1.jpg.txt"
+    text = SNE_SIDECAR.format(marker=marker, clock=clock, time_line=time_line)
+    side.write_bytes(text.encode("utf-8"))
+    md = read_sidecar(side)
+    assert md.acquired_at == expected
+    assert (md.magnification, md.voltage_kv, md.detector) == (1500, 15, "BSE")
+    assert md.session == "200105_ncm622_pristine"
+    assert md.extra["brightness"] == "97" and md.extra["contrast"] == "-169"
+    side.write_bytes(text.encode("cp949"))  # older software: Korean Windows code page
+    assert read_sidecar(side).acquired_at == expected
+
+
+def test_other_text_beside_image_is_not_sne_metadata(settings: Settings, tmp_path: Path) -> None:
+    image = tmp_path / "scan.tif"
+    tifffile.imwrite(image, to_u8(specimen()))
+    (tmp_path / "scan.txt").write_text("[SemImageFile]\nInstructName=S-4800\nMagnification=2000\n",
+                                       encoding="utf-8")
+    assert read_micrograph(image, settings).metadata.vendor is None
+    (tmp_path / "scan.tif.txt").write_bytes(b"\xff\xfe\x00garbage" * 10)
+    assert read_micrograph(image, settings).metadata.vendor is None
+
+
+def _packed_12_bit_tiff(values: np.ndarray) -> bytes:
+    """An uncompressed TIFF with 12-bit samples packed MSB-first (as cameras write them)."""
+    h, w = values.shape
+    flat = values.astype(np.uint16).reshape(-1, 2)
+    a, b = flat[:, 0], flat[:, 1]
+    packed = np.stack([a >> 4, ((a & 15) << 4) | (b >> 8), b & 255], axis=1).astype(np.uint8).tobytes()
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 12), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, h), (279, 4, 1, len(packed))]
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        ifd += struct.pack("<HHI", tag, typ, count)
+        ifd += struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+    return b"II*\x00" + struct.pack("<I", 8 + len(packed)) + packed + ifd + struct.pack("<I", 0)
+
+
+def test_12_bit_tiff(settings: Settings, tmp_path: Path) -> None:
+    image = specimen()
+    path = tmp_path / "twelve.tif"
+    path.write_bytes(_packed_12_bit_tiff(np.round(image * 4095)))
+    m = read_micrograph(path, settings)
+    assert m.bit_depth == 12
+    np.testing.assert_allclose(m.pixels, image, atol=2 / 4095)
+    assert m.quality.ok

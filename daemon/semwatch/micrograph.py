@@ -273,7 +273,10 @@ def _tiff_grey(tif: tifffile.TiffFile, size: int) -> np.ndarray:
         cmap = np.asarray(page.colormap, dtype=np.float32)
         arr = np.tensordot(_RGB_WEIGHTS, cmap, axes=1)[arr] / 65535.0
         return np.ascontiguousarray(arr, dtype=np.float32)
-    grey = _to_unit_grey(arr)
+    bits = int(page.bitspersample)
+    # 10-, 12- and 14-bit data come unpacked into 16-bit words: scale by the bits actually used.
+    full = float(2**bits - 1) if arr.dtype.kind == "u" and bits < arr.dtype.itemsize * 8 else None
+    grey = _to_unit_grey(arr, full)
     if photometric == 0:  # MinIsWhite
         grey = 1.0 - grey
     return grey
@@ -282,8 +285,9 @@ def _tiff_grey(tif: tifffile.TiffFile, size: int) -> np.ndarray:
 # --- pixel conversion --------------------------------------------------------------------------
 
 
-def _to_unit_grey(arr: np.ndarray) -> np.ndarray:
-    """Any decoded array → contiguous 2-D float32 in [0, 1], scaled by the dtype's range."""
+def _to_unit_grey(arr: np.ndarray, full_scale: float | None = None) -> np.ndarray:
+    """Any decoded array → contiguous 2-D float32 in [0, 1], scaled by the dtype's range (or
+    `full_scale` for unsigned data that uses fewer bits than its dtype)."""
     if arr.ndim == 3:
         channels = arr.shape[2]
         if channels >= 3:
@@ -301,8 +305,8 @@ def _to_unit_grey(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32)
     if np.issubdtype(dtype, np.unsignedinteger):
         out = arr.astype(np.float32)
-        out *= np.float32(1.0 / np.iinfo(dtype).max)
-        return out
+        out *= np.float32(1.0 / (full_scale or np.iinfo(dtype).max))
+        return np.minimum(out, np.float32(1.0), out=out) if full_scale else out
     if np.issubdtype(dtype, np.signedinteger):
         info = np.iinfo(dtype)
         out = arr.astype(np.float32)

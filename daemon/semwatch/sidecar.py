@@ -12,6 +12,7 @@ from datetime import datetime, time
 from pathlib import Path, PureWindowsPath
 
 from semwatch.values import Metadata
+from semwatch.vendor_meta import parse_magnification
 
 # A sidecar larger than this is not a sidecar (guards against reading a huge stray file).
 MAX_SIDECAR_BYTES = 1_000_000
@@ -95,11 +96,16 @@ def read_sidecar(path: Path) -> Metadata:
     """Parse one SNE sidecar; fields it does not carry stay None (never raises on content)."""
     with path.open("rb") as fh:
         data = fh.read(MAX_SIDECAR_BYTES)
-    text = data.decode("utf-8-sig", errors="replace")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:  # older Korean Windows software writes CP949
+        text = data.decode("cp949", errors="replace")
     sections = parse_sections(text)
-    info = sections.get("Image Info") or next((s for s in sections.values() if "Model" in s), {})
+    info = sections.get("Image Info")
+    if info is None:  # not an SNE sidecar (another vendor's .txt, notes): nothing known
+        return Metadata()
     image_process = sections.get("Image Process", {})
-    mag = _number(info.get("Magnification"))
+    mag = parse_magnification(info.get("Magnification"))
     file_name = info.get("File Name")
     session = None
     if file_name:
@@ -116,7 +122,7 @@ def read_sidecar(path: Path) -> Metadata:
         vendor="SEC",
         instrument=info.get("Model") or None,
         pixel_size_nm=None,
-        magnification=mag if mag and mag > 0 else None,
+        magnification=mag,
         voltage_kv=_voltage_kv(info.get("Acceleated Voltage") or info.get("Accelerated Voltage")),
         detector=info.get("Detector Mode") or None,
         acquired_at=_acquired_at(info.get("Date"), info.get("Time")),

@@ -100,8 +100,8 @@ def _zeiss_value(meta: dict[str, Any], key: str) -> tuple[Any, str | None]:
     return entry, None
 
 
-def parse_zeiss_mag(text: Any) -> float | None:
-    """'1.50 K X' → 1500, '500 X' → 500, '1.2 M X' → 1.2e6."""
+def parse_magnification(text: Any) -> float | None:
+    """'1.50 K X' → 1500, '500 X' → 500, 'x500' → 500, 'x1.5k' → 1500, '1.2 M X' → 1.2e6."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         return _positive(float(text))
     if not isinstance(text, str):
@@ -144,7 +144,7 @@ def from_zeiss(meta: dict[str, Any]) -> VendorInfo:
             vendor="Zeiss",
             instrument=str(instrument) if instrument else None,
             pixel_size_nm=_positive(pixel_nm),
-            magnification=parse_zeiss_mag(mag),
+            magnification=parse_magnification(mag),
             voltage_kv=_positive(voltage),
             detector=str(detector) if detector else None,
             acquired_at=acquired,
