@@ -361,3 +361,30 @@ def test_12_bit_tiff(settings: Settings, tmp_path: Path) -> None:
     assert m.bit_depth == 12
     np.testing.assert_allclose(m.pixels, image, atol=2 / 4095)
     assert m.quality.ok
+
+
+def test_imagej_calibration_planar_rgb_and_stacks(settings: Settings, tmp_path: Path) -> None:
+    image = to_u8(specimen())
+    tifffile.imwrite(tmp_path / "ij.tif", image, imagej=True, resolution=(80.0, 80.0),
+                     metadata={"unit": "um"})
+    assert read_micrograph(tmp_path / "ij.tif", settings).metadata.pixel_size_nm == pytest.approx(12.5)
+    tifffile.imwrite(tmp_path / "dpi.tif", image, resolution=(72, 72))  # 72 dpi is not a pixel size
+    assert read_micrograph(tmp_path / "dpi.tif", settings).metadata.pixel_size_nm is None
+
+    planes = np.stack([image, 255 - image, image // 2])
+    tifffile.imwrite(tmp_path / "planar.tif", planes, photometric="rgb", planarconfig="separate")
+    m = read_micrograph(tmp_path / "planar.tif", settings)
+    expected = cv2.cvtColor(np.ascontiguousarray(np.moveaxis(planes, 0, -1)), cv2.COLOR_RGB2GRAY)
+    np.testing.assert_allclose(m.pixels, expected / 255, atol=1e-6)
+
+    stack = np.stack([image, np.zeros_like(image), np.full_like(image, 255)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True)
+    first = read_micrograph(tmp_path / "stack.tif", settings).pixels
+    np.testing.assert_allclose(first, image / 255, atol=1e-6)
+
+
+def test_fei_without_pixel_width_uses_field_width(settings: Settings, tmp_path: Path) -> None:
+    text = FEI_TEXT.replace("PixelWidth=2.5e-08\r\n", "")
+    path = tmp_path / "fei.tif"
+    tifffile.imwrite(path, to_u8(with_bar(specimen(470, 1024), 70)), extratags=[(34682, "s", 0, text, True)])
+    assert read_micrograph(path, settings).metadata.pixel_size_nm == pytest.approx(25.0)

@@ -25,7 +25,7 @@ from semwatch.config import Settings
 from semwatch.databar import detect_databar
 from semwatch.sidecar import read_sidecar, sidecar_path
 from semwatch.values import Metadata, Micrograph, MicrographError
-from semwatch.vendor_meta import VendorInfo, from_fei, from_zeiss
+from semwatch.vendor_meta import VendorInfo, from_fei, from_imagej, from_zeiss
 
 # Luma weights (ITU-R BT.601, as OpenCV's grey conversion) for RGB images.
 _RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -238,6 +238,10 @@ def _tiff_vendor(tif: tifffile.TiffFile) -> VendorInfo | None:
         zeiss = tif.sem_metadata
         if zeiss:
             return from_zeiss(zeiss)
+        imagej = tif.imagej_metadata
+        if imagej:
+            tag = tif.pages.first.tags.get(282)  # XResolution
+            return from_imagej(imagej, tag.value if tag is not None else None)
     except Exception:  # malformed vendor tags: the image itself may still be fine
         return None
     return None

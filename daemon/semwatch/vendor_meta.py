@@ -60,16 +60,19 @@ def from_fei(meta: dict[str, Any]) -> VendorInfo:
     scan, beam, image = _section(meta, "Scan"), _section(meta, "Beam"), _section(meta, "Image")
     ebeam, user, system = _section(meta, "EBeam"), _section(meta, "User"), _section(meta, "System")
     detectors = _section(meta, "Detectors")
-    pixel_m = _positive(_float(scan.get("PixelWidth")))
     hv = _positive(_float(beam.get("HV", ebeam.get("HV"))))
     hfw = _positive(_float(ebeam.get("HFW", scan.get("HorFieldsize"))))
+    res_x = _positive(_float(image.get("ResolutionX")))
+    pixel_m = _positive(_float(scan.get("PixelWidth"))) or (hfw / res_x if hfw and res_x else None)
     canvas = _positive(_float(image.get("MagCanvasRealWidth", image.get("ScreenMagCanvasRealWidth"))))
     mag = canvas / hfw if canvas and hfw else None
     acquired = None
     if isinstance(user.get("Date"), str):
         stamp = f"{user['Date']} {user.get('Time', '')}".strip()
         acquired = _parse_datetime(
-            stamp, ("%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %H:%M:%S", "%d.%m.%Y %H:%M:%S", "%m/%d/%Y")
+            stamp,
+            ("%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %H:%M:%S", "%d.%m.%Y %H:%M:%S", "%Y-%m-%d %H:%M:%S",
+             "%m/%d/%Y"),
         )
     rows = image.get("ResolutionY")
     detector = detectors.get("Name")
@@ -122,6 +125,8 @@ def from_zeiss(meta: dict[str, Any]) -> VendorInfo:
         factor = _LENGTH_NM.get((unit or "nm").strip())
         pixel_nm = pixel_nm * factor if factor else None
     kv, kv_unit = _zeiss_value(meta, "ap_actualkv")
+    if kv is None:
+        kv, kv_unit = _zeiss_value(meta, "ap_manualkv")
     voltage = _float(kv)
     if voltage is not None and kv_unit and kv_unit.strip().lower() == "v":
         voltage /= 1000.0
@@ -151,3 +156,20 @@ def from_zeiss(meta: dict[str, Any]) -> VendorInfo:
             extra={"serial_number": str(serial)} if serial else {},
         )
     )
+
+
+_IMAGEJ_UNITS_NM = {"nm": 1.0, "nanometer": 1.0, "micron": 1e3, "microns": 1e3, "um": 1e3, "µm": 1e3,
+                    "μm": 1e3, "mm": 1e6, "millimeter": 1e6}
+
+
+def from_imagej(meta: dict[str, Any], x_resolution: Any) -> VendorInfo | None:
+    """Pixel size from an ImageJ TIFF calibrated in a length unit (`unit` + XResolution in pixels
+    per unit). Plain TIFF resolution tags (72 dpi and the like) are not physical and are ignored."""
+    unit = meta.get("unit")
+    factor = _IMAGEJ_UNITS_NM.get(unit.strip().lower()) if isinstance(unit, str) else None
+    if factor is None or not isinstance(x_resolution, tuple) or len(x_resolution) != 2:
+        return None
+    num, den = (_float(v) for v in x_resolution)
+    if not num or not den:
+        return None
+    return VendorInfo(Metadata(pixel_size_nm=_positive(factor * den / num), extra={"calibration": "ImageJ"}))
