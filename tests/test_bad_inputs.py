@@ -149,6 +149,18 @@ def test_tiff_data_past_end_of_file(tmp_path: Path, settings: Settings) -> None:
         read_micrograph(tmp_path / "short.tif", settings)
 
 
+def test_tiff_with_absurd_samples_per_pixel(tmp_path: Path, settings: Settings) -> None:
+    data = bytearray(_huge_tiff(64, 64))
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 277:  # SamplesPerPixel
+            data[entry + 8 : entry + 10] = struct.pack("<H", 60000)
+    (tmp_path / "samples.tif").write_bytes(bytes(data))
+    with pytest.raises(MicrographError, match="TIFF"):
+        read_micrograph(tmp_path / "samples.tif", settings)
+
+
 def test_file_above_max_file_mb(tmp_path: Path, settings: Settings) -> None:
     path = tmp_path / "big.png"
     path.write_bytes(_encoded(".png") + b"\x00" * 200_000)

@@ -224,8 +224,11 @@ def _tiff_header(tif: tifffile.TiffFile) -> Header:
         width, height = int(page.imagewidth), int(page.imagelength)
         depth = max(1, int(getattr(page, "imagedepth", 1) or 1))
         bits = int(page.bitspersample)
+        samples = int(page.samplesperpixel)
     except Exception as exc:
         raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
+    if samples > 8 or bits > 64:  # would multiply the memory the pixel limit is meant to bound
+        raise MicrographError(f"unsupported TIFF layout ({samples} samples of {bits} bits per pixel)")
     # Volumes (imagedepth > 1) would be decoded whole: count their pixels too.
     return Header("tiff", width, height * depth if depth > 1 else height, bits)
 
