@@ -219,3 +219,32 @@ def test_inspect_cli_on_bad_files(bad_files: dict[str, tuple[Path, str]], vendor
                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "daemon")})
     assert table.returncode == 1 and "Traceback" not in table.stderr
     assert "empty file" in table.stdout
+
+
+def test_mutated_files_fail_cleanly(tmp_path: Path, settings: Settings, ncm_dir: Path,
+                                    vendor_dir: Path) -> None:
+    """Seeded fuzzing: bytes flipped, files cut, blocks overwritten — only MicrographError, fast."""
+    rng = np.random.default_rng(7)
+    sources = [_encoded(".png"), _encoded(".bmp"), _encoded(".jpg"), _tiff_bytes(tmp_path),
+               sorted(vendor_dir.glob("zeiss/*.tif"))[0].read_bytes(),
+               sorted(ncm_dir.glob("622/*.jpg"))[0].read_bytes()]
+    path = tmp_path / "mutant.img"
+    for _ in range(150):
+        data = bytearray(sources[int(rng.integers(len(sources)))])
+        mode = rng.random()
+        if mode < 0.5:  # flip bytes, mostly in the headers
+            for pos in rng.integers(0, min(len(data), 4096), int(rng.integers(1, 20))):
+                data[pos] = int(rng.integers(256))
+        elif mode < 0.8:
+            data = data[: int(rng.integers(8, len(data)))]
+        else:
+            pos = int(rng.integers(len(data)))
+            data[pos : pos + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+        t0 = time.perf_counter()
+        try:
+            m = read_micrograph(path, settings)
+            assert m.pixels.dtype == np.float32
+        except MicrographError as exc:
+            assert "\n" not in str(exc)
+        assert time.perf_counter() - t0 < 2.0

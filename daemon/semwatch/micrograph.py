@@ -35,7 +35,7 @@ _CV2_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIE
 
 # tifffile logs its own complaint about a malformed file before raising; ours is the one line that
 # counts (stored with the image, printed by `inspect`), so keep its warnings off the console.
-logging.getLogger("tifffile").setLevel(logging.ERROR)
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
