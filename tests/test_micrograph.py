@@ -31,13 +31,17 @@ def specimen(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
     return (0.15 + 0.7 * noise).astype(np.float32)
 
 
-def with_bar(image: np.ndarray, rows: int) -> np.ndarray:
-    """`image` with its bottom `rows` replaced by a drawn data bar: black band, white text and line."""
+def with_bar(image: np.ndarray, rows: int, *, white: bool = False) -> np.ndarray:
+    """`image` with its bottom `rows` replaced by a drawn data bar: black band, white text and line
+    (or the reverse, Zeiss style, with a black frame line on top)."""
     out = image.copy()
     bar = np.zeros((rows, image.shape[1]), np.uint8)
     cv2.putText(bar, "SEM HV 5.0 kV  WD 10 mm  100 um", (10, rows // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX,
                 0.6, 255, 1)
     bar[rows - 8 : rows - 5, image.shape[1] - 150 : image.shape[1] - 20] = 255
+    if white:
+        bar = 255 - bar
+        bar[0] = 0
     out[-rows:] = bar.astype(np.float32) / 255
     return out
 
@@ -195,9 +199,10 @@ def test_no_bar_eaten_on_many_plain_images(settings: Settings) -> None:
             assert detect_databar(np.ascontiguousarray(v, dtype=np.float32)) == 0
 
 
+@pytest.mark.parametrize("white", [False, True])
 @pytest.mark.parametrize("rows", [30, 64, 78, 100])
-def test_generated_bar_detected(rows: int, settings: Settings, tmp_path: Path) -> None:
-    image = with_bar(specimen(720, 960), rows)
+def test_generated_bar_detected(rows: int, white: bool, settings: Settings, tmp_path: Path) -> None:
+    image = with_bar(specimen(720, 960), rows, white=white)
     tifffile.imwrite(tmp_path / "bar.tif", to_u8(image))
     m = read_micrograph(tmp_path / "bar.tif", settings)
     assert m.databar_rows == rows
