@@ -35,7 +35,7 @@ from semwatch import db
 from semwatch.config import Settings, load_settings
 from semwatch.errors import UserError
 
-QUICK_IMAGES_PER_CLASS = 12
+QUICK_IMAGES_PER_CLASS = 10
 QUICK_EPOCHS = 15
 QUICK_TRAIN = {"tiles_per_image": 8, "augment_copies": 1}
 CHUNK = 256 * 1024
@@ -69,8 +69,7 @@ def _manifest(model_dir: Path) -> dict[str, Any] | None:
 
 def _trained_on(manifest: dict[str, Any], data_dir: Path) -> bool:
     trained = manifest.get("training", {}).get("data_dir")
-    return bool(trained) and Path(trained).resolve() == data_dir.resolve() and bool(
-        manifest.get("split", {}).get("test"))
+    return bool(trained) and Path(trained).resolve() == data_dir.resolve()
 
 
 def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: bool,
