@@ -38,13 +38,16 @@ def detect_databar(grey: np.ndarray) -> int:
     sample = region[:, ::2] if region.shape[1] >= 64 else region
     extreme = (sample <= EXTREME) | (sample >= 1.0 - EXTREME)
     ext_frac = extreme.mean(axis=1)
-    median = np.median(sample, axis=1, keepdims=True)
-    solid = (np.abs(sample - median) <= FLAT_TOL).mean(axis=1) >= SOLID
     # Mean extreme fraction of the band from each row to the bottom (suffix means).
     suffix = np.cumsum(ext_frac[::-1])[::-1] / np.arange(len(ext_frac), 0, -1)
+
+    def solid(row: int) -> bool:  # computed only for candidate rows: medians are the costly part
+        values = sample[row]
+        return float((np.abs(values - np.median(values)) <= FLAT_TOL).mean()) >= SOLID
+
     for i in range(ABOVE_ROWS, len(ext_frac) - MIN_ROWS + 1):
-        if not solid[i] or solid[i - 1] or suffix[i] < BAND_EXTREME:
+        if suffix[i] < BAND_EXTREME or float(ext_frac[i - ABOVE_ROWS : i].mean()) > suffix[i] - MARGIN:
             continue
-        if float(ext_frac[i - ABOVE_ROWS : i].mean()) <= suffix[i] - MARGIN:
+        if solid(i) and not solid(i - 1):
             return len(ext_frac) - i
     return 0
