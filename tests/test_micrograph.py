@@ -88,7 +88,7 @@ def test_vendor_tiffs(vendor_dir: Path, settings: Settings, rel: str, pixel_nm: 
     m = read_micrograph(vendor_dir / rel, settings)
     md = m.metadata
     assert md.pixel_size_nm == pytest.approx(pixel_nm, rel=1e-6)
-    assert md.magnification == pytest.approx(mag, rel=1e-3)
+    assert md.magnification == mag
     assert md.voltage_kv == pytest.approx(kv)
     assert md.detector == detector
     assert md.acquired_at == datetime.fromisoformat(acquired)
@@ -120,6 +120,7 @@ def test_sne_jpeg_with_sidecar(ncm_dir: Path, settings: Settings) -> None:
     assert md.acquired_at == datetime(2019, 9, 2, 8, 35, 2)  # Date "오전 8:35:02", Time 08:35:02
     assert md.extra["brightness"] == "89" and md.extra["contrast"] == "-61"
     assert md.pixel_size_nm is None
+    assert md.session is None  # saved into C:\Program Files (x86)\sec\Nanoeye: no session folder
     assert m.quality.ok
 
 

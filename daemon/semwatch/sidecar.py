@@ -109,8 +109,11 @@ def read_sidecar(path: Path) -> Metadata:
     file_name = info.get("File Name")
     session = None
     if file_name:
-        parent = PureWindowsPath(file_name).parent.name
-        session = parent or None
+        folder = PureWindowsPath(file_name).parent
+        # Images saved into the software's own folder (C:\Program Files (x86)\sec\Nanoeye) name no
+        # acquisition session.
+        if not any(part.lower().startswith("program files") for part in folder.parts):
+            session = folder.name or None
     extra = {k.lower(): v for k, v in image_process.items() if k in ("Brightness", "Contrast")}
     for key in ("Vacuum Mode", "Emission Current", "Working Distance"):
         value = info.get(key) or sections.get("Working Distance", {}).get(key)

@@ -83,7 +83,8 @@ def from_fei(meta: dict[str, Any]) -> VendorInfo:
             vendor="Thermo Fisher (FEI)",
             instrument=str(instrument).strip() if instrument else None,
             pixel_size_nm=pixel_m * 1e9 if pixel_m else None,
-            magnification=round(mag, 3) if mag else None,
+            # FEI shows magnification as a whole number; HFW ratios land a hair off (1199.998).
+            magnification=(round(mag) if mag >= 100 else round(mag, 2)) if mag else None,
             voltage_kv=hv / 1000.0 if hv else None,
             detector=str(detector) if detector else None,
             acquired_at=acquired,
