@@ -318,6 +318,7 @@ SNE_SIDECAR = (
         ("오후", "7:34:06", "", datetime(2020, 1, 5, 19, 34, 6)),
         ("오후", "7:34:06", "Time : 19:34:06.1234567\r\n", datetime(2020, 1, 5, 19, 34, 6)),
         ("PM", "7:34:06", "", datetime(2020, 1, 5, 19, 34, 6)),
+        ("오후", "7:34:06", "Time : 25:61:00\r\n", datetime(2020, 1, 5, 19, 34, 6)),
     ],
 )
 def test_sidecar_variants(tmp_path: Path, marker: str, clock: str, time_line: str,

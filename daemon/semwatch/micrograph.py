@@ -392,6 +392,17 @@ def _databar_rows(grey: np.ndarray, vendor: VendorInfo | None, settings: Setting
 def read_micrograph(path: Path, settings: Settings) -> Micrograph:
     """Read one micrograph (see the module docstring); raises `MicrographError` with one line."""
     path = Path(path)
+    try:
+        return _read(path, settings)
+    except MicrographError:
+        raise
+    except MemoryError:
+        raise MicrographError("not enough memory to decode the image") from None
+    except Exception as exc:  # a bug on hostile input must cost this file, not the daemon
+        raise MicrographError(f"cannot read {path.suffix.lstrip('.') or 'file'} ({_short(exc)})") from None
+
+
+def _read(path: Path, settings: Settings) -> Micrograph:
     fh, size = _open_checked(path, settings)
     vendor: VendorInfo | None = None
     try:
@@ -406,14 +417,8 @@ def read_micrograph(path: Path, settings: Settings) -> Micrograph:
                 header = _probe_open(fh, size, settings)
                 _check_complete(fh, header, size)
                 grey = _decode_cv2(fh, header, size)
-    except MicrographError:
-        raise
-    except MemoryError:
-        raise MicrographError("not enough memory to decode the image") from None
     except OSError as exc:
         raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
-    except Exception as exc:  # a decoder bug on hostile input must not take the daemon down
-        raise MicrographError(f"cannot decode {path.suffix.lstrip('.') or 'file'} ({_short(exc)})") from None
 
     height, width = grey.shape
     metadata = vendor.metadata if vendor is not None else _sidecar_metadata(path)
@@ -438,7 +443,7 @@ def _sidecar_metadata(path: Path) -> Metadata:
         return Metadata()
     try:
         return read_sidecar(side)
-    except OSError:  # an unreadable sidecar costs the metadata, not the image
+    except Exception:  # an unreadable or odd sidecar costs the metadata, not the image
         return Metadata()
 
 

@@ -76,8 +76,11 @@ def _acquired_at(date_line: str | None, time_line: str | None) -> datetime | Non
         return None
     if time_line:  # 24-hour clock, e.g. "20:35:02.0234407"
         m = re.match(r"(\d{1,2}):(\d{2}):(\d{2})", time_line)  # whole seconds, as `Date` gives
-        if m and int(m.group(1)) < 24:
-            return datetime.combine(day, time(int(m.group(1)), int(m.group(2)), int(m.group(3))))
+        if m:
+            try:
+                return datetime.combine(day, time(int(m.group(1)), int(m.group(2)), int(m.group(3))))
+            except ValueError:  # "25:61:00": fall back to the Date line's clock
+                pass
     clock = next((p for p in parts[1:] if ":" in p), None)
     if clock is None:
         return datetime.combine(day, time())

@@ -137,7 +137,8 @@ def from_zeiss(meta: dict[str, Any]) -> VendorInfo:
     if isinstance(date, str):
         acquired = _parse_datetime(
             f"{date} {clock if isinstance(clock, str) else ''}".strip(),
-            ("%d %b %Y %H:%M:%S", "%d %b %Y", "%d.%m.%Y %H:%M:%S", "%Y-%m-%d %H:%M:%S"),
+            ("%d %b %Y %H:%M:%S", "%d-%b-%Y %H:%M:%S", "%d.%m.%Y %H:%M:%S", "%Y-%m-%d %H:%M:%S",
+             "%d %b %Y"),
         )
     detector, _ = _zeiss_value(meta, "dp_detector_type")
     if not detector:
