@@ -33,8 +33,8 @@ def test_held_out_images_are_never_training_images(ncm_dir: Path, tmp_path: Path
     assert not set(rels) & set(split["train"] + split["val"])
     drops = choose_images(manifest, ncm_dir, {"622": "622_pristine"}, tmp_path / "in", 6)
     assert len(drops) == 6
-    classes = sorted(d.true_class for d in drops)
-    assert classes[:2] == ["333", "333_cycled"] and "622_pristine" in classes and "811_cycled" in classes
+    classes = [d.true_class for d in drops]
+    assert len(set(classes)) == 6 and {"622_pristine", "811_cycled"} <= set(classes)  # map applied
     assert len({d.target for d in drops}) == 6  # names repeat across class folders: targets must not
     assert all(d.target.parent.name == f"sample-{d.true_class}" for d in drops)
     # test-split images are preferred over merely unseen ones

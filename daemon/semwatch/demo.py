@@ -68,8 +68,13 @@ def _manifest(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _trained_on(manifest: dict[str, Any], data_dir: Path) -> bool:
+    """Whether the model was trained on `data_dir`: the same folder, or every image its split names is there
+    (the manifest may hold a path relative to where training ran)."""
     trained = manifest.get("training", {}).get("data_dir")
-    return bool(trained) and Path(trained).resolve() == data_dir.resolve()
+    if trained and Path(trained).is_absolute() and Path(trained).resolve() == data_dir.resolve():
+        return True
+    rels = [rel for part in manifest.get("split", {}).values() for rel in part]
+    return bool(rels) and all((data_dir / rel).is_file() for rel in rels)
 
 
 def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: bool,
@@ -140,7 +145,7 @@ def choose_images(manifest: dict[str, Any], data_dir: Path, class_map: dict[str,
         for files in pool.values():
             rng.shuffle(files)
         while len(picked) < n and any(pool.values()):
-            for name in sorted(pool):
+            for name in rng.sample(sorted(pool), len(pool)):  # fewer images than classes: any classes
                 if pool[name] and len(picked) < n:
                     picked.append((name, pool[name].pop()))
     rng.shuffle(picked)
@@ -319,7 +324,7 @@ def _pct(x: float | None) -> str:
 
 
 def demo_command(args: argparse.Namespace, settings: Settings) -> int:
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
     say = console.print
     data_dir = (args.data or settings.data.ncm_dir).resolve()
     if not data_dir.is_dir():

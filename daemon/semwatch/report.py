@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from semwatch import db
 from semwatch.config import Settings
@@ -140,6 +141,7 @@ def load_day(settings: Settings, day: date) -> DayData:
 
 
 def _png(fig: Any) -> str:
+    fig.set_layout_engine("constrained")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -168,6 +170,7 @@ def plot_timeline(images: list[dict[str, Any]]) -> str:
             bottom += counts
     ax.set_xlabel("hour of day (report time zone)")
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xticks(range(0, 24, 2))
     ax.set_xlim(-0.6, 23.6)
     if bottom.any():
@@ -188,6 +191,7 @@ def plot_classes(images: list[dict[str, Any]]) -> str:
     ax.barh(range(len(labels)), values, color=colours)
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("images")
     ax.set_title("class distribution")
     return _png(fig)
@@ -206,6 +210,7 @@ def plot_confidence(images: list[dict[str, Any]]) -> str:
         ax.legend(fontsize="small")
     ax.set_xlabel("image confidence")
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("confidence histogram")
     return _png(fig)
 
