@@ -131,10 +131,11 @@ def _errors(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
     if snap.daemon and snap.daemon.message:
         text.append(f"daemon: {snap.daemon.message}\n", style="yellow")
     for img in snap.errors:
-        when = _local_time(img.processed_at, zone)
+        when = _local_time(img.processed_at or img.detected_at, zone)
         text.append(f"{when}  ", style="dim")
         text.append(PurePath(img.path).name, style="bold")
-        text.append(f": {img.error}\n", style="red")
+        retrying = " (retrying)" if img.status == "pending" else ""
+        text.append(f": {img.error}{retrying}\n", style="yellow" if retrying else "red")
     text.rstrip()
     return Panel(text, title="recent errors", border_style="red", title_align="left")
 

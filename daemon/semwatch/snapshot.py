@@ -49,6 +49,7 @@ class RecentImage:
     confidence: float | None
     processed_at: str | None
     error: str | None
+    detected_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def _image(row: sqlite3.Row) -> RecentImage:
         path=row["path"], status=row["status"], sample_id=row["sample_id"],
         predicted_class=row["predicted_class"], composition=row["composition"], state=row["state"],
         confidence=row["confidence"], processed_at=row["processed_at"], error=row["error"],
+        detected_at=row["detected_at"],
     )
 
 
