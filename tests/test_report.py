@@ -22,6 +22,7 @@ from semwatch.report import write_report
 
 DAY = date(2026, 11, 24)
 SCRIPT_NAME = "<script>alert(1)</script>.tif"
+PLOTS = {"verdicts over the day", "class distribution", "confidence histogram"}
 
 
 class Page(HTMLParser):
@@ -137,12 +138,13 @@ def test_report_for_a_fixture_day(seoul: Settings, tmp_path: Path, ncm_dir: Path
     assert "<script>" not in raw and "&lt;script&gt;alert(1)&lt;/script&gt;.tif" in raw
     # every image is embedded (self-contained) and is a real PNG
     assert len(page.images) >= 4
+    magic = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
     for img in page.images:
-        src = img["src"] or ""
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+        kind, _, data = (img["src"] or "").removeprefix("data:image/").partition(";base64,")
+        assert base64.b64decode(data).startswith(magic[kind])
+        assert kind == ("png" if img["alt"] in PLOTS else "jpeg")
     alts = [img["alt"] for img in page.images]
-    assert {"verdicts over the day", "class distribution", "confidence histogram"} <= set(alts)
+    assert set(alts) >= PLOTS
     assert "image of c1.jpg" in alts  # plain thumbnail (no model configured)
     assert "not readable now" in text  # the corrupt file: no thumbnail, but listed
     sample_rows = {r[0]: r for r in page.tables["samples"][1:]}
@@ -188,3 +190,16 @@ def test_report_cli_json_and_bad_date(seoul: Settings, tmp_path: Path, ncm_dir: 
     assert plain.returncode == 0 and str(Path(obj["images_csv"])) in plain.stdout
     bad = subprocess.run([*base, "--date", "24.11.2026"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_gradcam_thumbnails_with_a_model(seoul: Settings, tmp_path: Path, ncm_dir: Path,
+                                         tiny_model: Path) -> None:
+    from semwatch.config import ModelSettings
+
+    with_model = seoul.replace(model=ModelSettings(path=tiny_model, device="cpu"))
+    _day_fixture(with_model, tmp_path, ncm_dir)
+    page = _parse(write_report(with_model, DAY).html)
+    alts = [img["alt"] for img in page.images]
+    assert "Grad-CAM of c1.jpg" in alts  # a readable NCM micrograph: where the network looked
+    assert "not readable now" in "".join(page.text)  # the corrupt file still has none

@@ -218,7 +218,8 @@ def plot_confidence(images: list[dict[str, Any]]) -> str:
 # --- thumbnails -------------------------------------------------------------------------------
 
 
-def _encode_png(rgb: np.ndarray) -> str:
+def _encode_thumb(rgb: np.ndarray) -> str:
+    """A JPEG (a micrograph thumbnail as PNG is ~8x larger, and the HTML embeds up to a dozen)."""
     import cv2
 
     h, w = rgb.shape[:2]
@@ -226,7 +227,7 @@ def _encode_png(rgb: np.ndarray) -> str:
     if scale < 1:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:  # pragma: no cover - encoding uint8 RGB does not fail
         raise ValueError("cannot encode thumbnail")
     return base64.b64encode(buf.tobytes()).decode("ascii")
@@ -258,18 +259,20 @@ def _plain_image(path: Path) -> np.ndarray:
 
 
 def thumbnail(path: Path, settings: Settings, classifier: Classifier | None) -> tuple[str | None, str]:
-    """(base64 PNG or None, what it shows): Grad-CAM where a model and the reader are available,
-    else the plain image; None when the file cannot be read any more."""
+    """(base64 JPEG or None, what it shows): Grad-CAM where a model and the reader are available and
+    the image has usable tiles, else the plain image; None when the file cannot be read any more."""
     if classifier is not None:
         try:
             from semwatch.micrograph import read_micrograph
             from semwatch.model.gradcam import explain_image
 
-            return _encode_png(explain_image(classifier, read_micrograph(path, settings))), "Grad-CAM"
+            micrograph = read_micrograph(path, settings)
+            if len(classifier.prepare(micrograph).tiles):
+                return _encode_thumb(explain_image(classifier, micrograph)), "Grad-CAM"
         except Exception as exc:  # an unreadable image is exactly what the report shows
             log.debug("no Grad-CAM for %s: %s", path, exc)
     try:
-        return _encode_png(_plain_image(path)), "image"
+        return _encode_thumb(_plain_image(path)), "image"
     except Exception as exc:
         return None, f"not readable now: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
 
@@ -355,8 +358,8 @@ def write_report(settings: Settings, day: date, *, classifier: Classifier | None
         if classifier is None:
             classifier = _load_classifier(settings)
         for img in flagged:
-            png, kind = thumbnail(Path(img["path"]), settings, classifier)
-            thumbs.append({"name": img["name"], "path": img["path"], "status": img["status"], "png": png,
+            jpeg, kind = thumbnail(Path(img["path"]), settings, classifier)
+            thumbs.append({"name": img["name"], "path": img["path"], "status": img["status"], "jpeg": jpeg,
                            "kind": kind, "detail": img["error"] or _reasons(img["reasons"]),
                            "sample_id": img["sample_id"], "confidence": img["confidence"]})
     html = render_html(settings, day, data, thumbs, plots, generated)
