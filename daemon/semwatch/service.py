@@ -191,7 +191,8 @@ class Service:
             return Classifier.load(self.settings.model.path, self.settings)
         except UserError as exc:
             # The model is configuration: exit 78 so systemd does not restart into the same error.
-            raise ConfigError(f"[model] path: {exc}") from None
+            message = str(exc)
+            raise ConfigError(message if message.startswith("[") else f"[model] path: {message}") from None
 
     def _loop(self, writer: Any, pipeline: Any, watcher: Any) -> int:
         from semwatch.store import DaemonStatus
