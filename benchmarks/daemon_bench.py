@@ -1,7 +1,8 @@
 """Daemon speed figures: throughput vs the bare model, latency, backlog, memory, idle CPU.
 
     nice -n 10 .venv/bin/python benchmarks/daemon_bench.py --model models/ncm [--images 200]
-        [--memory-images 1000] [--backlog 10000] [--idle-seconds 30] [--only throughput,latency,...]
+        [--memory-images 1000] [--backlog 10000] [--burst 500] [--idle-seconds 30]
+        [--only throughput,latency,backlog,idle,burst,memory]
 
 Each figure runs the real daemon (`python -m semwatch watch`) as a subprocess on a temporary
 folder filled from the shared NCM data (symlinks, or copies with a unique trailing byte string
@@ -245,6 +246,27 @@ def memory(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, An
             "budget_mb": 50.0, "curve": [(k, round(v, 1)) for k, v in samples]}
 
 
+def burst(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, Any]:
+    """n distinct files written at once into a running daemon: all processed, each exactly once."""
+    folder = work / "burst-in"
+    folder.mkdir()
+    d = Daemon(work / "burst", model, folder, settle=0.5)
+    try:
+        d.start()
+        t0 = time.monotonic()
+        for i in range(n):
+            unique_copy(sources[i % len(sources)], folder / f"b{i % 10}" / f"burst_{i:04d}.jpg", 10**6 + i)
+        written = time.monotonic() - t0
+        t1 = d.wait_count("status != 'pending'", n, 7200)
+        rows = d.query("SELECT count(*), count(DISTINCT path), sum(current) FROM images")[0]
+        csv_lines = len((d.root / "results.csv").read_text(encoding="utf-8").splitlines()) - 1
+    finally:
+        d.stop()
+    return {"bench": "burst", "files": n, "write_s": round(written, 2), "all_done_s": round(t1 - t0, 1),
+            "images_per_s": round(n / (t1 - t0), 3), "rows": rows[0], "distinct_paths": rows[1],
+            "current_rows": rows[2], "csv_lines": csv_lines}
+
+
 def idle_cpu(model: Path, work: Path, seconds: float, mode: str) -> dict[str, Any]:
     folder = work / f"idle-{mode}-in"
     folder.mkdir()
@@ -277,9 +299,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating bare/daemon throughput rounds")
     ap.add_argument("--memory-images", type=int, default=1000)
     ap.add_argument("--backlog", type=int, default=10000)
+    ap.add_argument("--burst", type=int, default=500, help="distinct files dropped at once")
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--latency-repeats", type=int, default=5)
-    ap.add_argument("--only", default="throughput,latency,backlog,idle,memory")
+    ap.add_argument("--only", default="throughput,latency,backlog,idle,burst,memory")
     args = ap.parse_args()
     which = set(args.only.split(","))
     sources = ncm_images(args.data)
@@ -306,6 +329,8 @@ def main() -> int:
         if "idle" in which:
             report(idle_cpu(args.model, work, args.idle_seconds, "inotify"))
             report(idle_cpu(args.model, work, args.idle_seconds, "polling"))
+        if "burst" in which:
+            report(burst(args.model, sources, work, args.burst))
         if "memory" in which:
             report(memory(args.model, sources, work, args.memory_images))
     finally:
