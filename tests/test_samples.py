@@ -66,3 +66,15 @@ def test_sample_verdicts() -> None:
     # Tiles disagreeing inside images lower the uniformity.
     split = [row("622_cycled", 0.9, agree=0.6) for _ in range(3)]
     assert sample_verdict("s", split, "622_cycled", s).verdict == "uncertain"
+
+
+def test_metadata_key_from_real_sne_sidecar(ncm_dir: Path, tmp_path: Path) -> None:
+    """key = "metadata": the SNE sidecar's acquisition folder names the sample."""
+    from semwatch.config import load_settings
+    from semwatch.micrograph import read_micrograph
+
+    image = sorted((ncm_dir / "622_cycled").glob("*.jpg"))[0]
+    micrograph = read_micrograph(image, load_settings(None, environ={}))
+    session = micrograph.metadata.session
+    assert session and "622" in session
+    assert sample_key(image, ncm_dir, SampleSettings(key="metadata"), micrograph.metadata) == session
