@@ -294,8 +294,14 @@ def test_quality_fails_blank_blurred_saturated(ncm_dir: Path, settings: Settings
     assert assess(real, q).ok
     blank = assess(np.full((400, 400), 0.5, np.float32), q)
     assert not blank.ok and any("blank" in r for r in blank.reasons)
-    blurred = assess(cv2.GaussianBlur(real, (0, 0), 5), q)
-    assert not blurred.ok and any("focus" in r for r in blurred.reasons)
+    for blurred_image in (
+        cv2.GaussianBlur(real, (0, 0), 4),
+        cv2.blur(real, (25, 25)),
+        # blurred, low contrast and stored as 8-bit: quantisation steps must not pass for detail
+        np.round((0.2 + 0.3 * cv2.GaussianBlur(real, (0, 0), 5)) * 255).astype(np.float32) / 255,
+    ):
+        blurred = assess(blurred_image, q)
+        assert not blurred.ok and any("focus" in r for r in blurred.reasons), blurred
     saturated = assess(np.clip(real * 4.0, 0, 1), q)
     assert not saturated.ok and any("saturated" in r for r in saturated.reasons)
     flat = assess((0.5 + 0.1 * (real - real.mean())).astype(np.float32), q)

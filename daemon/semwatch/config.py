@@ -102,9 +102,10 @@ class ReadingSettings:
 
 @dataclass(frozen=True)
 class QualitySettings:
-    # Tuned on the shared data: real images score focus >= 0.0076 (Zeiss BSD at 10k x), NCM blurred
-    # with a Gaussian of sigma 4 px <= 0.003; SNE pristine sessions clip up to 44 % of pixels to black.
-    focus_min: float = 0.004
+    # Tuned on the shared data: real images score focus >= 0.094 (Zeiss BSD at 10k x; NCM >= 0.2), NCM
+    # images blurred with a Gaussian of sigma 3 px <= 0.066; SNE pristine sessions clip up to 44 % of
+    # pixels to black.
+    focus_min: float = 0.06
     saturated_max: float = 0.6
     dynamic_range_min: float = 0.08
     blank_std_min: float = 0.01
