@@ -88,6 +88,7 @@ def test_config_toml_values_are_the_defaults() -> None:
         ("[reading]\nmax_pixels = -5\n", ["[reading] max_pixels", "> 0"]),
         ("[reading]\ndatabar_rows = -2\n", ["[reading] databar_rows", "-1"]),
         ("[quality]\ndynamic_range_min = 2.0\n", ["[quality] dynamic_range_min"]),
+        ("[quality]\nfocus_min = 1.5\n", ["[quality] focus_min", "between 0 and 1"]),
         ("[tiling]\noverlap = 0.95\n", ["[tiling] overlap"]),
         ("[train]\nval_fraction = 0.5\ntest_fraction = 0.5\n", ["[train]", "val_fraction + test_fraction"]),
         ("[report]\ntime = '25:00'\n", ["[report] time", "HH:MM"]),

@@ -111,10 +111,10 @@ class QualitySettings:
     blank_std_min: float = 0.01
 
     def validate(self) -> None:
-        _non_negative("[quality] focus_min", self.focus_min)
+        _fraction("[quality] focus_min", self.focus_min)
         _fraction("[quality] saturated_max", self.saturated_max)
         _fraction("[quality] dynamic_range_min", self.dynamic_range_min)
-        _non_negative("[quality] blank_std_min", self.blank_std_min)
+        _fraction("[quality] blank_std_min", self.blank_std_min)
 
 
 @dataclass(frozen=True)
