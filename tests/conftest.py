@@ -83,14 +83,15 @@ def no_unclosed_databases() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, ncm_dir: Path) -> Path:
-    """A real model artifact trained in seconds: 3 images per class, few tiles, 2 epochs (poor accuracy;
-    it exercises train → artifact → classify, not quality)."""
+    """A real model artifact trained in seconds: 2 images per class (1 train, 1 validation), few tiles,
+    2 epochs (poor accuracy; it exercises train → artifact → classify, not quality)."""
     from semwatch.model.train import train_model
 
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     tiny = load_settings(None, environ={}, overrides={
         "model": {"device": "cpu"},
         "train": {"tiles_per_image": 4, "augment_copies": 1},
+        "tiling": {"max_tiles": 6},
     })
-    train_model(ncm_dir, out, tiny, max_images_per_class=3, epochs=2, progress=False)
+    train_model(ncm_dir, out, tiny, max_images_per_class=2, epochs=2, progress=False)
     return out
