@@ -128,3 +128,9 @@ def test_top_once_cli(settings: Settings, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout  # not a terminal: no ANSI codes
     assert "lotB" in done.stdout and "recent errors" in done.stdout
+
+
+def test_cleanly_stopped_daemon(settings: Settings) -> None:
+    _fixture(settings, heartbeat_age_s=600, daemon_state="stopped", message="exit 0")
+    text = _text(settings)
+    assert "daemon stopped" in text and "the daemon stopped (exit 0)" in text and "hung" not in text

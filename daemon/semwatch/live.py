@@ -67,7 +67,10 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
         state_style = "bold green" if d.state == "running" and not snap.stale else "bold yellow"
         lines.append(f"daemon {d.state}", style=state_style)
         lines.append(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {_age(snap.heartbeat_age_s)}\n")
-        if snap.stale:
+        if snap.stale and d.state == "stopped":
+            lines.append(f"the daemon stopped ({d.message or 'no message'}); figures below are from its "
+                         "last update\n", style="bold yellow")
+        elif snap.stale:
             lines.append(
                 f"no heartbeat for more than {settings.live.stale_seconds:.0f} s: the daemon is not "
                 "running (or is hung); figures below are from its last update\n", style="bold red")

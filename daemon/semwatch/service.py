@@ -33,6 +33,7 @@ log = logging.getLogger("semwatch")
 EXIT_OK = 0
 EXIT_FAILED = 1
 STATUS_SECONDS = 1.0
+TRIM_SECONDS = 30.0  # hand freed heap memory back to the system this often
 
 
 # --- logging ---------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class Service:
         self.folder = Path(os.path.abspath(settings.watch.folder))  # noqa: PTH100 - keep symlinks as named
         self.notifier = Notifier()
         self.signals = _Signals()
+        self.malloc = _Malloc()
 
     def run(self) -> int:
         from semwatch.pipeline import Pipeline
@@ -197,7 +199,11 @@ class Service:
     def _loop(self, writer: Any, pipeline: Any, watcher: Any) -> int:
         from semwatch.store import DaemonStatus
 
+        last_trim = time.monotonic()
         while not self.signals.stop.wait(STATUS_SECONDS):
+            if time.monotonic() - last_trim >= TRIM_SECONDS:
+                self.malloc.trim()
+                last_trim = time.monotonic()
             problem = self._problem(writer, pipeline, watcher)
             if problem:
                 log.error("%s; exiting so that the service is restarted", problem)
@@ -278,6 +284,27 @@ class Service:
             store.close()
         log.info("stopped (exit %d)", code)
         return code
+
+
+class _Malloc:
+    """glibc tuning against RSS creep: several threads decoding multi-megabyte images make glibc
+    keep one arena per thread and hold freed memory; two arenas and a periodic trim keep the
+    daemon's memory flat (measured in benchmarks/daemon_bench.py). No-op on other C libraries."""
+
+    def __init__(self) -> None:
+        self.libc: Any = None
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-8, 2)  # M_ARENA_MAX = 2, before the worker threads start
+            self.libc = libc
+        except (OSError, AttributeError):
+            pass
+
+    def trim(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
 
 
 def _open_store(settings: Settings) -> Any:
