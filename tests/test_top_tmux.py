@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
 
 @pytest.fixture
 def tmux() -> Iterator[list[str]]:
-    socket = f"semwatch-test-{uuid.uuid4().hex[:8]}"  # a private server: never touches anyone's tmux
+    # A private server: never touches anyone's tmux. Commands run under `env -u COLUMNS -u LINES`
+    # because a tmux server started from a test run can hand them COLUMNS=80 (rich obeys it).
+    socket = f"semwatch-test-{uuid.uuid4().hex[:8]}"
     base = ["tmux", "-L", socket]
     yield base
     subprocess.run([*base, "kill-server"], capture_output=True, timeout=10)
@@ -52,7 +54,8 @@ def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Pa
     config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n[live]\nrefresh_per_second = 5.0\n',
                       encoding="utf-8")
     done_file = tmp_path / "exit-code"
-    cmd = (f"{shlex.quote(sys.executable)} -m semwatch top --config {shlex.quote(str(config))}; "
+    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m semwatch top "
+           f"--config {shlex.quote(str(config))}; "
            f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
     subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
                    timeout=10)
@@ -80,6 +83,36 @@ def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Pa
 
     subprocess.run([*tmux, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
     deadline = time.monotonic() + 15
+    while not done_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done_file.read_text().strip() == "0"
+    assert "Traceback" not in _screen(tmux)
+
+
+@pytest.mark.slow
+def test_daemon_on_a_terminal_shows_the_dashboard(tiny_model: Path, ncm_dir: Path, tmp_path: Path,
+                                                  tmux: list[str]) -> None:
+    incoming = tmp_path / "incoming"
+    (incoming / "lot7").mkdir(parents=True)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[watch]\nfolder = "{incoming}"\nsettle_seconds = 0.5\n'
+        f'[store]\ndatabase = "{tmp_path / "var/semwatch.db"}"\n'
+        f'results_csv = "{tmp_path / "var/results.csv"}"\n'
+        f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n[report]\nenabled = false\n', encoding="utf-8")
+    done_file = tmp_path / "exit-code"
+    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m semwatch watch "
+           f"--config {shlex.quote(str(config))}; "
+           f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
+    subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
+                   timeout=10)
+    _wait_for(tmux, "daemon running", timeout=120)
+    source = sorted((ncm_dir / "811_cycled").glob("*.jpg"))[0]
+    shutil.copy(source, incoming / "lot7" / "new-image.jpg")
+    screen = _wait_for(tmux, "new-image.jpg", timeout=120)
+    assert "lot7" in screen and "device cpu" in screen
+    subprocess.run([*tmux, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
+    deadline = time.monotonic() + 30
     while not done_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert done_file.read_text().strip() == "0"
