@@ -33,8 +33,10 @@ test: lint typecheck pytest
 demo: install
 	$(BIN)/semwatch demo
 
+# Full-size training + accuracy/speed figures, then the daemon's figures (tens of minutes on a CPU).
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/train_full.py --reuse --out models/ncm
+	$(BIN)/python benchmarks/daemon_bench.py --model models/ncm
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache

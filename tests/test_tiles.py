@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from semwatch.config import Settings
+from semwatch.micrograph import read_micrograph
 from semwatch.model.augment import augment_tile, intensity_jitter
 from semwatch.tiles import (
     cut_tiles,
@@ -115,3 +118,15 @@ def test_augmentation_keeps_shape_and_range() -> None:
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     jittered = intensity_jitter(tile, rng)
     assert not np.allclose(jittered, tile)
+
+
+def test_dark_real_micrograph_keeps_its_tiles(ncm_dir: Path, settings: Settings) -> None:
+    """A real 811 image with about half its pixels clipped to black is still specimen: the default
+    tile limits keep most of its grid (a 0.3 limit once rejected the whole image)."""
+    image = read_micrograph(ncm_dir / "811" / "ETRI_ 20 kV_SE_HighVac_x500 __190.jpg", settings)
+    assert float(np.mean(image.pixels <= 1 / 255)) > 0.4
+    t = settings.tiling
+    ts = cut_tiles(image.pixels, factor=1.0, tile_physical_px=t.tile_physical_px, tile_px=t.tile_px,
+                   overlap=t.overlap, max_tiles=t.max_tiles, std_min=t.tile_std_min,
+                   saturated_max=t.tile_saturated_max, intensity=t.intensity)
+    assert ts.n_candidates >= 6 and len(ts.positions) == ts.n_candidates

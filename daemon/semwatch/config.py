@@ -124,7 +124,7 @@ class TilingSettings:
     overlap: float = 0.25
     max_tiles: int = 48
     tile_std_min: float = 0.02
-    tile_saturated_max: float = 0.3
+    tile_saturated_max: float = 0.7
     max_scale_ratio: float = 4.0
     intensity: Literal["equalize", "standardize", "none"] = "equalize"
 
