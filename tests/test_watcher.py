@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import WatchSettings
-from semwatch.stability import Candidate, looks_complete
+from semwatch.stability import Candidate, SettleGate, looks_complete
 from semwatch.store import FileKey
 from semwatch.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
 
@@ -215,3 +216,25 @@ def test_retry_backoff_and_vanished_retry(tmp_path: Path) -> None:
     finally:
         watcher.stop()
         watcher.join(10)
+
+
+def test_first_sidecar_of_a_new_folder_holds_the_next_images(tmp_path: Path, ncm_dir: Path) -> None:
+    """The folder's first image is looked at before its sidecar exists ("no sidecars here" is cached);
+    once that sidecar appears, the next image must wait for its own instead of going without."""
+    data = sample_jpeg(ncm_dir)
+    gate = SettleGate(0.0, 30.0)
+    first, second = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    first.write_bytes(data)
+    old = time.time() - 60  # settled long ago: only the sidecar rule can hold an image back
+    os.utime(first, (old, old))
+    gate.offer(str(first), first.stat())
+    assert [c.key.path for c in gate.ready()] == [str(first)]  # no sidecars in the folder yet
+    (tmp_path / "a.jpg.txt").write_text("[Image Info]\r\n", encoding="utf-8")
+    gate.note_sidecar(str(first))  # the watcher calls this on the sidecar's event
+    second.write_bytes(data)
+    os.utime(second, (old, old))
+    gate.offer(str(second), second.stat())
+    assert gate.ready() == []  # waits for b.jpg.txt (bounded by sidecar_wait_seconds)
+    (tmp_path / "b.jpg.txt").write_text("[Image Info]\r\n", encoding="utf-8")
+    time.sleep(0.15)  # past the re-check interval
+    assert [c.key.path for c in gate.ready()] == [str(second)]

@@ -149,6 +149,7 @@ class SettleGate:
                     cand.sidecar, cand.stable_since = sig, now
                 if sc is not None:
                     newest_mtime = max(newest_mtime, sc.st_mtime)
+                    self.note_sidecar(path)
                 elif self._expects_sidecar(path) and now - cand.first_seen < (
                     self.settle_seconds + self.sidecar_wait_seconds
                 ):
@@ -168,8 +169,16 @@ class SettleGate:
             out.append(cand)
         return out
 
+    def note_sidecar(self, image_path: str) -> None:
+        """A sidecar exists beside `image_path`: its folder is a sidecar folder from now on. This
+        overrides a cached "no sidecars" taken before the folder's first sidecar was written, which
+        would otherwise let the next images of a new session folder go without theirs."""
+        self._sidecar_dirs[str(Path(image_path).parent)] = (True, time.monotonic())
+
     def _expects_sidecar(self, path: str) -> bool:
-        """Whether the image's folder holds `*.jpg.txt` sidecars (the instrument writes them)."""
+        """Whether the image's folder holds `*.jpg.txt` sidecars (the instrument writes them).
+        A "no" is cached for 2 s (a backlog of thousands of JPEGs must not rescan the folder for
+        each); a "yes" from `note_sidecar` replaces it at once."""
         folder = str(Path(path).parent)
         now = time.monotonic()
         cached = self._sidecar_dirs.get(folder)

@@ -339,6 +339,7 @@ class Watcher(threading.Thread):
     def _hint(self, path: str, *, quick: bool) -> None:
         image = image_of_sidecar(path)
         if image is not None:
+            self.gate.note_sidecar(image)
             path, quick = image, False  # a sidecar changed: look at its image again
         elif not self.names.wants(os.path.basename(path)):  # noqa: PTH119 - str paths on the hot path
             return
