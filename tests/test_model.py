@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from semwatch.classify import Classifier
 from semwatch.config import Settings
 from semwatch.errors import UserError
 from semwatch.model.artifact import MANIFEST, WEIGHTS, model_id, read_manifest
+from semwatch.model.backbone import Head
 from semwatch.model.evaluate import evaluate_model, expected_calibration_error
-from semwatch.model.train import discover, split_images
+from semwatch.model.train import TEMPERATURES, FeatureSet, calibrate_temperature, discover, split_images
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +181,30 @@ def test_expected_calibration_error() -> None:
     assert expected_calibration_error(np.array([0.9] * 10), np.array([1.0] * 5 + [0.0] * 5)) == pytest.approx(
         0.4
     )
+
+
+def _features(separation: float, seed: int = 0) -> tuple[SimpleNamespace, FeatureSet]:
+    """Two classes of 4-d features, 10 images of 6 tiles each; the first coordinate separates them."""
+    gen = torch.Generator().manual_seed(seed)
+    image_labels = torch.tensor([i % 2 for i in range(10)])
+    image_of = torch.arange(10).repeat_interleave(6)
+    labels = image_labels[image_of]
+    feats = torch.randn((60, 4), generator=gen)
+    feats[:, 0] += (labels.float() * 2 - 1) * separation
+    head = Head(4, 2, hidden=0, dropout=0.0).eval()
+    with torch.no_grad():
+        head.mlp[-1].weight.copy_(torch.tensor([[-2.0, 0, 0, 0], [2.0, 0, 0, 0]]))
+        head.mlp[-1].bias.zero_()
+    return SimpleNamespace(head=head), FeatureSet(feats, labels, image_of, image_labels)
+
+
+def test_temperature_is_finite_when_validation_images_are_all_right() -> None:
+    # Separable images: the image-level NLL has no finite optimum, so the tile level decides.
+    net, val = _features(separation=1.5)
+    temperature, basis = calibrate_temperature(net, val)  # type: ignore[arg-type]
+    assert basis == "tile" and TEMPERATURES[0] < temperature < TEMPERATURES[-1]
+    assert float(net.head.temperature) == pytest.approx(temperature)
+    # Overlapping classes (images wrong too): the image-level NLL has an interior optimum.
+    net, val = _features(separation=0.1, seed=3)
+    temperature, basis = calibrate_temperature(net, val)  # type: ignore[arg-type]
+    assert basis == "image" and TEMPERATURES[0] < temperature < TEMPERATURES[-1]

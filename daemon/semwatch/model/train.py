@@ -4,7 +4,8 @@ Recipe (CPU-friendly, < 30 min for ~700 images on 2 cores): the ImageNet backbon
 its multi-level pooled features are computed once per (tile, augmentation) and a small head is
 trained on them with early stopping on validation. Tiles are intensity-equalised, so a session's
 brightness/contrast/gamma cannot be learnt; augmentation adds blur, noise, flips and rotations.
-Validation images then calibrate the temperature (image-level NLL) and the unknown threshold.
+Validation images then calibrate the temperature (image-level NLL, tile-level where that has
+no finite optimum) and the unknown threshold.
 The split is by image, stratified and seeded, and is recorded in the manifest.
 """
 
@@ -310,24 +311,47 @@ def train_head(
     return ran, best[0]
 
 
-def calibrate_temperature(net: TileNet, val: FeatureSet) -> float:
-    """The temperature minimising validation images' NLL of the aggregated (image) prediction."""
+TEMPERATURES = np.exp(np.linspace(math.log(0.05), math.log(10.0), 80))
+
+
+def _best_temperature(nll: Callable[[float], float]) -> tuple[float, bool]:
+    """Grid minimum of `nll`, and whether it lies inside the grid (not on its edge)."""
+    values = [nll(float(t)) for t in TEMPERATURES]
+    best = int(np.argmin(values))
+    return float(TEMPERATURES[best]), 0 < best < len(TEMPERATURES) - 1
+
+
+def calibrate_temperature(net: TileNet, val: FeatureSet) -> tuple[float, str]:
+    """The temperature minimising validation images' NLL of the aggregated (image) prediction.
+
+    Averaging tile log-probabilities leaves image verdicts underconfident, so that optimum is
+    usually below 1. When every validation image is already right, the image NLL keeps falling as
+    the temperature goes to 0 (no finite optimum; it would make every verdict certain): then the
+    tile-level NLL, which tile errors keep well-posed, chooses it instead. Returns (T, basis).
+    """
     head = net.head
     if not len(val.feats):
-        return 1.0
+        return 1.0, "none"
     head.temperature.fill_(1.0)
     with torch.no_grad():
         logits = head(val.feats)
     n_images = len(val.image_labels)
     seen = torch.bincount(val.image_of, minlength=n_images) > 0
-    best_t, best_nll = 1.0, math.inf
-    for temp in np.exp(np.linspace(math.log(0.3), math.log(8.0), 48)):
-        lp = image_log_probs(logits / float(temp), val.image_of, n_images)[seen]
-        nll = float(nn.functional.nll_loss(lp, val.image_labels[seen]))
-        if nll < best_nll - 1e-9:
-            best_t, best_nll = float(temp), nll
-    head.temperature.fill_(best_t)
-    return best_t
+
+    def image_nll(temp: float) -> float:
+        lp = image_log_probs(logits / temp, val.image_of, n_images)[seen]
+        return float(nn.functional.nll_loss(lp, val.image_labels[seen]))
+
+    def tile_nll(temp: float) -> float:
+        return float(nn.functional.cross_entropy(logits / temp, val.labels))
+
+    temp, interior = _best_temperature(image_nll)
+    basis = "image"
+    if not interior:
+        temp, _ = _best_temperature(tile_nll)
+        basis = "tile"
+    head.temperature.fill_(temp)
+    return temp, basis
 
 
 def image_novelty(scores: torch.Tensor, image_of: torch.Tensor, n_images: int) -> np.ndarray:
@@ -503,7 +527,7 @@ def train_model(
         raise UserError(f"{data_dir}: no usable training tiles (all images unreadable or blank)", 1)
     net.backbone.to("cpu")
     ran, val_loss = train_head(net, train_fs, val_fs, len(classes), settings, epochs or t.epochs)
-    temperature = calibrate_temperature(net, val_fs)
+    temperature, temperature_basis = calibrate_temperature(net, val_fs)
     net.novelty.fit(train_fs.feats, train_fs.labels, len(classes))
     with torch.no_grad():
         val_scores = image_novelty(net.novelty(val_fs.feats), val_fs.image_of, len(split["val"]))
@@ -512,7 +536,8 @@ def train_model(
     basis = finite if len(finite) else train_scores.numpy()
     threshold = float(np.quantile(basis, t.unknown_quantile)) * t.unknown_margin
     validation = validation_metrics(net, val_fs, threshold, settings.model.min_confidence)
-    validation.update(val_loss=round(val_loss, 5), temperature=round(temperature, 4), epochs_run=ran)
+    validation.update(val_loss=round(val_loss, 5), temperature=round(temperature, 4),
+                      temperature_basis=temperature_basis, epochs_run=ran)
     manifest: dict[str, Any] = {
         "name": out_dir.name,
         "classes": [c.name for c in classes],
