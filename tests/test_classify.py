@@ -13,7 +13,7 @@ import pytest
 
 from semwatch.classify import Classifier, ClassInfo, PreparedImage, TileOutput, aggregate, parse_class
 from semwatch.config import Settings
-from semwatch.tiles import Scale
+from semwatch.tiles import Scale, grid_positions
 from semwatch.values import ImageVerdict, MicrographError
 
 CLASSES = ["333", "333_cycled", "811", "811_cycled"]
@@ -93,18 +93,21 @@ def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, setti
     clf = Classifier.load(tiny_model, settings)
     image = next(iter(sorted((ncm_dir / "523").glob("*.jpg"))))
     prep = clf.prepare(read_micrograph(image, settings))
-    assert prep.tiles.dtype == np.float32 and prep.tiles.shape[1:] == (3, 224, 224)
-    assert len(prep.tiles) == 12  # 1280 x 895 specimen area at the reference scale
+    px, physical = clf.manifest["tile_px"], clf.manifest["tile_physical_px"]
+    assert prep.tiles.dtype == np.float32 and prep.tiles.shape[1:] == (3, px, px)
+    # The 1280 x 895 specimen area at the reference scale, covered by an overlapping grid.
+    n = len(grid_positions(895, 1280, physical, settings.tiling.overlap, settings.tiling.max_tiles))
+    assert len(prep.tiles) == n >= 2
     out = clf.predict(prep.tiles)
-    assert out.probabilities.shape == (12, 12) and out.novelty.shape == (12,)
+    assert out.probabilities.shape == (n, 12) and out.novelty.shape == (n,)
     assert np.allclose(out.probabilities.sum(axis=1), 1.0, atol=1e-4)
     v = clf.verdict(prep, out)
-    assert v.n_tiles == 12 and v.model_id == clf.model_id and v.status in ("ok", "unknown")
-    empty = clf.predict(np.zeros((0, 3, 224, 224), np.float32))
+    assert v.n_tiles == n and v.model_id == clf.model_id and v.status in ("ok", "unknown")
+    empty = clf.predict(np.zeros((0, 3, px, px), np.float32))
     assert empty.probabilities.shape == (0, 12)
     # The same tiles in a bigger batch give the same answer.
     both = clf.predict(np.concatenate([prep.tiles, prep.tiles]))
-    assert np.allclose(both.probabilities[:12], out.probabilities, atol=1e-4)
+    assert np.allclose(both.probabilities[:n], out.probabilities, atol=1e-4)
 
 
 def test_classify_cli_real_vendor_and_broken_files(
@@ -159,7 +162,8 @@ def test_classify_cli_real_vendor_and_broken_files(
         ):
             assert key in line, key
         assert line["status"] in ("ok", "unknown", "rejected")
-    assert by_path[ncm.name]["n_tiles"] == 12
+    physical = json.loads((tiny_model / "manifest.json").read_text(encoding="utf-8"))["tile_physical_px"]
+    assert by_path[ncm.name]["n_tiles"] == len(grid_positions(895, 1280, physical, 0.25, 48))
     assert set(by_path[broken.name]) == {"path", "error"} and set(by_path[missing.name]) == {"path", "error"}
     assert by_path[blank.name]["status"] == "rejected"
 

@@ -119,8 +119,8 @@ class QualitySettings:
 
 @dataclass(frozen=True)
 class TilingSettings:
-    tile_px: int = 224
-    tile_physical_px: int = 448
+    tile_px: int = 288
+    tile_physical_px: int = 672
     overlap: float = 0.25
     max_tiles: int = 48
     tile_std_min: float = 0.02
@@ -173,7 +173,7 @@ class TrainSettings:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     augment_copies: int = 2
-    tiles_per_image: int = 8
+    tiles_per_image: int = 16
     class_map: dict[str, str] = field(default_factory=dict)
     unknown_quantile: float = 0.99
     unknown_margin: float = 1.2
