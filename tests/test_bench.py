@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from semwatch.bench import bench_images
+from semwatch.tiles import grid_positions
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,8 @@ def test_bench_json(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> None:
             str(tiny_model),
             "--max-images",
             "4",
+            "--rounds",
+            "2",
             "--json",
         ],
         cwd=tmp_path,
@@ -52,5 +55,8 @@ def test_bench_json(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> None:
         "device",
     ):
         assert key in result, key
-    assert result["images"] == 4 and result["tiles"] == 48 and result["device"] == "cpu"
+    physical = json.loads((tiny_model / "manifest.json").read_text(encoding="utf-8"))["tile_physical_px"]
+    per_image = len(grid_positions(895, 1280, physical, 0.25, 48))  # SNE specimen area, default grid
+    assert result["images"] == 4 and result["tiles"] == 4 * per_image and result["device"] == "cpu"
     assert 0 < result["pipeline_efficiency"] < 2
+    assert result["rounds"] == 2 and len(result["round_efficiencies"]) == 2

@@ -1,9 +1,9 @@
 """`semwatch bench DATA_DIR --model MODEL_DIR`: pipeline throughput against the bare model.
 
-Both figures come from the same run and the same batch size: first the whole pipeline (decode,
-tile on worker threads while the network runs, batches filled across images), then the network
-alone on the same tiles already in memory. Their ratio, `pipeline_efficiency`, says how much of
-the model's speed the pipeline keeps.
+Both figures come from the same run and the same batch size, in alternating rounds: the whole
+pipeline (decode, tile on worker threads while the network runs, batches filled across images) on
+a slice of the images, then the network alone on those images' tiles already in memory. Their
+ratio over all rounds, `pipeline_efficiency`, says how much of the model's speed the pipeline keeps.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from semwatch.errors import UserError
 from semwatch.model.train import IMAGE_SUFFIXES
 
 WARMUP_BATCHES = 2
-MODEL_ONLY_MAX_TILES = 1024
 
 
 def bench_images(data_dir: Path, max_images: int) -> list[Path]:
@@ -46,8 +45,11 @@ def bench_images(data_dir: Path, max_images: int) -> list[Path]:
 
 
 def run_bench(
-    data_dir: Path, model_dir: Path, settings: Settings, *, max_images: int = 120
+    data_dir: Path, model_dir: Path, settings: Settings, *, max_images: int = 120, rounds: int = 4
 ) -> dict[str, Any]:
+    """Alternating rounds: the pipeline on a slice of the images, then the network alone on exactly
+    those images' tiles. A CPU shared with other work changes speed within seconds; alternating
+    puts the same drift into both figures instead of into their ratio."""
     classifier = Classifier.load(model_dir, settings)
     paths = bench_images(data_dir, max_images)
     batch = settings.model.batch_size
@@ -64,32 +66,37 @@ def run_bench(
     for _ in range(WARMUP_BATCHES):
         classifier.predict(warm)
 
-    started = time.perf_counter()
     n_images = n_tiles = n_failed = 0
-    kept: list[np.ndarray] = []
-    kept_tiles = 0
-    for o in outcomes(classifier, paths, settings):
-        if o.output is None:
-            n_failed += 1
-            continue
-        n_images += 1
-        n_tiles += len(o.output.probabilities)
-    wall = time.perf_counter() - started
-
-    # The bare model on the same kind of tiles, same batch size, already in memory.
-    for p in paths:
-        if kept_tiles >= min(n_tiles, MODEL_ONLY_MAX_TILES):
-            break
-        item = _read_and_prepare(classifier, p, settings, None)
-        if isinstance(item, PreparedImage) and len(item.tiles):
-            kept.append(item.tiles)
-            kept_tiles += len(item.tiles)
-    tiles = np.concatenate(kept)[: max(batch, min(n_tiles, MODEL_ONLY_MAX_TILES))]
-    t0 = time.perf_counter()
-    for s in range(0, len(tiles), batch):
-        classifier.predict(tiles[s : s + batch])
-    model_s = time.perf_counter() - t0
-    model_rate = len(tiles) / model_s if model_s > 0 else 0.0
+    wall = model_s = 0.0
+    model_tiles = 0
+    ratios: list[float] = []
+    rounds = max(1, min(rounds, len(paths)))
+    for r in range(rounds):
+        chunk = paths[r * len(paths) // rounds : (r + 1) * len(paths) // rounds]
+        started = time.perf_counter()
+        round_tiles = 0
+        for o in outcomes(classifier, chunk, settings):
+            if o.output is None:
+                n_failed += 1
+                continue
+            n_images += 1
+            round_tiles += len(o.output.probabilities)
+        round_s = time.perf_counter() - started
+        # The bare network on the same tiles, already in memory (prepared untimed), same batches.
+        prepared = [_read_and_prepare(classifier, p, settings, None) for p in chunk]
+        kept = [x.tiles for x in prepared if isinstance(x, PreparedImage) and len(x.tiles)]
+        tiles = np.concatenate(kept) if kept else warm[:0]
+        t0 = time.perf_counter()
+        for s in range(0, len(tiles), batch):
+            classifier.predict(tiles[s : s + batch])
+        round_model_s = time.perf_counter() - t0
+        n_tiles += round_tiles
+        wall += round_s
+        model_s += round_model_s
+        model_tiles += len(tiles)
+        if round_s > 0 and round_model_s > 0 and len(tiles):
+            ratios.append((round_tiles / round_s) / (len(tiles) / round_model_s))
+    model_rate = model_tiles / model_s if model_s > 0 else 0.0
     tiles_per_s = n_tiles / wall if wall > 0 else 0.0
     return {
         "images": n_images,
@@ -100,6 +107,8 @@ def run_bench(
         "tiles_per_s": round(tiles_per_s, 2),
         "model_only_tiles_per_s": round(model_rate, 2),
         "pipeline_efficiency": round(tiles_per_s / model_rate, 4) if model_rate > 0 else 0.0,
+        "rounds": rounds,
+        "round_efficiencies": [round(x, 3) for x in ratios],
         "batch_size": batch,
         "reader_threads": settings.watch.reader_threads,
         "device": classifier.device,
@@ -110,8 +119,11 @@ def run_bench(
 def bench_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.max_images <= 0:
         raise UserError("--max-images must be > 0")
+    if args.rounds <= 0:
+        raise UserError("--rounds must be > 0")
     model_dir = Path(args.model) if args.model else settings.model.path
-    result = run_bench(Path(args.data_dir), model_dir, settings, max_images=args.max_images)
+    result = run_bench(Path(args.data_dir), model_dir, settings, max_images=args.max_images,
+                       rounds=args.rounds)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
