@@ -90,7 +90,7 @@ def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: 
     out = workdir / "model"
     say(f"[bold]Model:[/] no model trained on {data_dir} at {settings.model.path}: training a quick "
         f"demo model ({QUICK_IMAGES_PER_CLASS} images per class, {QUICK_EPOCHS} epochs; "
-        "a few minutes on a CPU).\n"
+        "about half a minute on a 2-core CPU).\n"
         f"  It is for the demo only. For the real model run:\n  "
         + FULL_TRAIN_HINT.format(data=data_dir, model=settings.model.path))
     from semwatch.model.train import train_model
