@@ -133,4 +133,11 @@ def test_top_once_cli(settings: Settings, tmp_path: Path) -> None:
 def test_cleanly_stopped_daemon(settings: Settings) -> None:
     _fixture(settings, heartbeat_age_s=600, daemon_state="stopped", message="exit 0")
     text = _text(settings)
-    assert "daemon stopped" in text and "the daemon stopped (exit 0)" in text and "hung" not in text
+    assert "daemon stopped (exit 0)" in text and "the daemon stopped (exit 0)" in text and "hung" not in text
+    assert "daemon: exit 0" not in text  # a clean stop is not listed among the errors
+
+
+def test_failed_daemon_exit_is_listed_among_errors(settings: Settings) -> None:
+    _fixture(settings, heartbeat_age_s=600, daemon_state="stopped", message="exit 1")
+    text = _text(settings)
+    assert "daemon stopped (exit 1)" in text and "daemon: exit 1" in text and "recent errors" in text

@@ -53,9 +53,17 @@ def render(snap: Snapshot, settings: Settings) -> RenderableType:
     if snap.problem is not None:
         return Panel(Text(snap.problem, style="yellow"), title="semwatch", border_style="yellow")
     parts: list[RenderableType] = [_header(snap, settings), _recent(snap, zone), _samples(snap)]
-    if snap.errors or (snap.daemon and snap.daemon.message):
+    if snap.errors or _daemon_problem(snap):
         parts.append(_errors(snap, zone))
     return Group(*parts)
+
+
+def _daemon_problem(snap: Snapshot) -> str | None:
+    """The daemon's own message when it tells of a problem (a clean `exit 0` is not one)."""
+    d = snap.daemon
+    if d is None or not d.message or (d.state == "stopped" and d.message == "exit 0"):
+        return None
+    return d.message
 
 
 def _header(snap: Snapshot, settings: Settings) -> RenderableType:
@@ -65,7 +73,8 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
         lines.append("no daemon has written to this database yet\n", style="bold yellow")
     else:
         state_style = "bold green" if d.state == "running" and not snap.stale else "bold yellow"
-        lines.append(f"daemon {d.state}", style=state_style)
+        ended = f" ({d.message})" if d.state == "stopped" and d.message else ""
+        lines.append(f"daemon {d.state}{ended}", style=state_style)
         lines.append(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {_age(snap.heartbeat_age_s)}\n")
         if snap.stale and d.state == "stopped":
             lines.append(f"the daemon stopped ({d.message or 'no message'}); figures below are from its "
@@ -131,8 +140,9 @@ def _samples(snap: Snapshot) -> RenderableType:
 
 def _errors(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
     text = Text()
-    if snap.daemon and snap.daemon.message:
-        text.append(f"daemon: {snap.daemon.message}\n", style="yellow")
+    problem = _daemon_problem(snap)
+    if problem:
+        text.append(f"daemon: {problem}\n", style="yellow")
     for img in snap.errors:
         when = _local_time(img.processed_at or img.detected_at, zone)
         text.append(f"{when}  ", style="dim")
