@@ -49,16 +49,31 @@ def _wait_for(base: list[str], needle: str, timeout: float = 30.0) -> str:
     raise AssertionError(f"{needle!r} not on screen:\n{screen}")
 
 
+def _start(base: list[str], command: str, config: Path, done_file: Path) -> None:
+    """`semwatch COMMAND --config CONFIG` in a 150x50 terminal; its exit code goes to `done_file`."""
+    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m semwatch {command} "
+           f"--config {shlex.quote(str(config))}; "
+           f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
+    subprocess.run([*base, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
+                   timeout=10)
+
+
+def _interrupt_and_check_exit(base: list[str], done_file: Path, timeout: float) -> None:
+    """Ctrl-C, as an operator would: the command exits 0 without a traceback."""
+    subprocess.run([*base, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
+    deadline = time.monotonic() + timeout
+    while not done_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done_file.read_text().strip() == "0"
+    assert "Traceback" not in _screen(base)
+
+
 def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Path, tmux: list[str]) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n[live]\nrefresh_per_second = 5.0\n',
                       encoding="utf-8")
     done_file = tmp_path / "exit-code"
-    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m semwatch top "
-           f"--config {shlex.quote(str(config))}; "
-           f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
-    subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
-                   timeout=10)
+    _start(tmux, "top", config, done_file)
     _wait_for(tmux, "no database yet")  # started before the daemon ever ran
 
     now = datetime.now(UTC)
@@ -81,12 +96,7 @@ def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Pa
     screen = _wait_for(tmux, "second.tif: truncated file")
     assert "failed" in screen
 
-    subprocess.run([*tmux, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
-    deadline = time.monotonic() + 15
-    while not done_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert done_file.read_text().strip() == "0"
-    assert "Traceback" not in _screen(tmux)
+    _interrupt_and_check_exit(tmux, done_file, 15)
 
 
 @pytest.mark.slow
@@ -101,19 +111,10 @@ def test_daemon_on_a_terminal_shows_the_dashboard(tiny_model: Path, ncm_dir: Pat
         f'results_csv = "{tmp_path / "var/results.csv"}"\n'
         f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n[report]\nenabled = false\n', encoding="utf-8")
     done_file = tmp_path / "exit-code"
-    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m semwatch watch "
-           f"--config {shlex.quote(str(config))}; "
-           f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
-    subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
-                   timeout=10)
+    _start(tmux, "watch", config, done_file)
     _wait_for(tmux, "daemon running", timeout=120)
     source = sorted((ncm_dir / "811_cycled").glob("*.jpg"))[0]
     shutil.copy(source, incoming / "lot7" / "new-image.jpg")
     screen = _wait_for(tmux, "new-image.jpg", timeout=120)
     assert "lot7" in screen and "device cpu" in screen
-    subprocess.run([*tmux, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
-    deadline = time.monotonic() + 30
-    while not done_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert done_file.read_text().strip() == "0"
-    assert "Traceback" not in _screen(tmux)
+    _interrupt_and_check_exit(tmux, done_file, 30)
