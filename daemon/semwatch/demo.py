@@ -40,7 +40,8 @@ QUICK_EPOCHS = 15
 QUICK_TRAIN = {"tiles_per_image": 8, "augment_copies": 1}
 CHUNK = 256 * 1024
 START_TIMEOUT_S = 120.0
-FULL_TRAIN_HINT = "semwatch train {data} --out {model}   (all 737 images: about 12 min on a 2-core CPU)"
+FULL_TRAIN_HINT = ("semwatch train {data} --out {model}   "
+                   "(the 737 shared NCM images: about 12 min on a 2-core CPU)")
 
 
 @dataclass(frozen=True)
