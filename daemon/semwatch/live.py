@@ -22,6 +22,7 @@ from rich.text import Text
 
 from semwatch.config import Settings
 from semwatch.snapshot import Snapshot, parse_utc, take_snapshot
+from semwatch.store import exit_message
 
 STATUS_STYLE = {"ok": "green", "unknown": "yellow", "rejected": "magenta", "failed": "bold red",
                 "pending": "dim"}
@@ -61,7 +62,7 @@ def render(snap: Snapshot, settings: Settings) -> RenderableType:
 def _daemon_problem(snap: Snapshot) -> str | None:
     """The daemon's own message when it tells of a problem (a clean `exit 0` is not one)."""
     d = snap.daemon
-    if d is None or not d.message or (d.state == "stopped" and d.message == "exit 0"):
+    if d is None or not d.message or (d.state == "stopped" and d.message == exit_message(0)):
         return None
     return d.message
 

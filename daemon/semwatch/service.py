@@ -257,7 +257,7 @@ class Service:
 
     def _shutdown(self, writer: Any, pipeline: Any, watcher: Any, store: Any, extras: list[Any],
                   code: int) -> int:
-        from semwatch.store import DaemonStatus
+        from semwatch.store import DaemonStatus, exit_message
 
         deadline = time.monotonic() + self.settings.watch.stop_timeout_seconds
         for extra in reversed(extras):
@@ -274,7 +274,7 @@ class Service:
         if writer.is_alive():
             done = pipeline.done if pipeline is not None else 0
             failed = pipeline.failed if pipeline is not None else 0
-            writer.put(DaemonStatus("stopped", done=done, failed=failed, message=f"exit {code}"))
+            writer.put(DaemonStatus("stopped", done=done, failed=failed, message=exit_message(code)))
             writer.stop()
             writer.join(max(1.0, deadline + 1.0 - time.monotonic()))
             if writer.is_alive():

@@ -254,6 +254,12 @@ class DaemonStatus:
     message: str | None = None
 
 
+def exit_message(code: int) -> str:
+    """`daemon.message` of a daemon that stopped with exit status `code` (the live view tells a clean
+    stop from a failure by it)."""
+    return f"exit {code}"
+
+
 Message = Pending | Result | Attempt | Failed | Gone | DaemonStatus
 
 
