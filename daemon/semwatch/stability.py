@@ -27,6 +27,11 @@ def sidecar_path(path: str) -> str:
     return path + SIDECAR_SUFFIX
 
 
+def _folder(path: str) -> str:
+    """The key of the sidecar-folder cache (one spelling for whoever reads or writes it)."""
+    return str(Path(path).parent)
+
+
 def image_of_sidecar(path: str) -> str | None:
     """`x.jpg.txt` -> `x.jpg` (the image a sidecar event is about), else None."""
     if path.lower().endswith(SIDECAR_SUFFIX):
@@ -170,16 +175,16 @@ class SettleGate:
         return out
 
     def note_sidecar(self, image_path: str) -> None:
-        """A sidecar exists beside `image_path`: its folder is a sidecar folder from now on. This
-        overrides a cached "no sidecars" taken before the folder's first sidecar was written, which
-        would otherwise let the next images of a new session folder go without theirs."""
-        self._sidecar_dirs[str(Path(image_path).parent)] = (True, time.monotonic())
+        """A sidecar exists beside `image_path`: record its folder as a sidecar folder. This replaces
+        a cached "no sidecars" taken before the folder's first sidecar was written, which would
+        otherwise let the next images of a new session folder go without theirs."""
+        self._sidecar_dirs[_folder(image_path)] = (True, time.monotonic())
 
     def _expects_sidecar(self, path: str) -> bool:
         """Whether the image's folder holds `*.jpg.txt` sidecars (the instrument writes them).
         A "no" is cached for 2 s (a backlog of thousands of JPEGs must not rescan the folder for
         each); a "yes" from `note_sidecar` replaces it at once."""
-        folder = str(Path(path).parent)
+        folder = _folder(path)
         now = time.monotonic()
         cached = self._sidecar_dirs.get(folder)
         if cached is not None and now - cached[1] < 2.0:
