@@ -95,3 +95,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, ncm_dir: Path) -> Path:
     })
     train_model(ncm_dir, out, tiny, max_images_per_class=2, epochs=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiles_per_ncm_image(tiny_model: Path) -> int:
+    """Grid tiles that `tiny_model` cuts from one shared NCM micrograph: its 1280 x 895 specimen area
+    (below the 64-row data bar) at the reference scale, with the default grid settings."""
+    import json
+
+    from semwatch.tiles import grid_positions
+
+    tiling = load_settings(None, environ={}).tiling
+    manifest = json.loads((tiny_model / "manifest.json").read_text(encoding="utf-8"))
+    return len(grid_positions(895, 1280, manifest["tile_physical_px"], tiling.overlap, tiling.max_tiles))

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from semwatch.bench import bench_images
-from semwatch.tiles import grid_positions
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +19,7 @@ def test_bench_images_round_robin(ncm_dir: Path) -> None:
     assert len(picked) == 24 and len({p.parent.name for p in picked}) == 12
 
 
-def test_bench_json(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> None:
+def test_bench_json(tiny_model: Path, ncm_dir: Path, tmp_path: Path, tiles_per_ncm_image: int) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -55,8 +54,6 @@ def test_bench_json(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> None:
         "device",
     ):
         assert key in result, key
-    physical = json.loads((tiny_model / "manifest.json").read_text(encoding="utf-8"))["tile_physical_px"]
-    per_image = len(grid_positions(895, 1280, physical, 0.25, 48))  # SNE specimen area, default grid
-    assert result["images"] == 4 and result["tiles"] == 4 * per_image and result["device"] == "cpu"
+    assert result["images"] == 4 and result["tiles"] == 4 * tiles_per_ncm_image and result["device"] == "cpu"
     assert 0 < result["pipeline_efficiency"] < 2
     assert result["rounds"] == 2 and len(result["round_efficiencies"]) == 2

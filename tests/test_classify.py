@@ -13,7 +13,7 @@ import pytest
 
 from semwatch.classify import Classifier, ClassInfo, PreparedImage, TileOutput, aggregate, parse_class
 from semwatch.config import Settings
-from semwatch.tiles import Scale, grid_positions
+from semwatch.tiles import Scale
 from semwatch.values import ImageVerdict, MicrographError
 
 CLASSES = ["333", "333_cycled", "811", "811_cycled"]
@@ -87,16 +87,16 @@ def test_foreign_low_confidence_few_tiles_and_scale() -> None:
     assert odd_scale.status == "unknown" and "outside the model's range" in odd_scale.reasons[0]
 
 
-def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, settings: Settings) -> None:
+def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, settings: Settings,
+                                          tiles_per_ncm_image: int) -> None:
     from semwatch.micrograph import read_micrograph
 
     clf = Classifier.load(tiny_model, settings)
     image = next(iter(sorted((ncm_dir / "523").glob("*.jpg"))))
     prep = clf.prepare(read_micrograph(image, settings))
-    px, physical = clf.manifest["tile_px"], clf.manifest["tile_physical_px"]
+    px = clf.manifest["tile_px"]
     assert prep.tiles.dtype == np.float32 and prep.tiles.shape[1:] == (3, px, px)
-    # The 1280 x 895 specimen area at the reference scale, covered by an overlapping grid.
-    n = len(grid_positions(895, 1280, physical, settings.tiling.overlap, settings.tiling.max_tiles))
+    n = tiles_per_ncm_image  # the specimen area at the reference scale, covered by an overlapping grid
     assert len(prep.tiles) == n >= 2
     out = clf.predict(prep.tiles)
     assert out.probabilities.shape == (n, 12) and out.novelty.shape == (n,)
@@ -111,7 +111,7 @@ def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, setti
 
 
 def test_classify_cli_real_vendor_and_broken_files(
-    tiny_model: Path, ncm_dir: Path, vendor_dir: Path, tmp_path: Path
+    tiny_model: Path, ncm_dir: Path, vendor_dir: Path, tmp_path: Path, tiles_per_ncm_image: int
 ) -> None:
     ncm = sorted((ncm_dir / "811_cycled").glob("*.jpg"))[0]
     fei = vendor_dir / "fei" / "Untreated_ME_5KV_1200x_ETD_16bit.tif"
@@ -162,8 +162,7 @@ def test_classify_cli_real_vendor_and_broken_files(
         ):
             assert key in line, key
         assert line["status"] in ("ok", "unknown", "rejected")
-    physical = json.loads((tiny_model / "manifest.json").read_text(encoding="utf-8"))["tile_physical_px"]
-    assert by_path[ncm.name]["n_tiles"] == len(grid_positions(895, 1280, physical, 0.25, 48))
+    assert by_path[ncm.name]["n_tiles"] == tiles_per_ncm_image
     assert set(by_path[broken.name]) == {"path", "error"} and set(by_path[missing.name]) == {"path", "error"}
     assert by_path[blank.name]["status"] == "rejected"
 
