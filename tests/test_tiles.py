@@ -84,8 +84,8 @@ def test_cut_tiles_skips_blank_area_and_returns_network_input() -> None:
         saturated_max=0.3,
         intensity="equalize",
     )
-    assert ts.n_candidates == 8
-    assert len(ts.positions) == 4 and all(x >= 600 for _, x in ts.positions)
+    assert ts.n_candidates == 8 and ts.resampled_shape == (128, 256)  # resized 64/300 in one step
+    assert len(ts.positions) == 4 and all(x >= 128 for _, x in ts.positions)
     assert ts.tiles.shape == (4, 3, 64, 64) and ts.tiles.dtype == np.float32
 
 

@@ -69,7 +69,7 @@ def explain_image(classifier: Classifier, micrograph: Micrograph) -> np.ndarray:
     verdict = classifier.verdict(prepared, output)
     target = int(np.argmax([verdict.probabilities[c] for c in classifier.classes]))
     cams = tile_cams(classifier, prepared.tiles, target)
-    size = int(classifier.manifest["tile_physical_px"])
+    size = int(classifier.manifest["tile_px"])  # positions are at the network's scale
     rh, rw = prepared.resampled_shape
     heat = np.zeros((rh, rw), np.float32)
     weight = np.zeros((rh, rw), np.float32)

@@ -36,7 +36,7 @@ from semwatch.errors import UserError
 from semwatch.model.artifact import save_artifact
 from semwatch.model.augment import augment_tile, geometric
 from semwatch.model.backbone import TileNet, architecture
-from semwatch.tiles import fit, grid_positions, resample, scale_for, tile_usable, to_network
+from semwatch.tiles import cut_tiles, fit, resample, scale_for, tile_usable, to_network
 from semwatch.values import Micrograph, MicrographError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
@@ -151,12 +151,18 @@ def _factor(m: Micrograph, r: Recipe) -> float:
 
 
 def grid_tiles(m: Micrograph, r: Recipe) -> np.ndarray:
-    """The tiles inference would see (same grid, same skipping)."""
-    image = resample(m.pixels, _factor(m, r))
-    size = r.tile_physical_px
-    cells = grid_positions(image.shape[0], image.shape[1], size, r.overlap, r.max_tiles)
-    raw = [fit(image[y : y + size, x : x + size], r.tile_px) for y, x in cells]
-    return to_network([t for t in raw if tile_usable(t, r.std_min, r.saturated_max)], r.tile_px, r.intensity)
+    """The tiles inference would see (the same function: same grid, same skipping)."""
+    return cut_tiles(
+        m.pixels,
+        factor=_factor(m, r),
+        tile_physical_px=r.tile_physical_px,
+        tile_px=r.tile_px,
+        overlap=r.overlap,
+        max_tiles=r.max_tiles,
+        std_min=r.std_min,
+        saturated_max=r.saturated_max,
+        intensity=r.intensity,
+    ).tiles
 
 
 def training_tiles(
