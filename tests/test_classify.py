@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from semwatch.classify import Classifier, ClassInfo, PreparedImage, TileOutput, aggregate, parse_class
-from semwatch.config import Settings
+from semwatch.config import Settings, load_settings
 from semwatch.tiles import Scale
 from semwatch.values import ImageVerdict, MicrographError
 
@@ -202,3 +203,27 @@ def test_classify_paths_and_explain(
     assert proc.returncode == 0, proc.stderr
     written = Path(json.loads(proc.stdout)["explanation"])
     assert written.is_file() and cv2.imread(str(written)).shape[:2] == micrograph.pixels.shape
+
+
+@pytest.mark.parametrize(("views", "turn"), [
+    (2, lambda t: t[..., ::-1]),  # mirror image
+    (4, lambda t: t[..., ::-1, ::-1]),  # turned 180 degrees
+    (8, lambda t: np.rot90(t, 1, axes=(2, 3))),  # turned 90 degrees
+])
+def test_test_time_views_make_predictions_invariant(tiny_model: Path, ncm_dir: Path, views: int,
+                                                    turn: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Averaged over a group of flips/rotations, a tile and its turned copy get the same answer
+    (a single view does not: the network itself is not rotation-invariant)."""
+    from semwatch.micrograph import read_micrograph
+
+    def predict(n_views: int, tiles: np.ndarray) -> np.ndarray:
+        s = load_settings(None, environ={}, overrides={
+            "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": n_views}})
+        return Classifier.load(tiny_model, s).predict(np.ascontiguousarray(tiles)).probabilities
+
+    base = load_settings(None, environ={}, overrides={"model": {"device": "cpu"}})
+    image = next(iter(sorted((ncm_dir / "622_cycled").glob("*.jpg"))))
+    tiles = Classifier.load(tiny_model, base).prepare(read_micrograph(image, base)).tiles[:3]
+    assert np.allclose(predict(views, tiles), predict(views, turn(tiles)), atol=1e-4)
+    assert not np.allclose(predict(1, tiles), predict(1, turn(tiles)), atol=1e-4)
+    assert np.allclose(predict(views, tiles).sum(axis=1), 1.0, atol=1e-4)

@@ -97,6 +97,20 @@ def describe_device(device: torch.device) -> str:
     return "cpu"
 
 
+# The dihedral views of a (N, C, H, W) batch, in the order `test_time_views` takes them; each prefix
+# is a group (2: the tile and its mirror image; 4: with both flipped, i.e. turned 180°; 8: all).
+VIEWS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
+    lambda t: t,
+    lambda t: torch.flip(t, (3,)),
+    lambda t: torch.flip(t, (2, 3)),
+    lambda t: torch.flip(t, (2,)),
+    lambda t: torch.rot90(t, 1, (2, 3)),
+    lambda t: torch.flip(torch.rot90(t, 1, (2, 3)), (3,)),
+    lambda t: torch.rot90(t, 3, (2, 3)),
+    lambda t: torch.flip(torch.rot90(t, 3, (2, 3)), (3,)),
+)
+
+
 @dataclass
 class Classifier:
     net: TileNet
@@ -175,16 +189,27 @@ class Classifier:
         )
 
     def predict(self, tiles: np.ndarray) -> TileOutput:
+        """Per-tile probabilities and novelty; with `[model] test_time_views` > 1, the geometric mean
+        of the probabilities (and the mean novelty) over that many flips/rotations of each tile:
+        a specimen has no up or left, so every view is an equally valid look at it."""
         n_classes = len(self.classes)
         if len(tiles) == 0:
             return TileOutput(np.zeros((0, n_classes), np.float32), np.zeros((0,), np.float32))
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.torch_device)
-        x = x.contiguous(memory_format=torch.channels_last)
+        log_probs: torch.Tensor | None = None
+        novelty: torch.Tensor | None = None
         with torch.inference_mode(), self._autocast():
-            logits, novelty, _ = self.net(x)
-            probs = torch.softmax(logits.float(), dim=1)
+            for view in VIEWS[: self.settings.model.test_time_views]:
+                v = view(x).contiguous(memory_format=torch.channels_last)
+                logits, nov, _ = self.net(v)
+                lp = torch.log_softmax(logits.float(), dim=1)
+                log_probs = lp if log_probs is None else log_probs + lp
+                novelty = nov.float() if novelty is None else novelty + nov.float()
+        assert log_probs is not None and novelty is not None
+        views = self.settings.model.test_time_views
+        probs = torch.softmax(log_probs / views, dim=1)
         return TileOutput(
-            probs.cpu().numpy().astype(np.float32), novelty.float().cpu().numpy().astype(np.float32)
+            probs.cpu().numpy().astype(np.float32), (novelty / views).cpu().numpy().astype(np.float32)
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

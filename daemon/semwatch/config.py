@@ -153,9 +153,12 @@ class ModelSettings:
     unknown_threshold: float = -1.0
     min_confidence: float = 0.5
     min_tiles: int = 2
+    test_time_views: int = 1
 
     def validate(self) -> None:
         _positive("[model] batch_size", self.batch_size)
+        if self.test_time_views not in (1, 2, 4, 8):
+            raise ConfigError(f"[model] test_time_views must be 1, 2, 4 or 8, not {self.test_time_views}")
         _non_negative("[model] max_batch_latency_ms", self.max_batch_latency_ms)
         _non_negative("[model] cpu_threads", self.cpu_threads)
         _fraction("[model] min_confidence", self.min_confidence)
