@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "ncm")
     parser.add_argument("--reuse", action="store_true", help="skip training when OUT holds a model")
-    parser.add_argument("--bench-images", type=int, default=60)
+    parser.add_argument("--bench-images", type=int, default=240)
     args = parser.parse_args(argv)
     settings = load_settings(None, environ={}, overrides={"model": {"device": "auto"}})
     ncm, vendor = args.data / "ncm-sem", args.data / "vendor-tiff"

@@ -23,6 +23,10 @@ from semwatch.errors import UserError
 from semwatch.model.train import IMAGE_SUFFIXES
 
 WARMUP_BATCHES = 2
+# Images per round when the number of rounds is not given. This machine's speed drifts within
+# seconds; rounds of ~2 s each put the same drift into both figures (rounds of 30 images scattered
+# the efficiency of one run between 0.80 and 0.93, rounds of 15 between 0.90 and 0.94).
+IMAGES_PER_ROUND = 15
 
 
 def bench_images(data_dir: Path, max_images: int) -> list[Path]:
@@ -45,7 +49,7 @@ def bench_images(data_dir: Path, max_images: int) -> list[Path]:
 
 
 def run_bench(
-    data_dir: Path, model_dir: Path, settings: Settings, *, max_images: int = 120, rounds: int = 4
+    data_dir: Path, model_dir: Path, settings: Settings, *, max_images: int = 120, rounds: int | None = None
 ) -> dict[str, Any]:
     """Alternating rounds: the pipeline on a slice of the images, then the network alone on exactly
     those images' tiles. A CPU shared with other work changes speed within seconds; alternating
@@ -70,6 +74,8 @@ def run_bench(
     wall = model_s = 0.0
     model_tiles = 0
     ratios: list[float] = []
+    if rounds is None:
+        rounds = round(len(paths) / IMAGES_PER_ROUND)
     rounds = max(1, min(rounds, len(paths)))
     for r in range(rounds):
         chunk = paths[r * len(paths) // rounds : (r + 1) * len(paths) // rounds]
@@ -119,7 +125,7 @@ def run_bench(
 def bench_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.max_images <= 0:
         raise UserError("--max-images must be > 0")
-    if args.rounds <= 0:
+    if args.rounds is not None and args.rounds <= 0:
         raise UserError("--rounds must be > 0")
     model_dir = Path(args.model) if args.model else settings.model.path
     result = run_bench(Path(args.data_dir), model_dir, settings, max_images=args.max_images,

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--model", type=Path, metavar="MODEL_DIR", help="default: [model] path")
     p.add_argument("--max-images", type=int, default=120)
-    p.add_argument("--rounds", type=int, default=4,
-                   help="alternating pipeline / bare-network rounds (default 4)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternating pipeline / bare-network rounds (default: one per 15 images)")
     _common(p)
     p.set_defaults(handler=cmd_bench)
 
