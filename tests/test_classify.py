@@ -218,7 +218,8 @@ def test_test_time_views_make_predictions_invariant(tiny_model: Path, ncm_dir: P
 
     def predict(n_views: int, tiles: np.ndarray) -> np.ndarray:
         s = load_settings(None, environ={}, overrides={
-            "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": n_views}})
+            "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": n_views,
+                      "test_time_below": 1.0}})
         return Classifier.load(tiny_model, s).predict(np.ascontiguousarray(tiles)).probabilities
 
     base = load_settings(None, environ={}, overrides={"model": {"device": "cpu"}})
@@ -227,3 +228,25 @@ def test_test_time_views_make_predictions_invariant(tiny_model: Path, ncm_dir: P
     assert np.allclose(predict(views, tiles), predict(views, turn(tiles)), atol=1e-4)
     assert not np.allclose(predict(1, tiles), predict(1, turn(tiles)), atol=1e-4)
     assert np.allclose(predict(views, tiles).sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_only_unsure_tiles_get_more_views(tiny_model: Path, ncm_dir: Path) -> None:
+    """Tiles at or above `test_time_below` keep their single-view answer; the others get the 8-view one."""
+    from semwatch.micrograph import read_micrograph
+
+    def predict(views: int, below: float) -> np.ndarray:
+        s = load_settings(None, environ={}, overrides={
+            "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": views,
+                      "test_time_below": below}})
+        clf = Classifier.load(tiny_model, s)
+        return clf.predict(clf.prepare(read_micrograph(image, s)).tiles).probabilities
+
+    image = next(iter(sorted((ncm_dir / "333_formation").glob("*.jpg"))))
+    one, every = predict(1, 1.0), predict(8, 1.0)
+    assert np.allclose(predict(8, 0.0), one, atol=1e-5)  # nobody is unsure of anything below 0
+    below = float(np.median(one.max(axis=1)))  # half of the tiles are unsure
+    mixed = predict(8, below)
+    unsure = one.max(axis=1) < below
+    assert 0 < unsure.sum() < len(unsure)
+    assert np.allclose(mixed[~unsure], one[~unsure], atol=1e-5)
+    assert np.allclose(mixed[unsure], every[unsure], atol=1e-5)

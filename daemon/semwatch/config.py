@@ -153,12 +153,14 @@ class ModelSettings:
     unknown_threshold: float = -1.0
     min_confidence: float = 0.5
     min_tiles: int = 2
-    test_time_views: int = 1
+    test_time_views: int = 8
+    test_time_below: float = 0.99
 
     def validate(self) -> None:
         _positive("[model] batch_size", self.batch_size)
         if self.test_time_views not in (1, 2, 4, 8):
             raise ConfigError(f"[model] test_time_views must be 1, 2, 4 or 8, not {self.test_time_views}")
+        _fraction("[model] test_time_below", self.test_time_below)
         _non_negative("[model] max_batch_latency_ms", self.max_batch_latency_ms)
         _non_negative("[model] cpu_threads", self.cpu_threads)
         _fraction("[model] min_confidence", self.min_confidence)
@@ -170,10 +172,10 @@ class TrainSettings:
     seed: int = 1234
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    epochs: int = 30
-    patience: int = 5
+    epochs: int = 60
+    patience: int = 10
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     weight_decay: float = 1e-4
     augment_copies: int = 2
     tiles_per_image: int = 16

@@ -37,7 +37,7 @@ from semwatch.errors import UserError
 
 QUICK_IMAGES_PER_CLASS = 10
 QUICK_EPOCHS = 15
-QUICK_TRAIN = {"tiles_per_image": 8, "augment_copies": 1}
+QUICK_TRAIN = {"tiles_per_image": 8, "augment_copies": 1, "learning_rate": 1e-3}  # few epochs: a faster rate
 CHUNK = 256 * 1024
 START_TIMEOUT_S = 120.0
 FULL_TRAIN_HINT = ("semwatch train {data} --out {model}   "
