@@ -210,8 +210,14 @@ class Classifier:
             if m.test_time_views > 1:
                 unsure = torch.nonzero(log_probs.exp().max(dim=1).values < m.test_time_below).flatten()
                 if len(unsure):
-                    more = [self._look(x[unsure], view)[0] for view in VIEWS[1 : m.test_time_views]]
-                    log_probs[unsure] = (log_probs[unsure] + sum(more)) / float(m.test_time_views)
+                    # All extra views of the unsure tiles in full batches: a few unsure tiles per
+                    # view would make many small, slow passes.
+                    xu = x[unsure]
+                    views = torch.cat([view(xu) for view in VIEWS[1 : m.test_time_views]])
+                    parts = range(0, len(views), m.batch_size)
+                    more = torch.cat([self._look(views[i : i + m.batch_size], VIEWS[0])[0] for i in parts])
+                    more = more.view(m.test_time_views - 1, len(unsure), n_classes).sum(dim=0)
+                    log_probs[unsure] = (log_probs[unsure] + more) / float(m.test_time_views)
             probs = torch.softmax(log_probs, dim=1)
         return TileOutput(probs.cpu().numpy().astype(np.float32), novelty.cpu().numpy().astype(np.float32))
 
