@@ -206,7 +206,7 @@ class Classifier:
         m = self.settings.model
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.torch_device)
         with torch.inference_mode(), self._autocast():
-            log_probs, novelty = self._look(x, VIEWS[0])
+            log_probs, novelty = self._look(x)
             if m.test_time_views > 1:
                 unsure = torch.nonzero(log_probs.exp().max(dim=1).values < m.test_time_below).flatten()
                 if len(unsure):
@@ -215,17 +215,15 @@ class Classifier:
                     xu = x[unsure]
                     views = torch.cat([view(xu) for view in VIEWS[1 : m.test_time_views]])
                     parts = range(0, len(views), m.batch_size)
-                    more = torch.cat([self._look(views[i : i + m.batch_size], VIEWS[0])[0] for i in parts])
+                    more = torch.cat([self._look(views[i : i + m.batch_size])[0] for i in parts])
                     more = more.view(m.test_time_views - 1, len(unsure), n_classes).sum(dim=0)
                     log_probs[unsure] = (log_probs[unsure] + more) / float(m.test_time_views)
             probs = torch.softmax(log_probs, dim=1)
         return TileOutput(probs.cpu().numpy().astype(np.float32), novelty.cpu().numpy().astype(np.float32))
 
-    def _look(
-        self, x: torch.Tensor, view: Callable[[torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One view of a batch → (log-probabilities, novelty), float32."""
-        logits, novelty, _ = self.net(view(x).contiguous(memory_format=torch.channels_last))
+    def _look(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch through the network → (log-probabilities, novelty), float32."""
+        logits, novelty, _ = self.net(x.contiguous(memory_format=torch.channels_last))
         return torch.log_softmax(logits.float(), dim=1), novelty.float()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
