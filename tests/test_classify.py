@@ -205,6 +205,23 @@ def test_classify_paths_and_explain(
     assert written.is_file() and cv2.imread(str(written)).shape[:2] == micrograph.pixels.shape
 
 
+def _viewing(model: Path, views: int, below: float) -> Classifier:
+    """The model on the CPU in float32 (so views can be compared exactly) with these view settings."""
+    s = load_settings(None, environ={}, overrides={
+        "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": views,
+                  "test_time_below": below}})
+    return Classifier.load(model, s)
+
+
+def _first_tiles(model: Path, folder: Path) -> np.ndarray:
+    """The network-ready tiles of the first micrograph in `folder`."""
+    from semwatch.micrograph import read_micrograph
+
+    s = load_settings(None, environ={}, overrides={"model": {"device": "cpu"}})
+    image = next(iter(sorted(folder.glob("*.jpg"))))
+    return Classifier.load(model, s).prepare(read_micrograph(image, s)).tiles
+
+
 @pytest.mark.parametrize(("views", "turn"), [
     (2, lambda t: t[..., ::-1]),  # mirror image
     (4, lambda t: t[..., ::-1, ::-1]),  # turned 180 degrees
@@ -214,17 +231,12 @@ def test_test_time_views_make_predictions_invariant(tiny_model: Path, ncm_dir: P
                                                     turn: Callable[[np.ndarray], np.ndarray]) -> None:
     """Averaged over a group of flips/rotations, a tile and its turned copy get the same answer
     (a single view does not: the network itself is not rotation-invariant)."""
-    from semwatch.micrograph import read_micrograph
 
     def predict(n_views: int, tiles: np.ndarray) -> np.ndarray:
-        s = load_settings(None, environ={}, overrides={
-            "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": n_views,
-                      "test_time_below": 1.0}})
-        return Classifier.load(tiny_model, s).predict(np.ascontiguousarray(tiles)).probabilities
+        clf = _viewing(tiny_model, n_views, 1.0)
+        return clf.predict(np.ascontiguousarray(tiles)).probabilities
 
-    base = load_settings(None, environ={}, overrides={"model": {"device": "cpu"}})
-    image = next(iter(sorted((ncm_dir / "622_cycled").glob("*.jpg"))))
-    tiles = Classifier.load(tiny_model, base).prepare(read_micrograph(image, base)).tiles[:3]
+    tiles = _first_tiles(tiny_model, ncm_dir / "622_cycled")[:3]
     assert np.allclose(predict(views, tiles), predict(views, turn(tiles)), atol=1e-4)
     assert not np.allclose(predict(1, tiles), predict(1, turn(tiles)), atol=1e-4)
     assert np.allclose(predict(views, tiles).sum(axis=1), 1.0, atol=1e-4)
@@ -232,16 +244,11 @@ def test_test_time_views_make_predictions_invariant(tiny_model: Path, ncm_dir: P
 
 def test_only_unsure_tiles_get_more_views(tiny_model: Path, ncm_dir: Path) -> None:
     """Tiles at or above `test_time_below` keep their single-view answer; the others get the 8-view one."""
-    from semwatch.micrograph import read_micrograph
+    tiles = _first_tiles(tiny_model, ncm_dir / "333_formation")
 
     def predict(views: int, below: float) -> np.ndarray:
-        s = load_settings(None, environ={}, overrides={
-            "model": {"device": "cpu", "cpu_precision": "float32", "test_time_views": views,
-                      "test_time_below": below}})
-        clf = Classifier.load(tiny_model, s)
-        return clf.predict(clf.prepare(read_micrograph(image, s)).tiles).probabilities
+        return _viewing(tiny_model, views, below).predict(tiles).probabilities
 
-    image = next(iter(sorted((ncm_dir / "333_formation").glob("*.jpg"))))
     one, every = predict(1, 1.0), predict(8, 1.0)
     assert np.allclose(predict(8, 0.0), one, atol=1e-5)  # nobody is unsure of anything below 0
     below = float(np.median(one.max(axis=1)))  # half of the tiles are unsure
