@@ -65,6 +65,10 @@ class WatchSettings:
     retry_backoff_seconds: float = 5.0
     reader_threads: int = 2
     stop_timeout_seconds: float = 8.0
+    follow_symlinks: Literal["inside", "never", "always"] = "inside"
+    read_timeout_seconds: float = 60.0
+    watch_depth: int = 32
+    stuck_seconds: float = 90.0
 
     def validate(self) -> None:
         _non_negative("[watch] settle_seconds", self.settle_seconds)
@@ -75,6 +79,9 @@ class WatchSettings:
         _non_negative("[watch] retry_backoff_seconds", self.retry_backoff_seconds)
         _positive("[watch] reader_threads", self.reader_threads)
         _positive("[watch] stop_timeout_seconds", self.stop_timeout_seconds)
+        _positive("[watch] read_timeout_seconds", self.read_timeout_seconds)
+        _non_negative("[watch] watch_depth", self.watch_depth)
+        _positive("[watch] stuck_seconds", self.stuck_seconds)
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,13 @@ class StoreSettings:
 class ReadingSettings:
     max_pixels: int = 200_000_000
     max_file_mb: float = 2048.0
+    max_decoded_mb: float = 1024.0
     databar_rows: int = -1
 
     def validate(self) -> None:
         _positive("[reading] max_pixels", self.max_pixels)
         _positive("[reading] max_file_mb", self.max_file_mb)
+        _positive("[reading] max_decoded_mb", self.max_decoded_mb)
         if self.databar_rows < -1:
             raise ConfigError(f"[reading] databar_rows must be -1 (auto) or >= 0, got {self.databar_rows}")
 
@@ -272,6 +281,12 @@ class LiveSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    per_file_lines: int = 20
+    summary_seconds: float = 10.0
+
+    def validate(self) -> None:
+        _non_negative("[logging] per_file_lines", self.per_file_lines)
+        _positive("[logging] summary_seconds", self.summary_seconds)
 
 
 @dataclass(frozen=True)
