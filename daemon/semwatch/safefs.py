@@ -106,9 +106,15 @@ def open_regular(path: str | Path, *, confine: Confinement = UNCONFINED,
     check_confined(name, confine)
     st = os.lstat(name)
     follow = stat.S_ISLNK(st.st_mode)
-    if not follow and not stat.S_ISREG(st.st_mode):
+    if follow:
+        # Look at the target before opening it: opening a device has effects of its own (a tape
+        # rewinds, a watchdog starts), so a link to one is refused without being opened.
+        st = os.stat(name)  # noqa: PTH116 - str paths keep surrogate bytes
+    if not stat.S_ISREG(st.st_mode):
         raise RefusedFile(f"not a regular file: {kind_of(st.st_mode)}")
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    # O_NOCTTY: a terminal swapped in after the check must not become the daemon's controlling tty.
+    flags = (os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+             | (0 if follow else os.O_NOFOLLOW))
     try:
         fd = os.open(name, flags)
     except OSError as exc:
@@ -148,7 +154,9 @@ def read_bounded(path: str | Path, max_bytes: int, *, confine: Confinement = UNC
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _NEEDS_ESCAPE = re.compile("[\\\\\udc80-\udcff]")
-_ESCAPED = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
+# Only bytes >= 0x80 are ever escaped: a "\\x41" typed by hand stays as it is (a surrogate
+# below \udc80 cannot be encoded back to bytes).
+_ESCAPED = re.compile(r"\\(\\|x[89a-fA-F][0-9a-fA-F])")
 
 
 def path_text(path: str | Path) -> str:
