@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import struct
 import subprocess
 import sys
 import time
+import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,13 @@ import numpy as np
 import pytest
 import tifffile
 
+from semwatch import micrograph as micrograph_mod
 from semwatch.config import Settings, load_settings
-from semwatch.micrograph import read_micrograph
+from semwatch.micrograph import probe, read_micrograph
+from semwatch.safefs import UNCONFINED, Confinement
+from semwatch.sidecar import read_sidecar
 from semwatch.values import MicrographError
+from test_safefs import call_within
 
 REPO = Path(__file__).resolve().parents[1]
 SEMWATCH = [sys.executable, "-m", "semwatch"]
@@ -122,7 +127,9 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (folder / "a folder.tif").mkdir()
     out["a folder.tif"] = (folder / "a folder.tif", "directory")
     os.mkfifo(folder / "pipe.tif")  # opening a FIFO for reading would block: must be refused first
-    out["pipe.tif"] = (folder / "pipe.tif", "not a regular file")
+    out["pipe.tif"] = (folder / "pipe.tif", "not a regular file: a FIFO")
+    (folder / "zero.tif").symlink_to("/dev/zero")  # endless: must be refused, never read
+    out["zero.tif"] = (folder / "zero.tif", "not a regular file: a character device")
     (folder / "dangling.tif").symlink_to(folder / "nowhere.tif")
     out["dangling.tif"] = (folder / "dangling.tif", "no such file")
     return out
@@ -184,14 +191,14 @@ def test_unreadable_file(tmp_path: Path, settings: Settings, monkeypatch: pytest
     """chmod 000 does not stop root (tests run as root): inject the PermissionError instead."""
     path = tmp_path / "locked.tif"
     tifffile.imwrite(path, _image())
-    real_open = builtins.open
+    real_open = os.open
 
-    def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
-        if Path(str(file)) == path:
+    def fake_open(file: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(os.fsdecode(file)) == path:
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     with pytest.raises(MicrographError, match="permission denied"):
         read_micrograph(path, settings)
 
@@ -248,3 +255,168 @@ def test_mutated_files_fail_cleanly(tmp_path: Path, settings: Settings, ncm_dir:
         except MicrographError as exc:
             assert "\n" not in str(exc)
         assert time.perf_counter() - t0 < 2.0
+
+
+# --- untrusted folder entries: FIFOs, devices, links, decompression bombs --------------------------
+
+
+def _reading(settings: Settings, **values: float) -> Settings:
+    return settings.replace(reading=load_settings(None, environ={}, overrides={"reading": values}).reading)
+
+
+@pytest.mark.parametrize("name", ["pipe.tif", "pipe.jpg", "pipe.png"])
+def test_fifo_named_as_image_fails_at_once(tmp_path: Path, settings: Settings, name: str) -> None:
+    """Nobody ever writes to it: opening it for reading would block the worker for ever."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    with pytest.raises(MicrographError, match=r"^not a regular file: a FIFO \(named pipe\)$"):
+        call_within(lambda: read_micrograph(fifo, settings), fifos=(fifo,))
+    with pytest.raises(MicrographError, match="FIFO"):
+        call_within(lambda: read_micrograph(fifo, settings, confine=Confinement(tmp_path)), fifos=(fifo,))
+    with pytest.raises(MicrographError, match="FIFO"):
+        call_within(lambda: probe(fifo, settings), fifos=(fifo,))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_link_to_dev_zero_is_refused(tmp_path: Path, settings: Settings) -> None:
+    link = tmp_path / "zero.jpg"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(MicrographError, match=r"^not a regular file: a character device$"):
+        call_within(lambda: read_micrograph(link, settings))
+    outside = r"^a symbolic link to a file outside the watch folder \(/dev/zero\)$"
+    with pytest.raises(MicrographError, match=outside):
+        call_within(lambda: read_micrograph(link, settings, confine=Confinement(tmp_path)))
+
+
+def test_symlink_policy_for_images(tmp_path: Path, settings: Settings) -> None:
+    watch, elsewhere = tmp_path / "watch", tmp_path / "elsewhere"
+    watch.mkdir()
+    elsewhere.mkdir()
+    (watch / "real.png").write_bytes(_encoded(".png"))
+    (elsewhere / "outside.png").write_bytes(_encoded(".png"))
+    (watch / "in.png").symlink_to(watch / "real.png")
+    (watch / "out.png").symlink_to(elsewhere / "outside.png")
+    inside, never, always = (Confinement(watch, p) for p in ("inside", "never", "always"))
+
+    assert read_micrograph(watch / "in.png", settings, confine=inside).width == 160
+    with pytest.raises(MicrographError, match="symbolic link to a file outside the watch folder"):
+        read_micrograph(watch / "out.png", settings, confine=inside)
+    assert read_micrograph(watch / "real.png", settings, confine=never).width == 160
+    for name in ("in.png", "out.png"):
+        with pytest.raises(MicrographError, match="symbolic link"):
+            read_micrograph(watch / name, settings, confine=never)
+        assert read_micrograph(watch / name, settings, confine=always).width == 160
+        assert read_micrograph(watch / name, settings).width == 160  # UNCONFINED: the command line
+
+
+@pytest.fixture
+def sne_copy(ncm_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A real SNE JPEG copied into a fresh folder, and its real sidecar kept aside."""
+    source = ncm_dir / "622" / "ETRI_ 20 kV_SE_HighVac_x500 __1550.jpg"
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    image = folder / source.name
+    image.write_bytes(source.read_bytes())
+    return image, Path(str(source) + ".txt")
+
+
+def test_real_sidecar_read_when_confined(sne_copy: tuple[Path, Path], settings: Settings) -> None:
+    image, real_side = sne_copy
+    side = Path(str(image) + ".txt")
+    side.write_bytes(real_side.read_bytes())
+
+    def vendor(confine: Confinement = UNCONFINED) -> str | None:
+        return read_micrograph(image, settings, confine=confine).metadata.vendor
+
+    assert vendor(Confinement(image.parent)) == "SEC"
+    side.unlink()
+    side.symlink_to(real_side)  # a link out of the watch folder: followed only where allowed
+    assert vendor(Confinement(image.parent)) is None
+    assert vendor(Confinement(image.parent, "never")) is None
+    assert vendor(Confinement(image.parent, "always")) == "SEC"
+    assert vendor() == "SEC"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "huge"])
+def test_hostile_sidecar_costs_only_the_metadata(sne_copy: tuple[Path, Path], settings: Settings,
+                                                 monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    image, _ = sne_copy
+    side = Path(str(image) + ".txt")
+    if kind == "fifo":
+        os.mkfifo(side)
+    elif kind == "zero":
+        side.symlink_to("/dev/zero")
+    else:
+        side.write_bytes(b"[Image Info]\r\nModel : SNE\r\n" + b"x" * 10_000_000)
+    fifos = (side,) if kind == "fifo" else ()
+    t0 = time.perf_counter()
+    m = call_within(lambda: read_micrograph(image, settings), fifos=fifos)
+    assert m.width == 1280 and m.metadata.vendor is None and m.metadata.magnification is None
+    # `sidecar_path` skips what is not a file; the entry can still be swapped in after that check:
+    # reading it must refuse at once, not block or fill memory.
+    monkeypatch.setattr(micrograph_mod, "sidecar_path", lambda _image: side)
+    m = call_within(lambda: read_micrograph(image, settings), fifos=fifos)
+    assert m.width == 1280 and m.metadata.vendor is None
+    with pytest.raises(OSError):
+        call_within(lambda: read_sidecar(side), fifos=fifos)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def _float64_bomb(path: Path, side: int = 5000, samples: int = 8) -> None:
+    """A side×side×8 float64 TIFF (1.6 GB decoded) whose zlib tiles of zeros make a ~1.6 MB file.
+    Every tile is the same, so it is compressed once and tifffile writes the encoded bytes."""
+    tile = zlib.compress(np.zeros((256, 256, samples), np.float64).tobytes())
+    count = (-(-side // 256)) ** 2
+    tifffile.imwrite(path, (tile for _ in range(count)), shape=(side, side, samples), dtype=np.float64,
+                     tile=(256, 256), compression="zlib", photometric="minisblack", planarconfig="contig")
+
+
+def test_float64_decompression_bomb_refused_from_the_header(tmp_path: Path, settings: Settings) -> None:
+    path = tmp_path / "bomb.tif"
+    _float64_bomb(path)
+    assert path.stat().st_size < 2_000_000
+    with tifffile.TiffFile(path) as tif:  # what tifffile would decode: 1.6 GB
+        assert tif.pages.first.nbytes == 5000 * 5000 * 8 * 8
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(MicrographError) as info:
+            read_micrograph(path, settings)
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == ("image too large to decode: 1526 MB decoded "
+                               "(> [reading] max_decoded_mb 1024)")
+    assert elapsed < 1.0, elapsed
+    assert peak < 20 * 1024 * 1024, peak  # numpy's allocations are traced too: nothing was decoded
+    # The limit is the setting's: raised above the decoded size, the header check lets it through.
+    assert probe(path, _reading(settings, max_decoded_mb=1600)).decoded_bytes == 1_600_000_000
+
+
+def test_decoded_size_counts_samples_bit_depth_and_planes(tmp_path: Path, settings: Settings) -> None:
+    """width × height × samples × bytes per sample × planes, for each format, as the decoder makes it."""
+    rng = np.random.default_rng(5)
+    rgba16 = rng.integers(0, 65535, (100, 120, 4), dtype=np.uint16)
+    ok, png = cv2.imencode(".png", rgba16)
+    assert ok
+    (tmp_path / "rgba16.png").write_bytes(png.tobytes())
+    cv2.imwrite(str(tmp_path / "rgb.jpg"), rng.integers(0, 255, (100, 120, 3), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "grey.jpg"), _image(100, 120))
+    cv2.imwrite(str(tmp_path / "grey.bmp"), _image(100, 120))  # 8-bit palette: expanded to BGR
+    planes = rng.integers(0, 255, (3, 100, 120), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "planar.tif", planes, photometric="rgb", planarconfig="separate")
+    volume = rng.integers(0, 65535, (5, 100, 128), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "volume.tif", volume, tile=(5, 16, 16), volumetric=True)
+    tifffile.imwrite(tmp_path / "f32.tif", rng.random((100, 120), dtype=np.float32))
+    expected = {"rgba16.png": 100 * 120 * 8, "rgb.jpg": 100 * 120 * 3, "grey.jpg": 100 * 120,
+                "grey.bmp": 100 * 120 * 3, "planar.tif": 100 * 120 * 3, "volume.tif": 5 * 100 * 128 * 2,
+                "f32.tif": 100 * 120 * 4}
+    for name, nbytes in expected.items():
+        header = probe(tmp_path / name, settings)
+        assert header.decoded_bytes == nbytes, (name, header)
+        read_micrograph(tmp_path / name, settings)  # within the default limit: read as before
+        with pytest.raises(MicrographError, match="too large to decode"):
+            read_micrograph(tmp_path / name, _reading(settings, max_decoded_mb=(nbytes - 1) / 1048576))
+        read_micrograph(tmp_path / name, _reading(settings, max_decoded_mb=nbytes / 1048576))

@@ -401,3 +401,23 @@ def test_fei_without_pixel_width_uses_field_width(settings: Settings, tmp_path: 
     path = tmp_path / "fei.tif"
     tifffile.imwrite(path, to_u8(with_bar(specimen(470, 1024), 70)), extratags=[(34682, "s", 0, text, True)])
     assert read_micrograph(path, settings).metadata.pixel_size_nm == pytest.approx(25.0)
+
+
+def test_overflowing_numbers_in_metadata_are_unknown(tmp_path: Path) -> None:
+    """'x999…9' (400 digits) parses to inf: an unknown value, never an infinite magnification that
+    would reach the tiling's scale factors."""
+    from semwatch.vendor_meta import from_fei, parse_magnification
+
+    side = tmp_path / "img.jpg.txt"
+    side.write_text(
+        f"[Image Info]\r\nMagnification : x{'9' * 400}\r\nAcceleated Voltage : {'9' * 400} kV\r\n",
+        encoding="utf-8",
+    )
+    md = read_sidecar(side)
+    assert md.vendor == "SEC" and md.magnification is None and md.voltage_kv is None
+    assert parse_magnification("1e999 X") is not None  # "1" then "e": a plain number, finite
+    assert parse_magnification("9" * 400) is None
+    fei = from_fei({"Scan": {"PixelWidth": "1e999"}, "EBeam": {"HFW": "1e-999", "HV": "1e999"},
+                    "Image": {"MagCanvasRealWidth": "0.128"}})
+    assert fei.metadata.pixel_size_nm is None and fei.metadata.voltage_kv is None
+    assert fei.metadata.magnification is None

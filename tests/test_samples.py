@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
+import pytest
+
 from semwatch.config import ExpectRule, SampleSettings
+from semwatch.safefs import Confinement
 from semwatch.samples import ImageRow, expected_class, matches_expected, sample_key, sample_verdict
 from semwatch.values import Metadata
+from test_safefs import call_within
 
 
 def row(cls: str | None, conf: float = 0.9, agree: float = 1.0, status: str = "ok") -> ImageRow:
@@ -42,6 +48,43 @@ def test_expected_from_rules_and_file(tmp_path: Path) -> None:
     assert matches_expected("622", "622", None, None)
     assert matches_expected("622_pristine", "622", None, None)
     assert not matches_expected("622_cycled", "622_formation", "622", "formation")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "huge", "directory", "binary"])
+def test_hostile_expected_txt_means_no_expectation(tmp_path: Path, kind: str) -> None:
+    """expected.txt that is a FIFO, a link to /dev/zero, 10 MB, a folder or not text: None, at once."""
+    expected = tmp_path / "expected.txt"
+    if kind == "fifo":
+        os.mkfifo(expected)
+    elif kind == "zero":
+        expected.symlink_to("/dev/zero")
+    elif kind == "huge":
+        expected.write_bytes(b"622_cycled\n" + b"#" * 10_000_000)
+    elif kind == "directory":
+        expected.mkdir()
+    else:
+        expected.write_bytes(b"\xff\xfe\x00garbage")
+    t0 = time.perf_counter()
+    found = call_within(lambda: expected_class("s", tmp_path / "x.jpg", SampleSettings()),
+                        fifos=(expected,) if kind == "fifo" else ())
+    assert found is None
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_expected_txt_symlink_policy(tmp_path: Path) -> None:
+    watch, elsewhere = tmp_path / "watch", tmp_path / "elsewhere"
+    (watch / "lot").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "expected.txt").write_text("811_cycled\n", encoding="utf-8")
+    (watch / "lot" / "expected.txt").symlink_to(elsewhere / "expected.txt")
+    image, s = watch / "lot" / "x.jpg", SampleSettings()
+    assert expected_class("lot", image, s, confine=Confinement(watch)) is None
+    assert expected_class("lot", image, s, confine=Confinement(watch, "never")) is None
+    assert expected_class("lot", image, s, confine=Confinement(watch, "always")) == "811_cycled"
+    assert expected_class("lot", image, s) == "811_cycled"  # unconfined (the default)
+    (watch / "lot" / "expected.txt").unlink()
+    (watch / "lot" / "expected.txt").write_text("\ufeff622\n", encoding="utf-8")  # BOM
+    assert expected_class("lot", image, s, confine=Confinement(watch, "never")) == "622"
 
 
 def test_sample_verdicts() -> None:

@@ -1,8 +1,11 @@
 """Reading one micrograph file into a `values.Micrograph` (float32 grey in [0, 1], data bar removed).
 
-Order of work, so that bad files fail fast and nothing huge is ever allocated: file checks (regular
-file, size), format from the file's signature (not its extension), image size from the header
-(refused above `[reading] max_pixels` before decoding), truncation checks, then decoding —
+Order of work, so that bad files fail fast and nothing huge is ever allocated: the file is opened
+only through `safefs.open_regular` (never blocks on a FIFO, never reads a device, follows links only
+as the `Confinement` allows), size checks, format from the file's signature (not its extension),
+image size from the header (refused above `[reading] max_pixels` or, counting every sample and
+plane the decoder would produce, `[reading] max_decoded_mb` before decoding), truncation checks,
+then decoding —
 TIFF with tifffile (vendor metadata from its tags), JPEG/PNG/BMP with OpenCV (metadata from an SNE
 sidecar `<image>.jpg.txt` where there is one). Every failure is a `MicrographError` with one line.
 """
@@ -10,7 +13,8 @@ sidecar `<image>.jpg.txt` where there is one). Every failure is a `MicrographErr
 from __future__ import annotations
 
 import logging
-import stat
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ import tifffile
 from semwatch import quality as quality_mod
 from semwatch.config import Settings
 from semwatch.databar import detect_databar
+from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, open_regular
 from semwatch.sidecar import read_sidecar, sidecar_path
 from semwatch.values import Metadata, Micrograph, MicrographError
 from semwatch.vendor_meta import VendorInfo, from_fei, from_imagej, from_zeiss
@@ -46,6 +51,8 @@ class Header:
     width: int
     height: int
     bit_depth: int
+    # What decoding would allocate: width × height × samples × bytes per sample × planes.
+    decoded_bytes: int = 0
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -64,35 +71,30 @@ def sniff_format(head: bytes) -> str | None:
 # --- file and header checks --------------------------------------------------------------------
 
 
-def _open_checked(path: Path, settings: Settings) -> tuple[BinaryIO, int]:
-    """Open `path` for reading after checking it is a regular, non-empty file within the size limit."""
+def _open_checked(path: Path, settings: Settings,
+                  confine: Confinement = UNCONFINED) -> tuple[BinaryIO, int]:
+    """Open `path` through `safefs.open_regular` (no stat-then-open race: the checks are made on
+    the descriptor that is read) and check it is non-empty and within the size limit."""
     try:
-        st = path.stat()
+        fd, st = open_regular(path, confine=confine)
+    except RefusedFile as exc:  # FIFO, socket, device, directory, a link the policy forbids
+        raise MicrographError(str(exc.strerror)) from None
     except FileNotFoundError:
         raise MicrographError("no such file") from None
     except PermissionError:
         raise MicrographError("permission denied") from None
     except OSError as exc:
         raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise MicrographError("is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):  # FIFOs, sockets, devices: opening could block forever
-        raise MicrographError("not a regular file")
-    if st.st_size == 0:
-        raise MicrographError("empty file (0 bytes)")
     limit = settings.reading.max_file_mb * 1024 * 1024
-    if st.st_size > limit:
+    if st.st_size == 0 or st.st_size > limit:
+        os.close(fd)
+        if st.st_size == 0:
+            raise MicrographError("empty file (0 bytes)")
         raise MicrographError(
             f"file too large ({st.st_size / 1048576:.1f} MB > [reading] max_file_mb "
             f"{settings.reading.max_file_mb:g})"
         )
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
-    except PermissionError:
-        raise MicrographError("permission denied") from None
-    except OSError as exc:
-        raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
-    return fh, st.st_size
+    return os.fdopen(fd, "rb"), st.st_size
 
 
 def _jpeg_header(fh: BinaryIO, size: int) -> Header:
@@ -116,10 +118,11 @@ def _jpeg_header(fh: BinaryIO, size: int) -> Header:
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if pos + 10 > len(data):
                 break
-            precision, height, width = struct.unpack(">BHH", data[pos + 4 : pos + 9])
+            precision, height, width, components = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
             if width == 0 or height == 0:
                 raise MicrographError("JPEG header gives no image size")
-            return Header("jpeg", width, height, precision)
+            return Header("jpeg", width, height, precision,
+                          _nbytes(width, height, max(1, components), precision))
         pos += 2 + length
     if size <= len(data) and pos + 4 > len(data):
         raise MicrographError("truncated JPEG (no frame header)")
@@ -130,10 +133,12 @@ def _png_header(fh: BinaryIO) -> Header:
     data = fh.read(33)
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise MicrographError("truncated or corrupt PNG header")
-    width, height, depth, _colour = struct.unpack(">IIBB", data[16:26])
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     if width == 0 or height == 0:
         raise MicrographError("PNG header gives no image size")
-    return Header("png", width, height, depth)
+    # Grey, -, RGB, palette (expanded to RGB), grey+alpha, -, RGBA; depths below 8 unpack to bytes.
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour, 4)
+    return Header("png", width, height, depth, _nbytes(width, height, channels, depth))
 
 
 def _bmp_header(fh: BinaryIO) -> Header:
@@ -149,10 +154,19 @@ def _bmp_header(fh: BinaryIO) -> Header:
         raise MicrographError("corrupt BMP header")
     if width <= 0 or height == 0:
         raise MicrographError("BMP header gives no image size")
-    return Header("bmp", width, abs(height), bpp)
+    # Palette and 16-bit pixels are expanded to 3 bytes (BGR), 32-bit to 4.
+    per_pixel = 3 if bpp <= 24 else max(4, math.ceil(bpp / 8))
+    return Header("bmp", width, abs(height), bpp, _nbytes(width, abs(height), per_pixel, 8))
+
+
+def _nbytes(width: int, height: int, samples: int, bits: int, planes: int = 1) -> int:
+    """Bytes a decoder allocates for the pixels: every sample of every plane, whole bytes each."""
+    return width * height * samples * max(1, math.ceil(bits / 8)) * planes
 
 
 def _check_pixels(header: Header, settings: Settings) -> None:
+    """Refuse, from the header alone, an image whose decoding would take more memory than the
+    settings allow (pixel count, and decoded bytes: a small compressed file can claim gigabytes)."""
     if header.width <= 0 or header.height <= 0:
         raise MicrographError(f"{header.format.upper()} header gives no image size")
     limit = settings.reading.max_pixels
@@ -160,6 +174,12 @@ def _check_pixels(header: Header, settings: Settings) -> None:
         raise MicrographError(
             f"image too large: header says {header.width}×{header.height} pixels "
             f"(> [reading] max_pixels {limit})"
+        )
+    max_mb = settings.reading.max_decoded_mb
+    if header.decoded_bytes > max_mb * 1048576:
+        raise MicrographError(
+            f"image too large to decode: {header.decoded_bytes / 1048576:.0f} MB decoded "
+            f"(> [reading] max_decoded_mb {max_mb:g})"
         )
 
 
@@ -201,7 +221,8 @@ def _sniff_open(fh: BinaryIO) -> str:
 
 def _tiff(fh: BinaryIO) -> tifffile.TiffFile:
     try:
-        return tifffile.TiffFile(fh)
+        # The stream is a file descriptor opened by safefs, whose `.name` is an int: name it.
+        return tifffile.TiffFile(fh, name="micrograph.tif")
     except MicrographError:
         raise
     except Exception as exc:  # tifffile raises many types on malformed input
@@ -225,12 +246,17 @@ def _tiff_header(tif: tifffile.TiffFile) -> Header:
         depth = max(1, int(getattr(page, "imagedepth", 1) or 1))
         bits = int(page.bitspersample)
         samples = int(page.samplesperpixel)
+        dtype = page.dtype
+        itemsize = int(dtype.itemsize) if dtype is not None else 0
     except Exception as exc:
         raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
     if samples > 8 or bits > 64:  # would multiply the memory the pixel limit is meant to bound
         raise MicrographError(f"unsupported TIFF layout ({samples} samples of {bits} bits per pixel)")
-    # Volumes (imagedepth > 1) would be decoded whole: count their pixels too.
-    return Header("tiff", width, height * depth if depth > 1 else height, bits)
+    # `page.asarray()` decodes the first page whole: every sample (chunky or planar), every plane
+    # of a volume (imagedepth), each in tifffile's dtype (24-bit samples come as 4-byte words).
+    decoded = _nbytes(width, height, max(1, samples), max(bits, 8 * itemsize), depth)
+    # Volumes would be decoded whole: count their pixels too.
+    return Header("tiff", width, height * depth if depth > 1 else height, bits, decoded)
 
 
 def _tiff_vendor(tif: tifffile.TiffFile) -> VendorInfo | None:
@@ -389,11 +415,14 @@ def _databar_rows(grey: np.ndarray, vendor: VendorInfo | None, settings: Setting
     return detect_databar(grey)
 
 
-def read_micrograph(path: Path, settings: Settings) -> Micrograph:
-    """Read one micrograph (see the module docstring); raises `MicrographError` with one line."""
+def read_micrograph(path: Path, settings: Settings, *, confine: Confinement = UNCONFINED) -> Micrograph:
+    """Read one micrograph (see the module docstring); raises `MicrographError` with one line.
+
+    `confine`: where the image and its sidecar may be read from (the watch folder and its symlink
+    policy for the daemon; `UNCONFINED` for files named on the command line)."""
     path = Path(path)
     try:
-        return _read(path, settings)
+        return _read(path, settings, confine)
     except MicrographError:
         raise
     except MemoryError:
@@ -402,8 +431,8 @@ def read_micrograph(path: Path, settings: Settings) -> Micrograph:
         raise MicrographError(f"cannot read {path.suffix.lstrip('.') or 'file'} ({_short(exc)})") from None
 
 
-def _read(path: Path, settings: Settings) -> Micrograph:
-    fh, size = _open_checked(path, settings)
+def _read(path: Path, settings: Settings, confine: Confinement) -> Micrograph:
+    fh, size = _open_checked(path, settings, confine)
     vendor: VendorInfo | None = None
     try:
         with fh:
@@ -421,7 +450,7 @@ def _read(path: Path, settings: Settings) -> Micrograph:
         raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
 
     height, width = grey.shape
-    metadata = vendor.metadata if vendor is not None else _sidecar_metadata(path)
+    metadata = vendor.metadata if vendor is not None else _sidecar_metadata(path, confine)
     rows = _databar_rows(grey, vendor, settings)
     pixels = np.ascontiguousarray(grey[: height - rows])
     return Micrograph(
@@ -437,13 +466,13 @@ def _read(path: Path, settings: Settings) -> Micrograph:
     )
 
 
-def _sidecar_metadata(path: Path) -> Metadata:
+def _sidecar_metadata(path: Path, confine: Confinement = UNCONFINED) -> Metadata:
     side = sidecar_path(path)
     if side is None:
         return Metadata()
     try:
-        return read_sidecar(side)
-    except Exception:  # an unreadable or odd sidecar costs the metadata, not the image
+        return read_sidecar(side, confine=confine)
+    except Exception:  # unreadable, refused (FIFO, device, link outside) or odd: costs the metadata
         return Metadata()
 
 

@@ -15,9 +15,12 @@ from pathlib import Path
 
 from semwatch import db
 from semwatch.config import SampleSettings
+from semwatch.safefs import UNCONFINED, Confinement, read_bounded
 from semwatch.values import Metadata, SampleVerdict
 
 EXPECTED_FILE = "expected.txt"
+# An expected.txt holds a class name or two; anything larger is not one (or a link to /dev/zero).
+MAX_EXPECTED_BYTES = 64 * 1024
 
 
 def sample_key(path: Path, watch_folder: Path, settings: SampleSettings,
@@ -50,15 +53,19 @@ def parent_key(path: Path, watch_folder: Path) -> str:
     return rel.as_posix() or "."
 
 
-def expected_class(sample_id: str, image_path: Path, settings: SampleSettings) -> str | None:
+def expected_class(sample_id: str, image_path: Path, settings: SampleSettings, *,
+                   confine: Confinement = UNCONFINED) -> str | None:
     """The class a sample should be: the first `[[samples.expect]]` rule whose pattern matches the
-    sample id, else `expected.txt` in the image's folder (first non-empty line), else None."""
+    sample id, else `expected.txt` in the image's folder (first non-empty line), else None.
+
+    expected.txt is read through `safefs.read_bounded`: a FIFO, a device, a link `confine`
+    forbids or a file over `MAX_EXPECTED_BYTES` means no expectation, at once."""
     for rule in settings.expect:
         if re.search(rule.pattern, sample_id):
             return rule.expected_class
     candidate = image_path.parent / EXPECTED_FILE
     try:
-        text = candidate.read_text(encoding="utf-8-sig")
+        text = read_bounded(candidate, MAX_EXPECTED_BYTES, confine=confine).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError):
         return None
     for line in text.splitlines():

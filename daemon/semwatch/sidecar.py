@@ -7,15 +7,18 @@ with fractional seconds, so the date comes from `Date` and the time of day from 
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, time
 from pathlib import Path, PureWindowsPath
 
+from semwatch.safefs import UNCONFINED, Confinement, read_bounded
 from semwatch.values import Metadata
 from semwatch.vendor_meta import parse_magnification
 
-# A sidecar larger than this is not a sidecar (guards against reading a huge stray file).
-MAX_SIDECAR_BYTES = 1_000_000
+# A sidecar larger than this is not a sidecar (real ones are about 2 KB): a huge stray file, or a
+# link to /dev/zero, is refused instead of read.
+MAX_SIDECAR_BYTES = 256 * 1024
 
 _MARKERS_PM = ("오후", "PM", "pm")
 _MARKERS_AM = ("오전", "AM", "am")
@@ -51,7 +54,10 @@ def _number(text: str | None) -> float | None:
     if not text:
         return None
     m = _NUMBER.search(text)
-    return float(m.group().replace(",", ".")) if m else None
+    if not m:
+        return None
+    value = float(m.group().replace(",", "."))
+    return value if math.isfinite(value) else None  # 400 digits overflow to inf
 
 
 def _voltage_kv(text: str | None) -> float | None:
@@ -95,10 +101,12 @@ def _acquired_at(date_line: str | None, time_line: str | None) -> datetime | Non
         return None
 
 
-def read_sidecar(path: Path) -> Metadata:
-    """Parse one SNE sidecar; fields it does not carry stay None (never raises on content)."""
-    with path.open("rb") as fh:
-        data = fh.read(MAX_SIDECAR_BYTES)
+def read_sidecar(path: Path, *, confine: Confinement = UNCONFINED) -> Metadata:
+    """Parse one SNE sidecar; fields it does not carry stay None (never raises on content).
+
+    Read through `safefs.read_bounded`, so a FIFO, a device, a link `confine` forbids or a file
+    over `MAX_SIDECAR_BYTES` raises `OSError` at once instead of blocking or filling memory."""
+    data = read_bounded(path, MAX_SIDECAR_BYTES, confine=confine)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:  # older Korean Windows software writes CP949

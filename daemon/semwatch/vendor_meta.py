@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +40,9 @@ def _float(value: Any) -> float | None:
 
 
 def _positive(value: float | None) -> float | None:
-    return value if value is not None and value > 0 else None
+    """A usable physical value: positive and finite ("1e999" in a tag parses to inf, which would
+    reach the tiling's scale factors)."""
+    return value if value is not None and value > 0 and math.isfinite(value) else None
 
 
 def _parse_datetime(text: str, formats: tuple[str, ...]) -> datetime | None:
