@@ -47,9 +47,14 @@ def test_looks_complete(tmp_path: Path, ncm_dir: Path) -> None:
     whole, half = tmp_path / "a.jpg", tmp_path / "b.jpg"
     whole.write_bytes(data)
     half.write_bytes(data[: len(data) // 2])
-    assert looks_complete(str(whole), len(data))
-    assert not looks_complete(str(half), len(data) // 2)
-    assert not looks_complete(str(tmp_path / "c.jpg"), 0)
+    empty = tmp_path / "c.jpg"
+    empty.write_bytes(b"")
+    assert looks_complete(str(whole), whole.stat())
+    assert not looks_complete(str(half), half.stat())
+    assert not looks_complete(str(empty), empty.stat())
+    fifo = tmp_path / "d.jpg"
+    os.mkfifo(fifo)  # never opened here: the reader refuses it with a reason
+    assert looks_complete(str(fifo), fifo.stat())
 
 
 class Harness:

@@ -6,6 +6,8 @@ Every connection opened here is tracked, so the test suite can fail a test that 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import weakref
 from pathlib import Path
@@ -48,3 +50,25 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout_ms: int = 10000,
 def open_connections() -> list[TrackedConnection]:
     """Connections opened through `connect` and not yet closed."""
     return [c for c in _open if not c.closed]
+
+
+class DatabaseLocked(Exception):
+    """Another daemon holds the database's lock."""
+
+
+def lock_database(path: Path) -> int:
+    """Take the exclusive lock `<database>.lock` (flock, released by the kernel when the process
+    ends, so a crash never leaves a stale lock). Returns its descriptor; raises `DatabaseLocked`
+    naming the holder's pid when another daemon has it. Readers never take it."""
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise DatabaseLocked(f"another semwatch daemon (pid {holder}) is using the database {path}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd

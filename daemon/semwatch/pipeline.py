@@ -9,10 +9,15 @@
 
 A file's bytes are hashed before decoding: a content already classified by the same model (a
 copy, a re-export, a touched file) reuses that result instead of running the network again, and
-copies arriving together wait for the first one. A read that fails is retried with back-off and
-then recorded `failed` with its reason; a file that changed while it was read goes back to the
-settle gate. On stop, work in flight is finished and queued work is left `pending` for the next
-start.
+copies arriving together wait for the first one. Files are opened only through `safefs` (regular
+files, the symlink policy, bounded size). Each attempt is committed to the ledger before the file
+is read, so a file that kills the daemon is `failed` after `max_attempts` restarts instead of a
+crash loop. A file refused on sight (a FIFO, a link outside the folder) or whose content cannot be
+decoded fails at once; a read error that may pass (I/O, permission, a truncated file still being
+written) is retried with back-off. A read that outlives `[watch] read_timeout_seconds` is abandoned
+(`check_readers`): the file is recorded failed and the stuck reader thread replaced. A file that
+changed while it was read goes back to the settle gate. On stop, work in flight is finished and
+queued work is left `pending` for the next start.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -33,9 +39,22 @@ import numpy as np
 
 from semwatch import db
 from semwatch.config import Settings
+from semwatch.liveness import Liveness, Stage
+from semwatch.logs import PER_FILE
+from semwatch.safefs import Confinement, RefusedFile, open_regular
 from semwatch.samples import expected_class, sample_key
-from semwatch.stability import Candidate
-from semwatch.store import Attempt, Failed, FileKey, Gone, Pending, Result, Writer, find_result_by_content
+from semwatch.stability import Candidate, stat_path
+from semwatch.store import (
+    Attempt,
+    Failed,
+    FileKey,
+    Gone,
+    Pending,
+    Result,
+    Started,
+    Writer,
+    find_result_by_content,
+)
 from semwatch.values import ImageVerdict, MicrographError
 
 log = logging.getLogger("semwatch.pipeline")
@@ -56,7 +75,29 @@ class ClassifierLike(Protocol):
 
 
 class Reader(Protocol):
-    def __call__(self, path: Path, settings: Settings) -> Any: ...
+    def __call__(self, path: Path, settings: Settings, *, confine: Confinement) -> Any: ...
+
+
+# Read failures that may pass on their own (a copy still in progress, a share that hiccups): these
+# are retried; any other failure of a file that has stopped changing would fail the same way again.
+_TRANSIENT = ("truncated", "cannot read file", "permission denied", "not enough memory")
+
+
+class _Abandoned(Exception):
+    """The reader was given up on by `check_readers` while it worked: drop what it produced."""
+
+
+@dataclass
+class ReaderSlot:
+    """One reader thread and what it is doing (for the read timeout)."""
+
+    index: int
+    stage: Stage
+    thread: threading.Thread | None = None
+    job: Job | None = None
+    sha256: str | None = None
+    started: float = 0.0
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,13 +162,15 @@ class Pipeline:
     """Reader threads, one inference thread; results go to the writer, outcomes back to the watcher."""
 
     def __init__(self, settings: Settings, classifier: ClassifierLike, writer: Writer, watch_folder: Path,
-                 *, read: Reader, database: Path) -> None:
+                 *, read: Reader, database: Path, liveness: Liveness | None = None) -> None:
         self.settings = settings
         self.classifier = classifier
         self.writer = writer
         self.watch_folder = watch_folder
         self.read = read
         self.database = database
+        self.liveness = liveness or Liveness()
+        self.confine = Confinement(watch_folder, settings.watch.follow_symlinks)
         self.watcher: Any = None  # set by the service before start(): finished / retry / changed
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.prepared: queue.Queue[Prepared] = queue.Queue(maxsize=max(4, 2 * settings.watch.reader_threads))
@@ -136,26 +179,40 @@ class Pipeline:
         self.rates = Rates()
         self.done = 0
         self.failed = 0
+        self.timed_out = 0
         self.busy_readers = 0
         self.in_inference = 0
         self._lock = threading.Lock()
         self._leaders: dict[str, list[tuple[Job, str, str | None]]] = {}
         self._recent: OrderedDict[str, ImageVerdict] = OrderedDict()
         self._dedupe = settings.samples.key != "metadata"  # metadata keys depend on the sidecar too
-        self._threads: list[threading.Thread] = []
+        self._slots: list[ReaderSlot] = []
+        self._abandoned: list[ReaderSlot] = []
+        self._inference: threading.Thread | None = None
+        self._inference_stage = self.liveness.stage("inference")
         self._readers_left = 0
+        self._next_slot = 0
 
     # --- control ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        n = self.settings.watch.reader_threads
-        self._readers_left = n
-        self._threads = [threading.Thread(target=self._reader_main, name=f"semwatch-reader-{i}", daemon=True)
-                         for i in range(n)]
-        self._threads.append(threading.Thread(target=self._inference_main, name="semwatch-inference",
-                                              daemon=True))
-        for t in self._threads:
-            t.start()
+        for _ in range(self.settings.watch.reader_threads):
+            self._start_reader()
+        self._inference = threading.Thread(target=self._inference_main, name="semwatch-inference",
+                                           daemon=True)
+        self._inference.start()
+
+    def _start_reader(self) -> ReaderSlot:
+        index = self._next_slot
+        self._next_slot += 1
+        slot = ReaderSlot(index, self.liveness.stage(f"reader-{index}"))
+        slot.thread = threading.Thread(target=self._reader_main, args=(slot,),
+                                       name=f"semwatch-reader-{index}", daemon=True)
+        with self._lock:
+            self._slots.append(slot)
+            self._readers_left += 1
+        slot.thread.start()
+        return slot
 
     def submit(self, cand: Candidate) -> None:
         """From the watcher thread: a settled file. Its ledger row is written before any result."""
@@ -163,62 +220,148 @@ class Pipeline:
         self.jobs.put(Job(cand.key, cand.attempts))
 
     def stop(self, timeout: float) -> bool:
-        """Finish work in flight (queued jobs stay pending); True if everything ended in time."""
+        """Finish work in flight (queued jobs stay pending); True if everything ended in time.
+        Abandoned (stuck) readers are not waited for: they hold nothing the ledger needs."""
         self.stopping.set()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
+        for t in self._threads():
             t.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
+        return not any(t.is_alive() for t in self._threads())
+
+    def _threads(self) -> list[threading.Thread]:
+        with self._lock:
+            threads = [s.thread for s in self._slots if s.thread is not None]
+        return threads + ([self._inference] if self._inference is not None else [])
 
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads) and self.error is None
+        return all(t.is_alive() for t in self._threads()) and self.error is None
 
     def counts(self) -> tuple[int, int]:
         """(queued, in progress) images."""
         return self.jobs.qsize(), self.busy_readers + self.prepared.qsize() + self.in_inference
 
+    def check_readers(self, now: float | None = None) -> None:
+        """Called about once a second by the service: a reader busy with one file for longer than
+        `[watch] read_timeout_seconds` is abandoned (Python cannot kill a thread blocked in a
+        system call): its file is recorded failed, a fresh reader takes its place. Too many stuck
+        threads at once (a hung share) is an error: the service exits for systemd to restart it."""
+        now = time.monotonic() if now is None else now
+        limit = self.settings.watch.read_timeout_seconds
+        with self._lock:
+            late = [s for s in self._slots
+                    if s.job is not None and not s.abandoned and now - s.started > limit]
+            for slot in late:
+                slot.abandoned = True
+                self._slots.remove(slot)
+                self._abandoned.append(slot)
+                self._readers_left -= 1
+            self._abandoned = [s for s in self._abandoned if s.thread is not None and s.thread.is_alive()]
+            stuck = len(self._abandoned)
+        for slot in late:
+            job = slot.job
+            assert job is not None
+            self.liveness.remove(slot.stage.name)
+            log.error("reading %s took longer than %.0f s; giving up on it and starting a new reader",
+                      job.key.path, limit)
+            self.writer.put(Failed(job.key, max(job.attempts + 1, 1),
+                                   f"timed out: reading took longer than {limit:g} s "
+                                   "([watch] read_timeout_seconds)", slot.sha256, None))
+            with self._lock:
+                self.failed += 1
+                self.timed_out += 1
+            if slot.sha256 is not None:
+                self._release(slot.sha256, retry_followers=True)
+            if self.watcher is not None:
+                self.watcher.finished(job.key)
+            if not self.stopping.is_set():
+                self._start_reader()
+        if stuck > 2 * self.settings.watch.reader_threads:
+            self.error = RuntimeError(f"{stuck} reader threads are stuck in reads that never return")
+
     # --- readers ----------------------------------------------------------------------------
 
-    def _reader_main(self) -> None:
-        conn = db.connect(self.database, readonly=True, busy_timeout_ms=self.settings.store.busy_timeout_ms)
+    def _reader_main(self, slot: ReaderSlot) -> None:
+        conn = db.connect(self.database, readonly=True, busy_timeout_ms=self.settings.store.busy_timeout_ms,
+                          check_same_thread=False)
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and not slot.abandoned:
                 try:
                     job = self.jobs.get(timeout=0.2)
                 except queue.Empty:
                     continue
                 with self._lock:
+                    if slot.abandoned:
+                        self.jobs.put(job)
+                        return
                     self.busy_readers += 1
+                    slot.job, slot.sha256, slot.started = job, None, time.monotonic()
+                slot.stage.busy(f"reading {job.key.path}")
                 try:
-                    self._read_one(job, conn)
+                    self._read_one(job, conn, slot)
+                except _Abandoned:
+                    return
                 except Exception as exc:  # never let one file stop a reader
                     log.exception("unexpected error reading %s", job.key.path)
-                    self._failure(job, f"internal error: {type(exc).__name__}: {exc}", None, None)
+                    self._failure(job, f"internal error: {type(exc).__name__}: {exc}", None, None, slot)
                 finally:
                     with self._lock:
                         self.busy_readers -= 1
+                        slot.job = None
+                    slot.stage.idle()
+        except _Abandoned:
+            return
         except BaseException as exc:  # pragma: no cover - the service sees `error`
             self.error = exc
         finally:
             conn.close()
             with self._lock:
-                self._readers_left -= 1
+                if not slot.abandoned:
+                    self._readers_left -= 1
 
-    def _read_one(self, job: Job, conn: db.TrackedConnection) -> None:
+    def _check(self, slot: ReaderSlot) -> None:
+        if slot.abandoned:
+            raise _Abandoned
+
+    def _record_attempt(self, job: Job, slot: ReaderSlot) -> None:
+        """Commit the attempt before reading (see the module docstring); waits for the writer."""
+        done = threading.Event()
+        self.writer.put(Started(job.key, done))
+        while not done.wait(0.5):
+            if not self.writer.is_alive():
+                return
+            slot.stage.beat()  # waiting on the writer (e.g. a full disk it retries): not stuck here
+            self._check(slot)
+
+    def _read_one(self, job: Job, conn: db.TrackedConnection, slot: ReaderSlot) -> None:
         path = Path(job.key.path)
+        limit = self.settings.watch.max_attempts
+        if job.attempts >= limit:
+            # Attempts are counted before reading: this file was being read each time the daemon
+            # stopped or crashed. Reading it again could crash the daemon again.
+            self._final_failure(job, f"interrupted {job.attempts} time(s) while being read "
+                                f"(the daemon stopped or crashed each time)", None, None)
+            return
+        self._record_attempt(job, slot)
         try:
-            sha = _sha256(path)
+            sha = self._sha256(path, slot)
+        except RefusedFile as exc:
+            self._check(slot)
+            self._final_failure(job, f"refused: {exc.strerror}", None, None, attempts=job.attempts + 1)
+            return
         except OSError as exc:
-            if not path.exists():
+            self._check(slot)
+            if not _exists(path):
                 self._gone(job)
             else:
-                self._failure(job, f"cannot read file: {exc.strerror or exc}", None, None)
+                self._failure(job, f"cannot read file: {exc.strerror or exc}", None, None, slot)
             return
+        self._check(slot)
+        slot.sha256 = sha
         if self._changed(job):
             return
         sample_id = sample_key(path, self.watch_folder, self.settings.samples)
         if self._dedupe:
-            expected = expected_class(sample_id, path, self.settings.samples)
+            expected = expected_class(sample_id, path, self.settings.samples, confine=self.confine)
             with self._lock:
                 followers = self._leaders.get(sha)
                 if followers is not None:
@@ -238,27 +381,54 @@ class Pipeline:
                 self._emit(job, sha, sample_id, expected, _with_path(cached, path), 0)
                 return
         try:
-            micrograph = self.read(path, self.settings)
+            micrograph = self.read(path, self.settings, confine=self.confine)
         except MicrographError as exc:
+            self._check(slot)
             self._release(sha, retry_followers=True)
             if not self._changed(job):
-                self._failure(job, str(exc), sha, sample_id)
+                self._failure(job, str(exc), sha, sample_id, slot)
             return
+        self._check(slot)
         if self._changed(job):
             self._release(sha, retry_followers=True)
             return
         if self.settings.samples.key == "metadata":
             sample_id = sample_key(path, self.watch_folder, self.settings.samples, micrograph.metadata)
-        expected = expected_class(sample_id, path, self.settings.samples)
+        expected = expected_class(sample_id, path, self.settings.samples, confine=self.confine)
         prepared = self.classifier.prepare(micrograph)
         del micrograph
         n_tiles = len(prepared.tiles)
-        self.prepared.put(Prepared(job, sha, sample_id, expected, prepared, n_tiles))
+        self._check(slot)
+        while True:  # bounded queue: wait for inference, but stay abandonable
+            try:
+                self.prepared.put(Prepared(job, sha, sample_id, expected, prepared, n_tiles), timeout=0.5)
+                return
+            except queue.Full:
+                slot.stage.beat()  # waiting for the inference stage, which has its own liveness
+                self._check(slot)
+
+    def _sha256(self, path: Path, slot: ReaderSlot) -> str:
+        """The file's SHA-256, read through the safe open with the size limit; each chunk is
+        progress for the liveness signal."""
+        max_bytes = int(self.settings.reading.max_file_mb * 1024 * 1024)
+        fd, _ = open_regular(path, confine=self.confine, max_bytes=max_bytes)
+        h = hashlib.sha256()
+        total = 0
+        with os.fdopen(fd, "rb") as fh:
+            while chunk := fh.read(HASH_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise RefusedFile(f"file too large (> [reading] max_file_mb "
+                                      f"{self.settings.reading.max_file_mb:g})")
+                h.update(chunk)
+                slot.stage.beat()
+                self._check(slot)
+        return h.hexdigest()
 
     def _changed(self, job: Job) -> bool:
         """The file changed or vanished since it settled: back to the gate, no attempt counted."""
         try:
-            key = FileKey.of(job.key.path, Path(job.key.path).stat())
+            key = FileKey.of(job.key.path, stat_path(job.key.path))
         except OSError:
             self._gone(job)
             return True
@@ -274,22 +444,33 @@ class Pipeline:
         if self.watcher is not None:
             self.watcher.changed(job.key)
 
-    def _failure(self, job: Job, error: str, sha: str | None, sample_id: str | None) -> None:
+    def _failure(self, job: Job, error: str, sha: str | None, sample_id: str | None,
+                 slot: ReaderSlot | None = None, *, transient: bool | None = None) -> None:
+        """A failed attempt: retried with back-off where the cause may pass, else final."""
         attempts = job.attempts + 1
-        if attempts >= self.settings.watch.max_attempts:
-            log.error("failed: %s: %s (after %d attempt(s))", job.key.path, error, attempts)
-            self.writer.put(Failed(job.key, attempts, error, sha, sample_id))
-            with self._lock:
-                self.failed += 1
-            if self.watcher is not None:
-                self.watcher.finished(job.key)
+        if slot is not None and slot.abandoned:
+            return
+        if transient is None:
+            transient = error.lower().startswith(_TRANSIENT)
+        if attempts >= self.settings.watch.max_attempts or not transient:
+            self._final_failure(job, error, sha, sample_id, attempts=attempts)
             return
         delay = self.settings.watch.retry_backoff_seconds * 2 ** (attempts - 1)
         log.warning("cannot read %s: %s; retry %d/%d in %.1f s", job.key.path, error, attempts,
-                    self.settings.watch.max_attempts - 1, delay)
+                    self.settings.watch.max_attempts - 1, delay, extra=PER_FILE)
         self.writer.put(Attempt(job.key, attempts, error))
         if self.watcher is not None:
             self.watcher.retry(job.key, attempts, delay)
+
+    def _final_failure(self, job: Job, error: str, sha: str | None, sample_id: str | None, *,
+                       attempts: int | None = None) -> None:
+        attempts = job.attempts if attempts is None else attempts
+        log.error("failed: %s: %s (after %d attempt(s))", job.key.path, error, attempts, extra=PER_FILE)
+        self.writer.put(Failed(job.key, attempts, error, sha, sample_id))
+        with self._lock:
+            self.failed += 1
+        if self.watcher is not None:
+            self.watcher.finished(job.key)
 
     def _release(self, sha: str, *, retry_followers: bool) -> None:
         """The leader for `sha` gave up: its followers are read on their own."""
@@ -310,7 +491,9 @@ class Pipeline:
                     if self.stopping.is_set() and readers_left == 0 and self.prepared.empty():
                         return
                     continue
-                self._run_batch(batch)
+                tiles = sum(b.n_tiles for b in batch)
+                with self._inference_stage.working(f"classifying {len(batch)} image(s), {tiles} tile(s)"):
+                    self._run_batch(batch)
         except BaseException as exc:
             self.error = exc
             log.error("inference stopped: %s", exc)
@@ -350,7 +533,7 @@ class Pipeline:
             for item in batch:
                 self._release(item.sha256, retry_followers=True)
                 self._failure(item.job, f"inference failed: {type(exc).__name__}: {exc}", item.sha256,
-                              item.sample_id)
+                              item.sample_id, transient=True)
             with self._lock:
                 self.in_inference -= len(batch)
             return
@@ -407,7 +590,8 @@ class Pipeline:
         with self._lock:
             self.done += 1
         log.info("%s: %s %s conf %.2f (%d tiles) [%s]", job.key.path, verdict.status,
-                 verdict.predicted_class or "-", verdict.confidence, verdict.n_tiles, sample_id)
+                 verdict.predicted_class or "-", verdict.confidence, verdict.n_tiles, sample_id,
+                 extra=PER_FILE)
         if self.watcher is not None:
             self.watcher.finished(job.key)
 
@@ -417,12 +601,12 @@ class Pipeline:
             self._emit(job, sha, sample_id, expected, _with_path(verdict, Path(job.key.path)), 0)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def _exists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
 
 
 def _with_path(verdict: ImageVerdict, path: Path) -> ImageVerdict:

@@ -3,10 +3,15 @@
 Start-up: check the watch folder (missing → configuration error, exit 78), load the model
 (missing or refused → exit 78, so systemd does not restart into the same error), open the
 database, reconcile the CSV after a crash, start writer → pipeline → watcher, then READY=1.
-About once a second: the `daemon` row, STATUS=, and WATCHDOG=1 only while the watcher, the
-pipeline and the writer are alive. SIGTERM/SIGINT: stop taking files, finish work in flight
-(`[watch] stop_timeout_seconds`), exit 0; a second signal exits at once (nothing is lost: queued
-files stay `pending` and are processed at the next start). A dead watcher, writer or inference
+Only one daemon per database: an exclusive lock `<database>.lock` (a second one exits 75,
+EX_TEMPFAIL). About once a second: the `daemon` row, STATUS=, the read timeout check, and
+WATCHDOG=1 only while every thread is alive and every busy stage (watcher, readers, inference,
+writer, scheduler) has moved within the stuck threshold (`[watch] stuck_seconds`, or the unit's
+WatchdogSec if shorter): a thread alive but blocked starves the watchdog and is logged. A database
+file deleted or replaced under the daemon is noticed within a second: exit 1. SIGTERM/SIGINT:
+stop taking files, finish work in flight (`[watch] stop_timeout_seconds`), exit 0; a second
+signal exits at once (nothing is lost: queued files stay `pending` and are processed at the next
+start). A dead watcher, writer or inference
 thread exits 1 so systemd restarts the service.
 """
 
@@ -24,60 +29,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from semwatch import db
 from semwatch.config import ConfigError, Settings
 from semwatch.errors import UserError
+from semwatch.liveness import Liveness
+from semwatch.logs import setup_logging
 from semwatch.sdnotify import Notifier
 
 log = logging.getLogger("semwatch")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon holds this database
 STATUS_SECONDS = 1.0
 TRIM_SECONDS = 30.0  # hand freed heap memory back to the system this often
-
-
-# --- logging ---------------------------------------------------------------------------------------
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to the current sys.stderr (rich's live display redirects it while it runs)."""
-
-    def __init__(self, journald: bool) -> None:
-        super().__init__()
-        self.journald = journald
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record).replace("\r", " ").replace("\n", " | ")
-            if self.journald:  # sd-daemon(3) priority prefixes: journald files the level
-                line = f"<{_syslog_priority(record.levelno)}>{line}"
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)
-
-
-def _syslog_priority(level: int) -> int:
-    if level >= logging.ERROR:
-        return 3
-    if level >= logging.WARNING:
-        return 4
-    if level >= logging.INFO:
-        return 6
-    return 7
-
-
-def setup_logging(level: str) -> None:
-    """Plain one-line records (no ANSI, no carriage returns); no timestamps under journald."""
-    journald = bool(os.environ.get("JOURNAL_STREAM"))
-    handler = _StderrHandler(journald)
-    fmt = "%(levelname)s %(name)s: %(message)s" if journald else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger("semwatch")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 # --- the service -----------------------------------------------------------------------------------
@@ -110,7 +75,6 @@ def watch_command(args: argparse.Namespace, settings: Settings) -> int:
     if folder_arg is not None:
         watch = dataclasses.replace(settings.watch, folder=Path(folder_arg).absolute())
         settings = settings.replace(watch=watch)
-    setup_logging(settings.logging.level)
     plain = bool(getattr(args, "plain", False)) or not sys.stdout.isatty()
     return Service(settings, plain=plain).run()
 
@@ -123,17 +87,38 @@ class Service:
         self.notifier = Notifier()
         self.signals = _Signals()
         self.malloc = _Malloc()
+        self.liveness = Liveness()
+        self.limiter = setup_logging(settings.logging.level, per_file_lines=settings.logging.per_file_lines,
+                                     summary_seconds=settings.logging.summary_seconds)
+        self.stuck_after = _stuck_threshold(settings.watch.stuck_seconds, os.environ)
+        self._stuck_logged: set[str] = set()
 
     def run(self) -> int:
-        from semwatch.pipeline import Pipeline
-        from semwatch.store import Gone, Writer, load_ledger
-        from semwatch.watcher import Watcher, resolve_mode
+        from semwatch.watcher import resolve_mode
 
         settings = self.settings
         if not self.folder.is_dir():
             what = "is not a folder" if self.folder.exists() else "does not exist"
             raise ConfigError(f"[watch] folder {what}: {self.folder}")
         mode, fstype = resolve_mode(settings.watch.mode, self.folder)
+        try:
+            lock_fd = db.lock_database(settings.store.database)
+        except db.DatabaseLocked as exc:
+            raise UserError(str(exc), EXIT_LOCKED) from None
+        except OSError as exc:
+            raise ConfigError(f"[store] database cannot be locked: {settings.store.database}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            return self._run_locked(mode, fstype)
+        finally:
+            os.close(lock_fd)
+
+    def _run_locked(self, mode: str, fstype: str) -> int:
+        from semwatch.pipeline import Pipeline
+        from semwatch.store import Gone, Writer, load_ledger
+        from semwatch.watcher import Watcher
+
+        settings = self.settings
         self.signals.install()
         try:
             classifier = self._load_classifier()
@@ -142,7 +127,7 @@ class Service:
         except BaseException:
             self.signals.restore()
             raise
-        writer = Writer(store)
+        writer = Writer(store, stage=self.liveness.stage("writer"))
         pipeline: Pipeline | None = None
         watcher: Watcher | None = None
         extras: list[Any] = []
@@ -159,10 +144,11 @@ class Service:
             ledger = load_ledger(store.conn)
             writer.start()
             pipeline = Pipeline(settings, classifier, writer, self.folder, read=read,
-                                database=settings.store.database)
+                                database=settings.store.database, liveness=self.liveness)
             watcher = Watcher(settings.watch, self.folder, mode=mode, done=ledger.done,
                               pending=ledger.pending, submit=pipeline.submit,
-                              on_gone=lambda key: writer.put(Gone(key)))
+                              on_gone=lambda key: writer.put(Gone(key)), on_refused=writer.put,
+                              stage=self.liveness.stage("watcher"))
             pipeline.watcher = watcher
             pipeline.start()
             watcher.start()
@@ -197,13 +183,22 @@ class Service:
             raise ConfigError(message if message.startswith("[") else f"[model] path: {message}") from None
 
     def _loop(self, writer: Any, pipeline: Any, watcher: Any) -> int:
-        from semwatch.store import DaemonStatus
+        from semwatch.store import DaemonStatus, DatabaseReplaced
 
         last_trim = time.monotonic()
         while not self.signals.stop.wait(STATUS_SECONDS):
             if time.monotonic() - last_trim >= TRIM_SECONDS:
                 self.malloc.trim()
                 last_trim = time.monotonic()
+            summary = self.limiter.roll()
+            if summary:
+                log.warning("%s", summary)
+            pipeline.check_readers()
+            try:
+                writer.store.check_identity()
+            except DatabaseReplaced as exc:
+                log.error("%s; exiting so that the service is restarted on the new file", exc)
+                return EXIT_FAILED
             problem = self._problem(writer, pipeline, watcher)
             if problem:
                 log.error("%s; exiting so that the service is restarted", problem)
@@ -211,13 +206,34 @@ class Service:
             queued, in_progress = pipeline.counts()
             ips, tps = pipeline.rates.rates()
             waiting = watcher.counts.waiting + queued
+            stuck = self._stuck()
+            message = writer.degraded and f"database not writable: {writer.degraded}"
+            if stuck:
+                message = "stuck: " + "; ".join(f"{s.stage} {s.doing} for {s.seconds:.0f} s" for s in stuck)
             writer.put(DaemonStatus("running", waiting=waiting, in_progress=in_progress,
                                     done=pipeline.done, failed=pipeline.failed, images_per_s=round(ips, 3),
-                                    tiles_per_s=round(tps, 2), message=None))
-            self.notifier.notify("WATCHDOG=1", f"STATUS={pipeline.done} done, {pipeline.failed} failed, "
-                                 f"{waiting} waiting, {in_progress} in progress, {ips:.2f} images/s")
+                                    tiles_per_s=round(tps, 2), message=message))
+            status = (f"STATUS={pipeline.done} done, {pipeline.failed} failed, {waiting} waiting, "
+                      f"{in_progress} in progress, {ips:.2f} images/s")
+            if stuck:
+                self.notifier.notify(f"STATUS={message}")  # no WATCHDOG=1: systemd will restart us
+            else:
+                self.notifier.notify("WATCHDOG=1", status)
         log.info("stopping: finishing work in flight")
         return EXIT_OK
+
+    def _stuck(self) -> list[Any]:
+        """Busy stages that have not moved within the threshold; each is logged once per episode."""
+        stuck = self.liveness.stuck(self.stuck_after)
+        names = {s.stage for s in stuck}
+        for s in stuck:
+            if s.stage not in self._stuck_logged:
+                log.error("stage %s has not moved for %.0f s (%s); not feeding the watchdog",
+                          s.stage, s.seconds, s.doing)
+        for name in self._stuck_logged - names:
+            log.warning("stage %s moves again", name)
+        self._stuck_logged = names
+        return stuck
 
     @staticmethod
     def _problem(writer: Any, pipeline: Any, watcher: Any) -> str | None:
@@ -282,6 +298,9 @@ class Service:
                 code = code or EXIT_FAILED
         if not writer.is_alive():
             store.close()
+        summary = self.limiter.roll(force=True)
+        if summary:
+            log.warning("%s", summary)
         log.info("stopped (exit %d)", code)
         return code
 
@@ -332,3 +351,15 @@ def _reader() -> Any:
     from semwatch.micrograph import read_micrograph
 
     return read_micrograph
+
+
+def _stuck_threshold(stuck_seconds: float, environ: Any) -> float:
+    """`[watch] stuck_seconds`, or systemd's WatchdogSec if shorter (a stage stuck longer than the
+    watchdog allows is the same as dead). Leaves a few seconds so the ping stops before the kill."""
+    try:
+        watchdog = int(environ.get("WATCHDOG_USEC", "0")) / 1e6
+    except ValueError:
+        watchdog = 0.0
+    if watchdog > 0:
+        return max(1.0, min(stuck_seconds, watchdog - max(2.0, watchdog * 0.1)))
+    return stuck_seconds

@@ -9,12 +9,15 @@ longer, since a writer that pauses looks stable; the reader's decode is the fina
 
 from __future__ import annotations
 
+import heapq
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from semwatch.safefs import open_regular
 from semwatch.store import FileKey
 
 QUICK_SETTLE_SECONDS = 0.2  # after close-after-write / moved-in: the writer said it is done
@@ -41,12 +44,17 @@ def image_of_sidecar(path: str) -> str | None:
     return None
 
 
-def looks_complete(path: str, size: int) -> bool:
+def looks_complete(path: str, st: os.stat_result) -> bool:
     """Whether the file ends like a complete image: JPEG end-of-image marker, PNG IEND chunk.
 
     Other formats (TIFF, BMP) have no trailer; for them only stability and the decode count.
+    Anything but a regular file is "complete": the reader refuses it at once, without opening it
+    (here it is opened only through `safefs`, never blocking on a FIFO).
     """
     lower = path.lower()
+    size = st.st_size
+    if not stat.S_ISREG(st.st_mode):
+        return True
     if size == 0:
         return False
     if lower.endswith(JPEG_SUFFIXES):
@@ -56,20 +64,30 @@ def looks_complete(path: str, size: int) -> bool:
     else:
         return True
     try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, size - window))
-            tail = fh.read(window)
+        fd, _ = open_regular(path)
+        try:
+            tail = os.pread(fd, window, max(0, size - window))
+        finally:
+            os.close(fd)
     except OSError:
-        return False
+        return True  # let the reader say what is wrong with it
     return marker in tail
+
+
+def stat_path(path: str) -> os.stat_result:
+    """The stat that keys a file's version: the target's for a link (a change of the target is a
+    new version), the entry's own for a dangling link. Never opens anything (safe on FIFOs)."""
+    try:
+        return os.stat(path)  # noqa: PTH116 - str paths on the hot path
+    except FileNotFoundError:
+        return os.lstat(path)
 
 
 def _stat(path: str) -> os.stat_result | None:
     try:
-        st = os.stat(path)  # noqa: PTH116 - str paths on the hot path
+        return stat_path(path)
     except OSError:
         return None
-    return st
 
 
 @dataclass
@@ -88,16 +106,27 @@ class Candidate:
 
 @dataclass
 class SettleGate:
-    """Candidates waiting to settle. Single-threaded: owned by the watcher thread."""
+    """Candidates waiting to settle. Single-threaded: owned by the watcher thread.
+
+    Each candidate is looked at when it could next be ready (its settle time, a retry's back-off,
+    a short recheck while it waits for a sidecar or an end marker), from a heap: a flood of 10,000
+    files costs one stat per file per settle period, not one per file per loop."""
 
     settle_seconds: float
     sidecar_wait_seconds: float
     on_gone: Callable[[FileKey], None] | None = None  # a candidate with a ledger row vanished
     candidates: dict[str, Candidate] = field(default_factory=dict)
     _sidecar_dirs: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    _heap: list[tuple[float, int, str]] = field(default_factory=list)
+    _seq: int = 0
 
     def __len__(self) -> int:
         return len(self.candidates)
+
+    def _schedule(self, path: str, cand: Candidate, at: float) -> None:
+        cand.next_check = at
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, path))
 
     def offer(self, path: str, st: os.stat_result, *, quick: bool = False, attempts: int = 0,
               not_before: float = 0.0, row_key: FileKey | None = None) -> None:
@@ -106,15 +135,17 @@ class SettleGate:
         key = FileKey.of(path, st)
         cand = self.candidates.get(path)
         if cand is None:
-            self.candidates[path] = Candidate(key, time.time(), now, now, quick=quick, attempts=attempts,
-                                              not_before=not_before, row_key=row_key)
+            cand = Candidate(key, time.time(), now, now, quick=quick, attempts=attempts,
+                             not_before=not_before, row_key=row_key)
+            self.candidates[path] = cand
+            self._schedule(path, cand, max(now, not_before))
             return
         if cand.key != key:
             cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, quick, 0
             cand.not_before = 0.0
         elif quick:
             cand.quick = True
-        cand.next_check = 0.0
+        self._schedule(path, cand, max(now, cand.not_before))
 
     def discard(self, path: str) -> None:
         """The file is gone: forget it (and its pending ledger row, if it has one)."""
@@ -124,55 +155,71 @@ class SettleGate:
 
     def next_due(self) -> float | None:
         """Seconds until the next candidate needs a look (None: nothing waits)."""
-        if not self.candidates:
-            return None
-        now = time.monotonic()
-        soonest = min(max(c.next_check, c.not_before) for c in self.candidates.values())
-        return max(0.0, soonest - now)
+        while self._heap:
+            at, _, path = self._heap[0]
+            cand = self.candidates.get(path)
+            if cand is None or cand.next_check != at:
+                heapq.heappop(self._heap)  # stale: discarded or rescheduled since
+                continue
+            return max(0.0, at - time.monotonic())
+        return None
 
-    def ready(self) -> list[Candidate]:
-        """Candidates that have settled; they leave the gate."""
+    def ready(self, limit: int = 2000) -> list[Candidate]:
+        """Candidates that have settled (at most `limit` per call); they leave the gate."""
         now, wall = time.monotonic(), time.time()
         out: list[Candidate] = []
-        for path, cand in list(self.candidates.items()):
-            if now < cand.next_check or now < cand.not_before:
+        looked = 0
+        while self._heap and self._heap[0][0] <= now and looked < limit:
+            at, _, path = heapq.heappop(self._heap)
+            cand = self.candidates.get(path)
+            if cand is None or cand.next_check != at:
                 continue
-            cand.next_check = now + RECHECK_SECONDS
-            st = _stat(path)
-            if st is None:
-                self.discard(path)  # gone before it settled
-                continue
-            key = FileKey.of(path, st)
-            if key != cand.key:
-                cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, False, 0
-                continue
-            newest_mtime = st.st_mtime
-            if path.lower().endswith(JPEG_SUFFIXES):
-                sc = _stat(sidecar_path(path))
-                sig = (sc.st_size, sc.st_mtime_ns) if sc is not None else None
-                if sig != cand.sidecar:
-                    cand.sidecar, cand.stable_since = sig, now
-                if sc is not None:
-                    newest_mtime = max(newest_mtime, sc.st_mtime)
-                    self.note_sidecar(path)
-                elif self._expects_sidecar(path) and now - cand.first_seen < (
-                    self.settle_seconds + self.sidecar_wait_seconds
-                ):
-                    continue
-            settle = min(self.settle_seconds, QUICK_SETTLE_SECONDS) if cand.quick else self.settle_seconds
-            # Stable since we started watching it, or (a backlog found at start-up) not modified
-            # for the settle time according to its mtime.
-            mtime_age = wall - newest_mtime
-            age = max(now - cand.stable_since, mtime_age if 0 <= mtime_age < 10 * 365 * 86400 else 0.0)
-            if age < settle:
-                continue
-            grace = max(2.0, 3 * self.settle_seconds)  # a retry has had its grace already
-            held = cand.attempts == 0 and now - cand.stable_since < grace
-            if held and not looks_complete(path, st.st_size):
-                continue
-            del self.candidates[path]
-            out.append(cand)
+            looked += 1
+            wait = self._look(path, cand, now, wall)
+            if wait is None:
+                del self.candidates[path]
+                out.append(cand)
+            elif path in self.candidates:
+                self._schedule(path, cand, now + max(RECHECK_SECONDS, wait))
         return out
+
+    def _look(self, path: str, cand: Candidate, now: float, wall: float) -> float | None:
+        """None if the candidate is ready, else seconds until it is worth another look."""
+        if now < cand.not_before:
+            return cand.not_before - now
+        st = _stat(path)
+        if st is None:
+            self.discard(path)  # gone before it settled
+            return 0.0
+        key = FileKey.of(path, st)
+        settle = min(self.settle_seconds, QUICK_SETTLE_SECONDS) if cand.quick else self.settle_seconds
+        if key != cand.key:
+            cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, False, 0
+            return self.settle_seconds
+        newest_mtime = st.st_mtime
+        if path.lower().endswith(JPEG_SUFFIXES):
+            sc = _stat(sidecar_path(path))
+            sig = (sc.st_size, sc.st_mtime_ns) if sc is not None else None
+            if sig != cand.sidecar:
+                cand.sidecar, cand.stable_since = sig, now
+            if sc is not None:
+                newest_mtime = max(newest_mtime, sc.st_mtime)
+                self.note_sidecar(path)
+            elif self._expects_sidecar(path) and now - cand.first_seen < (
+                self.settle_seconds + self.sidecar_wait_seconds
+            ):
+                return RECHECK_SECONDS
+        # Stable since we started watching it, or (a backlog found at start-up) not modified
+        # for the settle time according to its mtime.
+        mtime_age = wall - newest_mtime
+        age = max(now - cand.stable_since, mtime_age if 0 <= mtime_age < 10 * 365 * 86400 else 0.0)
+        if age < settle:
+            return settle - age
+        grace = max(2.0, 3 * self.settle_seconds)  # a retry has had its grace already
+        held = cand.attempts == 0 and now - cand.stable_since < grace
+        if held and not looks_complete(path, st):
+            return RECHECK_SECONDS
+        return None
 
     def note_sidecar(self, image_path: str) -> None:
         """A sidecar exists beside `image_path`: record its folder as a sidecar folder. This replaces

@@ -9,6 +9,12 @@ current row per path. Only the writer thread writes; readers open the file read-
 The CSV is derived from the database: every finished row is appended once (one `os.write` on an
 O_APPEND descriptor, so readers never see half a line) and then marked `csv_written`. After a
 kill -9 the rows not yet marked are reconciled against the ids already in the file.
+
+Paths and sample ids are stored as `safefs.path_text` (valid UTF-8, lossless: a name that is not
+UTF-8 keeps its bytes as `\\xNN`); `load_ledger` turns them back into the names that open the files.
+CSV cells go through `safefs.csv_cell` (no spreadsheet formulas). If the database file is deleted
+or replaced under the writer, it stops before writing again (`DatabaseReplaced`); a full disk or
+another transient error keeps the batch and retries with back-off.
 """
 
 from __future__ import annotations
@@ -20,16 +26,19 @@ import logging
 import os
 import queue
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from semwatch import db
 from semwatch.config import SampleSettings
+from semwatch.liveness import Stage
+from semwatch.safefs import csv_cell, path_from_text, path_text, text_safe
 from semwatch.samples import KEEP_EXPECTED, update_samples
 from semwatch.values import ImageVerdict
 
@@ -171,10 +180,11 @@ def load_ledger(conn: db.TrackedConnection) -> LedgerState:
     pending: dict[str, tuple[int, int, int]] = {}
     rows = conn.execute("SELECT path, size_bytes, mtime_ns, status, attempts FROM images WHERE current = 1")
     for row in rows:
+        path = path_from_text(row["path"])
         if row["status"] == "pending":
-            pending[row["path"]] = (row["size_bytes"], row["mtime_ns"], row["attempts"])
+            pending[path] = (row["size_bytes"], row["mtime_ns"], row["attempts"])
         else:
-            done[row["path"]] = (row["size_bytes"], row["mtime_ns"])
+            done[path] = (row["size_bytes"], row["mtime_ns"])
     return LedgerState(done, pending)
 
 
@@ -211,6 +221,25 @@ class Result:
     verdict: ImageVerdict
     model_id: str
     expected: str | None = None  # expected class for the sample, where known
+
+
+@dataclass(frozen=True)
+class Started:
+    """A reader is about to read a version: count the attempt first, so that a file that kills the
+    daemon while it is read is not retried forever across restarts. `done` is set once committed."""
+
+    key: FileKey
+    done: threading.Event | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A version is recorded failed without being read (a path too long to open, a file that
+    would need no attempt to know it cannot be read)."""
+
+    key: FileKey
+    detected_at: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -260,7 +289,12 @@ def exit_message(code: int) -> str:
     return f"exit {code}"
 
 
-Message = Pending | Result | Attempt | Failed | Gone | DaemonStatus
+Message = Pending | Started | Result | Attempt | Failed | Refused | Gone | DaemonStatus
+
+
+class DatabaseReplaced(RuntimeError):
+    """The database file was deleted or replaced while the daemon had it open: writing on would
+    go into a file nobody reads. The daemon exits; systemd restarts it on the new file."""
 
 
 @dataclass
@@ -279,7 +313,11 @@ class Store:
                  check_same_thread: bool = False, sample_settings: SampleSettings | None = None) -> None:
         self.conn = db.connect(database, busy_timeout_ms=busy_timeout_ms, check_same_thread=check_same_thread)
         try:
+            fresh = self.conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'images'"
+            ).fetchone()[0] == 0
             create_schema(self.conn)
+            self.identity = _identity(database)
         except Exception:
             self.conn.close()
             raise
@@ -287,9 +325,20 @@ class Store:
         self.csv_path = results_csv
         self.sample_settings = sample_settings or SampleSettings()
         self.stats = WriteStats()
+        if fresh and results_csv is not None:
+            _set_aside_orphan_csv(results_csv)
 
     def close(self) -> None:
         self.conn.close()
+
+    def check_identity(self) -> None:
+        """Raise `DatabaseReplaced` if the file at the database's path is no longer the one open."""
+        try:
+            now = _identity(self.database)
+        except FileNotFoundError:
+            raise DatabaseReplaced(f"the database file was deleted: {self.database}") from None
+        if now != self.identity:
+            raise DatabaseReplaced(f"the database file was replaced by another file: {self.database}")
 
     # --- models and daemon row --------------------------------------------------------------
 
@@ -337,29 +386,36 @@ class Store:
             for msg in messages:
                 if isinstance(msg, Pending):
                     self._pending(msg)
+                elif isinstance(msg, Started):
+                    self.conn.execute(
+                        "UPDATE images SET attempts = attempts + 1 WHERE path = ? AND size_bytes = ? "
+                        "AND mtime_ns = ? AND status = 'pending'", _key(msg.key))
+                elif isinstance(msg, Refused):
+                    self._ensure_row(msg.key, msg.detected_at, 0)
+                    row_id = self._failed(Failed(msg.key, 0, msg.error))
+                    if row_id is not None:
+                        finished.append(row_id)
                 elif isinstance(msg, Result):
                     row_id = self._result(msg)
                     if row_id is not None:
                         finished.append(row_id)
-                        touched[msg.sample_id] = msg.expected
+                        touched[path_text(msg.sample_id)] = msg.expected
                 elif isinstance(msg, Attempt):
                     self.conn.execute(
                         "UPDATE images SET attempts = ?, error = ? WHERE path = ? AND size_bytes = ? "
                         "AND mtime_ns = ? AND status = 'pending'",
-                        (msg.attempts, msg.error, msg.key.path, msg.key.size, msg.key.mtime_ns),
+                        (msg.attempts, text_safe(msg.error), *_key(msg.key)),
                     )
                 elif isinstance(msg, Failed):
                     row_id = self._failed(msg)
                     if row_id is not None:
                         finished.append(row_id)
                         if msg.sample_id is not None:
-                            touched.setdefault(msg.sample_id, KEEP_EXPECTED)
+                            touched.setdefault(path_text(msg.sample_id), KEEP_EXPECTED)
                 elif isinstance(msg, Gone):
                     self.conn.execute(
                         "DELETE FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ? "
-                        "AND status = 'pending'",
-                        (msg.key.path, msg.key.size, msg.key.mtime_ns),
-                    )
+                        "AND status = 'pending'", _key(msg.key))
                 elif isinstance(msg, DaemonStatus):
                     self._daemon_status(msg)
             if touched:
@@ -367,27 +423,27 @@ class Store:
                 update_samples(self.conn, touched, self.sample_settings)
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(self.conn)
             raise
         return finished
 
     def _ensure_row(self, key: FileKey, detected_at: str, attempts: int) -> int:
         """The id of `key`'s row, inserting it `pending` (and superseding other versions) if new."""
         row = self.conn.execute(
-            "SELECT id, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ?",
-            (key.path, key.size, key.mtime_ns),
+            "SELECT id, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ?", _key(key),
         ).fetchone()
+        path = path_text(key.path)
         if row is not None:
             if not row["current"]:
                 # A version came back (e.g. a file restored): it becomes current again.
-                self._supersede(key.path)
+                self._supersede(path)
                 self.conn.execute("UPDATE images SET current = 1 WHERE id = ?", (row["id"],))
             return int(row["id"])
-        self._supersede(key.path)
+        self._supersede(path)
         cur = self.conn.execute(
             "INSERT INTO images (path, size_bytes, mtime_ns, status, detected_at, attempts, current) "
             "VALUES (?, ?, ?, 'pending', ?, ?, 1)",
-            (key.path, key.size, key.mtime_ns, detected_at, attempts),
+            (*_key(key), detected_at, attempts),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -408,12 +464,12 @@ class Store:
         self.conn.execute(
             "UPDATE images SET status = ?, sha256 = ?, sample_id = ?, predicted_class = ?, composition = ?, "
             "state = ?, confidence = ?, tile_agreement = ?, n_tiles = ?, error = NULL, model_id = ?, "
-            "processed_at = ?, probabilities = ?, reasons = ?, attempts = attempts + 1, csv_written = 0 "
+            "processed_at = ?, probabilities = ?, reasons = ?, attempts = max(attempts, 1), csv_written = 0 "
             "WHERE id = ?",
-            (v.status, msg.sha256, msg.sample_id, v.predicted_class, v.composition, v.state,
+            (v.status, msg.sha256, path_text(msg.sample_id), v.predicted_class, v.composition, v.state,
              float(v.confidence), float(v.tile_agreement), int(v.n_tiles), msg.model_id, utc_now(),
              json.dumps({k: round(float(p), 6) for k, p in v.probabilities.items()}),
-             json.dumps(list(v.reasons)), row),
+             json.dumps([text_safe(r) for r in v.reasons]), row),
         )
         self.stats.results += 1
         self.stats.last_result_at = time.monotonic()
@@ -426,7 +482,8 @@ class Store:
         self.conn.execute(
             "UPDATE images SET status = 'failed', error = ?, attempts = ?, sha256 = ?, sample_id = ?, "
             "processed_at = ?, csv_written = 0 WHERE id = ?",
-            (msg.error, msg.attempts, msg.sha256, msg.sample_id, utc_now(), row),
+            (text_safe(msg.error), msg.attempts, msg.sha256,
+             path_text(msg.sample_id) if msg.sample_id is not None else None, utc_now(), row),
         )
         self.stats.failed += 1
         return row
@@ -435,7 +492,7 @@ class Store:
         """The pending, current row of `key` (inserted if the Pending message was never written)."""
         row = self.conn.execute(
             "SELECT id, status, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ?",
-            (key.path, key.size, key.mtime_ns),
+            _key(key),
         ).fetchone()
         if row is None:
             return self._ensure_row(key, utc_now(), 0)
@@ -448,17 +505,26 @@ class Store:
 
     def append_csv(self, row_ids: Sequence[int]) -> None:
         """Append the finished rows to the CSV (one write), then mark them written."""
+        self.write_csv_lines(row_ids)
+        self.mark_csv_written(row_ids)
+
+    def write_csv_lines(self, row_ids: Sequence[int]) -> None:
+        """Append the rows' CSV lines in one write (all or nothing)."""
         if self.csv_path is None or not row_ids:
             return
         rows = self._csv_rows(row_ids)
         if rows:
             _append_lines(self.csv_path, rows)
+
+    def mark_csv_written(self, row_ids: Sequence[int]) -> None:
+        if self.csv_path is None or not row_ids:
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             self.conn.executemany("UPDATE images SET csv_written = 1 WHERE id = ?", [(i,) for i in row_ids])
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(self.conn)
             raise
 
     def _csv_rows(self, row_ids: Sequence[int]) -> list[list[Any]]:
@@ -495,6 +561,41 @@ class Store:
         return len(missing)
 
 
+def _key(key: FileKey) -> tuple[str, int, int]:
+    """A ledger key as SQL parameters (the path as stored text)."""
+    return path_text(key.path), key.size, key.mtime_ns
+
+
+def _rollback(conn: db.TrackedConnection) -> None:
+    """Roll back if a transaction is still open. SQLite rolls back by itself on some errors
+    (SQLITE_FULL, SQLITE_IOERR); a second ROLLBACK would then raise "no transaction is active" and
+    hide the real error."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception as exc:  # the original error is the one to report
+            log.debug("rollback: %s", exc)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _set_aside_orphan_csv(csv_path: Path) -> None:
+    """A new database starts its ids at 1: a results CSV left by an earlier database would get
+    duplicate ids, so it is moved aside (kept, never deleted)."""
+    try:
+        if csv_path.stat().st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = csv_path.with_name(f"{csv_path.stem}.before-{stamp}{csv_path.suffix}")
+    csv_path.rename(aside)
+    log.warning("new database: the results CSV of an earlier database was moved to %s", aside)
+
+
 def _chunks(items: list[int], n: int) -> Iterator[list[int]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -504,22 +605,27 @@ def _format_lines(rows: Iterable[Sequence[Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     for row in rows:
-        writer.writerow(["" if v is None else v for v in row])
+        writer.writerow(["" if v is None else csv_cell(v) for v in row])
     return buf.getvalue().encode("utf-8")
 
 
 def _append_lines(path: Path, rows: Sequence[Sequence[Any]]) -> None:
     """One O_APPEND write per call (header first if the file is new), so lines are never torn apart."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         data = _format_lines(rows)
-        if os.fstat(fd).st_size == 0:
+        before = os.fstat(fd).st_size
+        if before == 0:
             data = _format_lines([CSV_COLUMNS]) + data
         view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except OSError:
+            os.ftruncate(fd, before)  # a full disk must not leave half a line for the retry to extend
+            raise
     finally:
         os.close(fd)
 
@@ -550,15 +656,23 @@ def _repair_and_read_ids(path: Path) -> set[int]:
 
 
 class Writer(threading.Thread):
-    """The single writer: drains its queue in batches, one transaction per batch, then the CSV."""
+    """The single writer: drains its queue in batches, one transaction per batch, then the CSV.
 
-    def __init__(self, store: Store, *, max_batch: int = 256) -> None:
+    A batch that fails on a transient error (a full disk, an I/O error, a lock held too long) is
+    kept and retried with back-off, the real error logged once, so nothing is lost or written twice
+    and the daemon does not crash-loop while the disk is full. A replaced or deleted database file
+    ends the writer (`error`), and the service exits."""
+
+    def __init__(self, store: Store, *, max_batch: int = 256, stage: Stage | None = None,
+                 max_backoff: float = 30.0) -> None:
         super().__init__(name="semwatch-writer", daemon=True)
         self.store = store
         self.queue: queue.Queue[Message | None] = queue.Queue()
         self.max_batch = max_batch
         self.error: BaseException | None = None
-        self.last_alive = time.monotonic()
+        self.stage = stage or Stage("writer")
+        self.max_backoff = max_backoff
+        self.degraded: str | None = None  # the transient error being retried, if any
 
     def put(self, msg: Message) -> None:
         self.queue.put(msg)
@@ -573,6 +687,8 @@ class Writer(threading.Thread):
         except BaseException as exc:  # the service sees `error` and exits non-zero
             self.error = exc
             log.error("writer stopped: %s", exc)
+        finally:
+            self.stage.idle()
 
     def _loop(self) -> None:
         stopping = False
@@ -580,7 +696,8 @@ class Writer(threading.Thread):
             try:
                 first = self.queue.get(timeout=0.5)
             except queue.Empty:
-                self.last_alive = time.monotonic()
+                self.store.check_identity()
+                self.stage.idle()
                 continue
             batch: list[Message] = []
             if first is None:
@@ -597,6 +714,37 @@ class Writer(threading.Thread):
                     break
                 batch.append(nxt)
             if batch:
-                finished = self.store.apply(batch)
-                self.store.append_csv(finished)
-            self.last_alive = time.monotonic()
+                self.stage.busy(f"writing {len(batch)} record(s)")
+                self._write(batch)
+            self.stage.idle()
+
+    def _write(self, batch: list[Message]) -> None:
+        delay, since, last_log = 0.5, time.monotonic(), 0.0
+        finished: list[int] | None = None
+        csv_written = False
+        while True:
+            self.store.check_identity()
+            try:  # each step once: a retry never writes a CSV line twice
+                if finished is None:
+                    finished = self.store.apply(batch)
+                if not csv_written:
+                    self.store.write_csv_lines(finished)
+                    csv_written = True
+                self.store.mark_csv_written(finished)
+                break
+            except (sqlite3.OperationalError, OSError) as exc:
+                now = time.monotonic()
+                if self.degraded is None or now - last_log >= 60.0:
+                    log.error("cannot write the database: %s; keeping %d record(s) and retrying",
+                              exc, len(batch))
+                    last_log = now
+                self.degraded = str(exc)
+                self.stage.beat()  # retrying on purpose: alive, not stuck
+                time.sleep(delay)
+                delay = min(self.max_backoff, delay * 2)
+        if self.degraded is not None:
+            log.warning("database writable again after %.0f s (%s)", time.monotonic() - since, self.degraded)
+            self.degraded = None
+        for msg in batch:
+            if isinstance(msg, Started) and msg.done is not None:
+                msg.done.set()

@@ -1,4 +1,4 @@
-"""Finding files: inotify events (watchdog) or polling, plus periodic rescans, into the settle gate.
+"""Finding files: inotify events or polling, plus periodic rescans, into the settle gate.
 
 Events are only hints. The folder is scanned at start-up and every `rescan_seconds` (every
 `poll_interval_seconds` when polling), so an overflowed inotify queue, a dropped share or a dead
@@ -11,22 +11,25 @@ observer's handler and the pipeline talk to it only through its inbox queue.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileSystemEventHandler
-
 from semwatch.config import WatchSettings
-from semwatch.stability import Candidate, SettleGate, image_of_sidecar
-from semwatch.store import FileKey
+from semwatch.liveness import Stage
+from semwatch.logs import PER_FILE
+from semwatch.safefs import PATH_MAX
+from semwatch.stability import Candidate, SettleGate, image_of_sidecar, stat_path
+from semwatch.store import FileKey, Refused, utc_from_epoch
 
 log = logging.getLogger("semwatch.watcher")
 
@@ -115,8 +118,20 @@ class NameFilter:
         return not any(fnmatch.fnmatchcase(low, p) for p in self.exclude)
 
 
-def scan(folder: Path, names: NameFilter, recursive: bool) -> Iterator[tuple[str, os.stat_result]]:
-    """Every wanted file under `folder` with its stat; unreadable sub-folders are skipped."""
+@dataclass(frozen=True)
+class TooLong:
+    """A path the scan found that is too long to open (PATH_MAX): recorded failed, never read."""
+
+    path: str
+    st: os.stat_result
+
+
+def scan(folder: Path, names: NameFilter, recursive: bool,
+         too_long: list[TooLong] | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """Every wanted entry under `folder` that is not a folder (regular files, and also FIFOs,
+    devices and links, which the reader refuses with a recorded reason) with its stat. Iterative,
+    so any depth is fine; links to folders are never entered; unreadable sub-folders are skipped.
+    Wanted files whose path is too long to open are appended to `too_long`."""
     stack = [str(folder)]
     while stack:
         current = stack.pop()
@@ -132,61 +147,158 @@ def scan(folder: Path, names: NameFilter, recursive: bool) -> Iterator[tuple[str
             try:
                 if entry.is_dir(follow_symlinks=False):
                     if recursive and names.enters(entry.name):
-                        stack.append(entry.path)
-                elif names.wants(entry.name) and entry.is_file():
-                    yield entry.path, entry.stat()
+                        if len(os.fsencode(entry.path)) >= PATH_MAX - 1:
+                            _too_deep(entry.path)
+                        else:
+                            stack.append(entry.path)
+                elif names.wants(entry.name):
+                    if len(os.fsencode(entry.path)) >= PATH_MAX and too_long is not None:
+                        too_long.append(TooLong(entry.path, _stat_in(current, entry.name)))
+                        continue
+                    yield entry.path, stat_path(entry.path)
             except OSError:
                 continue
 
 
+_reported_deep: set[str] = set()
+
+
+def _too_deep(path: str) -> None:
+    """A folder whose path is too long to list: said once (a hostile tree must not flood the log)."""
+    if path not in _reported_deep and len(_reported_deep) < 1000:
+        _reported_deep.add(path)
+        log.warning("folder path too long to read (%d bytes, limit %d); its files are not processed: %s",
+                    len(os.fsencode(path)), PATH_MAX - 1, path[:200] + "...")
+
+
+def _stat_in(folder: str, name: str) -> os.stat_result:
+    """lstat of `name` inside `folder` through a folder descriptor (the full path is too long)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
 # --- the observer (inotify) ------------------------------------------------------------------------
 
+Hint = tuple[str, str, bool]  # ("hint" | "gone" | "dir" | "rescan", path, quick)
 
-class _Handler(FileSystemEventHandler):
-    """watchdog handler: only puts hints in the inbox; it never raises (that would kill the observer)."""
 
-    def __init__(self, inbox: queue.Queue[tuple[Any, ...]]) -> None:
-        super().__init__()
+class InotifyWatch(threading.Thread):
+    """One inotify descriptor watching the folder and its sub-folders down to `depth` levels.
+
+    Written on inotify_simple rather than watchdog: watchdog adds recursive watches with a
+    recursive os.walk (Python 3.11), so a tree 1,500 levels deep kills its thread with a
+    RecursionError, and it has no depth limit. Here watches are added breadth-first up to the
+    limit (deeper folders are found by rescans); a full kernel queue or watch table asks for a
+    rescan. It only ever puts hints in the watcher's inbox."""
+
+    def __init__(self, folder: Path, *, recursive: bool, depth: int, names: NameFilter,
+                 inbox: queue.Queue[Any]) -> None:
+        super().__init__(name="semwatch-inotify", daemon=True)
+        from inotify_simple import INotify
+        from inotify_simple import flags as f
+
+        self.folder = str(folder)
+        self.recursive = recursive
+        self.depth = depth if recursive else 0
+        self.names = names
         self.inbox = inbox
-
-    def dispatch(self, event: Any) -> None:
+        self.f = f
+        self.mask = (f.CREATE | f.MODIFY | f.CLOSE_WRITE | f.MOVED_TO | f.MOVED_FROM | f.DELETE
+                     | f.DELETE_SELF | f.MOVE_SELF | f.DONT_FOLLOW | f.ONLYDIR | f.EXCL_UNLINK)
+        self.inotify = INotify()
+        self.paths: dict[int, tuple[str, int]] = {}  # wd -> (folder path, depth)
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+        self._full = False
         try:
-            kind = event.event_type
-            if event.is_directory:
-                if kind in ("created", "moved"):
-                    self.inbox.put(("dir", os.fsdecode(getattr(event, "dest_path", "") or event.src_path)))
-                return
-            if kind == "moved":
-                self.inbox.put(("gone", os.fsdecode(event.src_path)))
-                self.inbox.put(("hint", os.fsdecode(event.dest_path), True))
-            elif kind == "deleted":
-                self.inbox.put(("gone", os.fsdecode(event.src_path)))
-            else:
-                self.inbox.put(("hint", os.fsdecode(event.src_path), kind == "closed"))
-        except Exception:  # pragma: no cover - defensive: a handler exception stops watchdog for good
-            log.exception("event handler error (ignored)")
+            self._add_tree(self.folder, 0)
+        except BaseException:
+            self.inotify.close()
+            raise
 
+    def stop(self) -> None:
+        self._stop_event.set()
 
-def _start_observer(folder: Path, recursive: bool, inbox: queue.Queue[tuple[Any, ...]]) -> Any:
-    from watchdog.events import (
-        DirCreatedEvent,
-        DirMovedEvent,
-        FileClosedEvent,
-        FileCreatedEvent,
-        FileDeletedEvent,
-        FileModifiedEvent,
-        FileMovedEvent,
-    )
-    from watchdog.observers.inotify import InotifyObserver
+    def _add_tree(self, top: str, depth: int) -> None:
+        """Watch `top` and its sub-folders breadth-first down to the depth limit."""
+        queue_: deque[tuple[str, int]] = deque([(top, depth)])
+        while queue_:
+            path, level = queue_.popleft()
+            try:
+                wd = self.inotify.add_watch(path, self.mask)
+            except OSError as exc:
+                if path == self.folder:
+                    raise
+                if exc.errno == errno.ENOSPC and not self._full:
+                    self._full = True
+                    log.warning("inotify watch limit reached (fs.inotify.max_user_watches); "
+                                "deeper folders are found by rescans")
+                continue
+            self.paths[wd] = (path, level)
+            if level >= self.depth:
+                continue
+            try:
+                with os.scandir(path) as it:
+                    for entry in it:
+                        if entry.is_dir(follow_symlinks=False) and self.names.enters(entry.name):
+                            queue_.append((entry.path, level + 1))
+            except OSError:
+                continue
 
-    observer = InotifyObserver()
-    observer.name = "semwatch-inotify"
-    # No open / close-no-write events: the daemon's own reads would echo back as hints.
-    wanted = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent, FileDeletedEvent,
-              DirCreatedEvent, DirMovedEvent]
-    observer.schedule(_Handler(inbox), str(folder), recursive=recursive, event_filter=wanted)
-    observer.start()
-    return observer
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                events = self.inotify.read(timeout=250)
+                for event in events:
+                    self._event(event)
+        except BaseException as exc:
+            self.error = exc
+            log.error("inotify thread stopped: %s", exc)
+        finally:
+            self.inotify.close()
+
+    def _event(self, event: Any) -> None:
+        f = self.f
+        mask = event.mask
+        if mask & f.Q_OVERFLOW:
+            self.inbox.put(("rescan", "", False))
+            return
+        if mask & f.IGNORED:
+            self.paths.pop(event.wd, None)
+            return
+        where = self.paths.get(event.wd)
+        if where is None:
+            return
+        folder, level = where
+        if mask & (f.DELETE_SELF | f.MOVE_SELF):
+            return  # IN_IGNORED follows; the health check notices a vanished top folder
+        path = os.path.join(folder, os.fsdecode(event.name)) if event.name else folder  # noqa: PTH118
+        if mask & f.ISDIR:
+            if mask & (f.CREATE | f.MOVED_TO) and self.recursive and self.names.enters(event.name):
+                if level < self.depth:
+                    self._add_tree(path, level + 1)
+                self.inbox.put(("dir", path, False))  # what it already holds is scanned
+            elif mask & f.MOVED_FROM:
+                self._forget(path)
+            return
+        if mask & (f.DELETE | f.MOVED_FROM):
+            self.inbox.put(("gone", path, False))
+        else:
+            self.inbox.put(("hint", path, bool(mask & (f.CLOSE_WRITE | f.MOVED_TO))))
+
+    def _forget(self, folder: str) -> None:
+        """A folder moved away: stop watching it and what is below it."""
+        prefix = folder + os.sep
+        for wd, (path, _) in list(self.paths.items()):
+            if path == folder or path.startswith(prefix):
+                self.paths.pop(wd, None)
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass
 
 
 # --- the watcher thread ----------------------------------------------------------------------------
@@ -205,7 +317,9 @@ class Watcher(threading.Thread):
     def __init__(self, settings: WatchSettings, folder: Path, *, mode: str,
                  done: dict[str, tuple[int, int]], pending: dict[str, tuple[int, int, int]],
                  submit: Callable[[Candidate], None],
-                 on_gone: Callable[[FileKey], None] | None = None) -> None:
+                 on_gone: Callable[[FileKey], None] | None = None,
+                 on_refused: Callable[[Refused], None] | None = None,
+                 stage: Stage | None = None) -> None:
         super().__init__(name="semwatch-watcher", daemon=True)
         self.settings = settings
         self.folder = folder
@@ -216,16 +330,17 @@ class Watcher(threading.Thread):
         self.done = done
         self.pending_attempts = pending
         self.submit = submit
+        self.on_refused = on_refused
+        self.stage = stage or Stage("watcher")
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.in_flight: dict[str, FileKey] = {}
         self.dirty: set[str] = set()
         self.error: BaseException | None = None
-        self.last_alive = time.monotonic()
         self.counts = WatchCounts()
-        self.scans = 0
-        self.last_scan_seconds = 0.0
         self._stopping = threading.Event()
-        self._observer: Any = None
+        self._observer: InotifyWatch | None = None
+        self._observer_deaths: list[float] = []
+        self._inotify_retry_at = 0.0
         self._vanished = False
         self._ready = threading.Event()
 
@@ -290,22 +405,22 @@ class Watcher(threading.Thread):
                 next_rescan = now + self._rescan_every()
                 if not self._vanished:
                     self._rescan()
+            self.stage.busy("handing settled files on")
             for cand in self.gate.ready():
                 self.in_flight[cand.key.path] = cand.key
                 self.submit(cand)
             self.counts = WatchCounts(len(self.gate), len(self.in_flight))
-            self.last_alive = time.monotonic()
-
-    def _rescan_every(self) -> float:
-        return self.settings.poll_interval_seconds if self.mode == "polling" else self.settings.rescan_seconds
+            self.stage.idle()
 
     def _drain_inbox(self, timeout: float) -> None:
         try:
             item = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return
+        self.stage.busy("handling file events")
         while True:
             self._handle(item)
+            self.stage.beat()
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -320,6 +435,9 @@ class Watcher(threading.Thread):
         elif kind == "dir":
             if self.settings.recursive:
                 self._scan_into_gate(Path(item[1]))
+        elif kind == "rescan":
+            log.warning("inotify queue overflowed; rescanning %s", self.folder)
+            self._rescan()
         elif kind == "finished":
             key: FileKey = item[1]
             self.in_flight.pop(key.path, None)
@@ -357,7 +475,7 @@ class Watcher(threading.Thread):
             return
         if st is None:
             try:
-                st = os.stat(path)  # noqa: PTH116
+                st = stat_path(path)
             except OSError:
                 self.gate.discard(path)
                 if attempts_for is not None and self.on_gone is not None:
@@ -377,14 +495,14 @@ class Watcher(threading.Thread):
         self.gate.offer(path, st, quick=quick, attempts=attempts, not_before=not_before, row_key=row_key)
 
     def _rescan(self) -> None:
-        t0 = time.monotonic()
         self._scan_into_gate(self.folder)
-        self.scans += 1
-        self.last_scan_seconds = time.monotonic() - t0
 
     def _scan_into_gate(self, folder: Path) -> None:
+        self.stage.busy(f"scanning {folder}")
+        too_long: list[TooLong] = []
         try:
-            for path, st in scan(folder, self.names, self.settings.recursive):
+            for path, st in scan(folder, self.names, self.settings.recursive, too_long):
+                self.stage.beat()
                 if path in self.gate.candidates or path in self.in_flight:
                     continue
                 done = self.done.get(path)
@@ -393,6 +511,19 @@ class Watcher(threading.Thread):
                 self._consider(path, st=st)
         except OSError as exc:
             log.warning("cannot scan %s: %s", folder, exc)
+        for item in too_long:
+            self._refuse(item.path, item.st, f"path too long to open ({len(os.fsencode(item.path))} bytes; "
+                         f"the limit is {PATH_MAX - 1})")
+
+    def _refuse(self, path: str, st: os.stat_result, reason: str) -> None:
+        """Record a file failed without reading it (once per version)."""
+        key = FileKey.of(path, st)
+        if self.done.get(path) == (key.size, key.mtime_ns):
+            return
+        self.done[path] = (key.size, key.mtime_ns)
+        log.error("failed: %s: %s", path[:300], reason, extra=PER_FILE)
+        if self.on_refused is not None:
+            self.on_refused(Refused(key, utc_from_epoch(time.time()), reason))
 
     def _check_health(self) -> None:
         exists = self.folder.is_dir()
@@ -409,30 +540,49 @@ class Watcher(threading.Thread):
                 self._observer = self._try_start_observer()
             self._rescan()
             return
-        if self.mode != "inotify" or self._observer is None:
+        if self.mode != "inotify":
             return
-        if not self._observer.is_alive():
-            raise WatcherDied("the inotify observer thread died")
-        if not all(e.is_alive() for e in self._observer.emitters) or not self._observer.emitters:
-            log.warning("inotify watch on %s was lost; re-watching and rescanning", self.folder)
-            self._stop_observer()
+        if self._observer is None:
+            if self._inotify_retry_at and time.monotonic() >= self._inotify_retry_at:
+                self._inotify_retry_at = 0.0
+                self._observer = self._try_start_observer()
+            return
+        if self._observer.is_alive():
+            return
+        # The inotify thread died (a bug, a hostile tree): restart it and rescan, with one line.
+        # Dying again and again falls back to rescans for a while instead of a restart loop.
+        reason = self._observer.error
+        self._stop_observer()
+        now = time.monotonic()
+        self._observer_deaths = [t for t in self._observer_deaths if now - t < 300] + [now]
+        if len(self._observer_deaths) >= 3:
+            log.error("inotify thread died %d times in 5 minutes (%s); rescanning every %.0f s instead, "
+                      "retrying inotify in 10 minutes", len(self._observer_deaths), reason,
+                      self.settings.poll_interval_seconds)
+            self._inotify_retry_at = now + 600.0
+        else:
+            log.warning("inotify thread died (%s); restarting it and rescanning", reason)
             self._observer = self._try_start_observer()
-            self._rescan()
+        self._rescan()
 
-    def _try_start_observer(self) -> Any:
+    def _rescan_every(self) -> float:
+        polling = self.mode == "polling" or (self.mode == "inotify" and self._observer is None)
+        return self.settings.poll_interval_seconds if polling else self.settings.rescan_seconds
+
+    def _try_start_observer(self) -> InotifyWatch | None:
         try:
-            return _start_observer(self.folder, self.settings.recursive, self.inbox)
-        except OSError as exc:
-            # e.g. the inotify watch limit (fs.inotify.max_user_watches): rescans still find everything.
+            observer = InotifyWatch(self.folder, recursive=self.settings.recursive,
+                                    depth=self.settings.watch_depth, names=self.names, inbox=self.inbox)
+        except (OSError, ImportError) as exc:
+            # e.g. the inotify instance limit (fs.inotify.max_user_instances): rescans find everything.
             log.error("cannot start inotify on %s (%s); polling instead", self.folder, exc)
             self.mode = "polling"
             return None
+        observer.start()
+        return observer
 
     def _stop_observer(self) -> None:
         observer, self._observer = self._observer, None
         if observer is not None:
-            try:
-                observer.stop()
-                observer.join(timeout=3.0)
-            except Exception as exc:  # pragma: no cover - best effort on the way out
-                log.debug("observer stop: %s", exc)
+            observer.stop()
+            observer.join(timeout=3.0)
