@@ -1,9 +1,10 @@
-"""`semwatch inspect`: the real command on real vendor TIFFs and NCM JPEGs."""
+"""`semwatch inspect`: the real command on real vendor TIFFs and NCM JPEGs, and on hostile names."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -14,6 +15,7 @@ import pytest
 
 from semwatch.config import Settings
 from semwatch.inspect import inspect_files
+from semwatch.safefs import path_from_text
 
 SEMWATCH = Path(sys.executable).parent / "semwatch"
 FIELDS = {"path", "format", "width", "height", "bit_depth", "vendor", "instrument", "pixel_size_nm",
@@ -87,3 +89,41 @@ def test_inspect_files_in_process(vendor_dir: Path, settings: Settings, tmp_path
     assert inspect_files([*good, tmp_path / "missing.tif"], settings, as_json=True) == 1
     last = _json_lines(capsys.readouterr().out)[-1]
     assert last == {"path": str(tmp_path / "missing.tif"), "error": "no such file"}
+
+
+def _hostile_copies(ncm_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """A real JPEG under a name that is not UTF-8, and one whose name holds terminal escapes and
+    rich markup."""
+    source = sorted((ncm_dir / "333").glob("*.jpg"))[0]
+    bad = folder / os.fsdecode(b"bad_\xff.jpg")
+    evil = folder / "evil\x1b]0;pwned\x07\x1b[31m[red]x[bold]\u202e.jpg"
+    for target in (bad, evil):
+        shutil.copy(source, target)
+    return bad, evil
+
+
+def test_inspect_json_non_utf8_name(ncm_dir: Path, tmp_path: Path) -> None:
+    bad, evil = _hostile_copies(ncm_dir, tmp_path)
+    proc = subprocess.run([str(SEMWATCH), "inspect", "--json", os.fsencode(bad), os.fsencode(evil),
+                           os.fsencode(tmp_path / os.fsdecode(b"gone_\xfe.jpg"))],
+                          capture_output=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    rows = _json_lines(proc.stdout.decode("utf-8"))  # strictly valid UTF-8
+    assert [r["path"] for r in rows] == [str(tmp_path / "bad_\\xff.jpg"), str(evil),
+                                         str(tmp_path / "gone_\\xfe.jpg")]
+    assert path_from_text(rows[0]["path"]) == str(bad)  # lossless: it opens the same file
+    assert rows[0]["width"] == 1280 and rows[2]["error"] == "no such file"
+
+
+def test_inspect_table_shows_names_never_interprets_them(ncm_dir: Path, tmp_path: Path) -> None:
+    bad, evil = _hostile_copies(ncm_dir, tmp_path)
+    env = {**os.environ, "COLUMNS": "200", "FORCE_COLOR": "1", "TERM": "xterm-256color"}
+    proc = subprocess.run([str(SEMWATCH), "inspect", os.fsencode(bad), os.fsencode(evil)],
+                          capture_output=True, timeout=120, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode("utf-8")
+    assert "bad_\\xff.jpg" in out
+    assert "evil\\x1b]0;pwned\\x07\\x1b[31m[red]x[bold]\\u202e.jpg" in out  # visible, markup kept as text
+    for sequence in ("\x1b]", "\x07", "\x1b[31m", "\u202e"):
+        assert sequence not in out, repr(sequence)
+    assert "\x1b[" in out  # the test's terminal is a colour one: rich's own styling is there

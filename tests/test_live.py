@@ -7,6 +7,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -25,7 +26,7 @@ def _text(settings: Settings, width: int = 160) -> str:
     return console.export_text()
 
 
-def _fixture(settings: Settings, **kw: object) -> None:
+def _fixture(settings: Settings, **kw: Any) -> None:
     make_database(
         settings.store.database, now=NOW,
         images=[
@@ -141,3 +142,42 @@ def test_failed_daemon_exit_is_listed_among_errors(settings: Settings) -> None:
     _fixture(settings, heartbeat_age_s=600, daemon_state="stopped", message="exit 1")
     text = _text(settings)
     assert "daemon stopped (exit 1)" in text and "daemon: exit 1" in text and "recent errors" in text
+
+
+HOSTILE = "evil\x1b]0;pwned\x07\x1b[31m[red]x\u202e_\\xff.tif"  # path_text form: \xff was a raw byte
+
+
+def _hostile_fixture(settings: Settings) -> None:
+    make_database(
+        settings.store.database, now=NOW,
+        images=[{"path": f"/export/lot\x1b[2J/{HOSTILE}", "sample_id": "[bold]s\x1b[5m", "status": "failed",
+                 "error": "bad \x1b]0;err\x07 [red]file", "composition": "6\x1b[1m22"}],
+        samples=[{"sample_id": "[bold]s\x1b[5m", "expected": "\x1b[8mhidden"}],
+        message="disk \x1b]0;msg\x07 full", daemon_state="stopped", heartbeat_age_s=600)
+
+
+def test_hostile_names_are_shown_never_interpreted(settings: Settings) -> None:
+    _hostile_fixture(settings)
+    console = Console(record=True, width=250, force_terminal=True, color_system="truecolor")
+    console.print(render(take_snapshot(settings, now=NOW), settings))
+    out = console.export_text(styles=True)  # what reaches the terminal, rich's own codes included
+    for sequence in ("\x1b]", "\x07", "\x1b[2J", "\x1b[5m", "\x1b[8m", "\u202e"):  # not rich's own
+        assert sequence not in out, repr(sequence)
+    plain = _text(settings, 250)
+    assert "evil\\x1b]0;pwned\\x07\\x1b[31m[red]x\\u202e_\\xff.tif" in plain
+    assert "[bold]s\\x1b[5m" in plain and "\\x1b[8mhidden" in plain
+    assert "bad \\x1b]0;err\\x07 [red]file" in plain and "disk \\x1b]0;msg\\x07 full" in plain
+
+
+def test_top_once_cli_with_hostile_names(settings: Settings, tmp_path: Path) -> None:
+    _hostile_fixture(settings)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n', encoding="utf-8")
+    env = {**os.environ, "COLUMNS": "250", "FORCE_COLOR": "1", "TERM": "xterm-256color"}
+    proc = subprocess.run([sys.executable, "-m", "semwatch", "top", "--once", "--config", str(config)],
+                          capture_output=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode("utf-8")
+    for sequence in ("\x1b]", "\x07", "\x1b[2J", "\u202e"):
+        assert sequence not in out, repr(sequence)
+    assert "\\x1b]0;pwned\\x07" in out

@@ -1,4 +1,5 @@
-"""The day's report: folder, CSVs and a self-contained, escaped HTML page, for a fixture day."""
+"""The day's report: folder, CSVs and a self-contained, escaped HTML page, for a fixture day; hostile
+names and files in the export folder neither fool nor stall it."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import UTC, date, datetime
+import threading
+from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from dbfixture import make_database
-from semwatch.config import ReportSettings, Settings
+from semwatch.config import ReadingSettings, ReportSettings, Settings
 from semwatch.errors import UserError
 from semwatch.report import write_report
+from semwatch.safefs import path_text
 
 DAY = date(2026, 11, 24)
 SCRIPT_NAME = "<script>alert(1)</script>.tif"
@@ -77,12 +80,27 @@ def seoul(settings: Settings) -> Settings:
     return settings.replace(report=ReportSettings(folder=settings.report.folder, timezone="Asia/Seoul"))
 
 
+def _a_jpeg(ncm_dir: Path) -> Path:
+    return sorted((ncm_dir / "622").glob("*.jpg"))[0]
+
+
+def _report_in_thread(settings: Settings, day: date = DAY, timeout: float = 120.0) -> Path:
+    """`write_report`, failing the test (instead of hanging it) if it does not finish in time."""
+    out: list[Path] = []
+    worker = threading.Thread(target=lambda: out.append(write_report(settings, day).html), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "write_report blocked"
+    assert out, "write_report failed"
+    return out[0]
+
+
 def _day_fixture(settings: Settings, tmp_path: Path, ncm_dir: Path) -> None:
     """Images around the local day 2026-11-24 in Seoul (UTC+9): 2026-11-23T15:00Z .. 2026-11-24T15:00Z."""
-    real = tmp_path / "export" / "lotC" / "c1.jpg"
+    real = settings.watch.folder / "lotC" / "c1.jpg"  # thumbnails are read inside the watch folder only
     real.parent.mkdir(parents=True)
-    shutil.copy(next(iter(sorted((ncm_dir / "622").glob("*.jpg")))), real)
-    corrupt = tmp_path / "export" / "lotC" / "broken.tif"
+    shutil.copy(_a_jpeg(ncm_dir), real)
+    corrupt = settings.watch.folder / "lotC" / "broken.tif"
     corrupt.write_bytes(b"II*\x00garbage")
     make_database(settings.store.database, now=datetime(2026, 11, 24, 12, tzinfo=UTC), images=[
         {"path": "/export/lotA/early.tif", "sample_id": "lotA",
@@ -190,6 +208,12 @@ def test_report_cli_json_and_bad_date(seoul: Settings, tmp_path: Path, ncm_dir: 
     assert plain.returncode == 0 and str(Path(obj["images_csv"])) in plain.stdout
     bad = subprocess.run([*base, "--date", "24.11.2026"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr and "Traceback" not in bad.stderr
+    tomorrow = datetime.now(UTC).date() + timedelta(days=3)
+    for day, words in (("9999-12-31", "outside"), ("0001-01-01", "outside"), ("1999-12-31", "outside"),
+                       (tomorrow.isoformat(), "outside"), ("2026-02-30", "YYYY-MM-DD"), ("", "YYYY-MM-DD")):
+        bad = subprocess.run([*base, "--date", day], capture_output=True, text=True, env=env, timeout=60)
+        assert bad.returncode == 2, (day, bad.stderr)
+        assert len(bad.stderr.splitlines()) == 1 and words in bad.stderr, (day, bad.stderr)
 
 
 @pytest.mark.slow
@@ -203,3 +227,72 @@ def test_gradcam_thumbnails_with_a_model(seoul: Settings, tmp_path: Path, ncm_di
     alts = [img["alt"] for img in page.images]
     assert "Grad-CAM of c1.jpg" in alts  # a readable NCM micrograph: where the network looked
     assert "not readable now" in "".join(page.text)  # the corrupt file still has none
+
+
+def test_hostile_names_are_text_in_html_and_csv(seoul: Settings, ncm_dir: Path) -> None:
+    # A real JPEG whose name holds a terminal title sequence, a bidi override and a byte that is not
+    # UTF-8: the database holds its `path_text` form, from which the thumbnail still finds the file.
+    raw_name = b"evil\x1b]0;pwned\x07\xe2\x80\xaebad_\xff.jpg"
+    folder = seoul.watch.folder / "lotH"
+    folder.mkdir(parents=True)
+    real = folder / os.fsdecode(raw_name)
+    shutil.copy(_a_jpeg(ncm_dir), real)
+    stored = path_text(real)
+    assert "\\xff" in stored and "\x1b" in stored  # the writer's form: the \xff escaped, ESC kept
+    formula = "=HYPERLINK(\"http://evil.example\",\"x\")"
+    make_database(seoul.store.database, now=datetime(2026, 11, 24, 12, tzinfo=UTC), images=[
+        {"path": stored, "sample_id": formula, "status": "unknown", "confidence": 0.3,
+         "error": "+cmd|' /C calc'!A0\x1b[31m", "processed_at": "2026-11-24T05:00:00.000+00:00"},
+        {"path": str(folder / "[red]x.jpg"), "sample_id": "@SUM(1+1)", "status": "failed",
+         "error": "-1+1", "processed_at": "2026-11-24T05:10:00.000+00:00"},
+    ], samples=[{"sample_id": formula, "expected": "\t=1+2"}, {"sample_id": "@SUM(1+1)"}])
+    paths = write_report(seoul, DAY)
+
+    raw = paths.html.read_bytes().decode("utf-8")  # strictly valid UTF-8
+    for ch in ("\x1b", "\x07", "\u202e"):
+        assert ch not in raw, repr(ch)
+    page = _parse(paths.html)
+    text = "".join(page.text)
+    assert "evil\\x1b]0;pwned\\x07\\u202ebad_\\xff.jpg" in text  # visible, not interpreted
+    assert "image of evil\\x1b]0;pwned\\x07\\u202ebad_\\xff.jpg" in [i["alt"] for i in page.images]
+    assert "[red]x.jpg" in text and formula in text
+
+    for csv_path in (paths.images_csv, paths.samples_csv):
+        csv_path.read_bytes().decode("utf-8")
+    with paths.images_csv.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["path"] == stored and rows[0]["sample_id"] == "'" + formula
+    assert rows[0]["error"].startswith("'+cmd")
+    assert rows[1]["sample_id"] == "'@SUM(1+1)" and rows[1]["error"] == "'-1+1"
+    with paths.samples_csv.open(encoding="utf-8", newline="") as fh:
+        samples = list(csv.DictReader(fh))
+    assert {r["sample_id"] for r in samples} == {"'" + formula, "'@SUM(1+1)"}
+    assert {r["expected"] for r in samples} >= {"'\t=1+2"}
+
+
+def test_thumbnails_never_block_or_decode_refused_files(seoul: Settings, tmp_path: Path,
+                                                        ncm_dir: Path) -> None:
+    """Failed images whose files changed since: a FIFO (opening it would block for ever), a link out
+    of the watch folder, a real JPEG above `[reading] max_pixels`. None is opened or decoded; each
+    is listed with the reason; the report is written."""
+    small = seoul.replace(reading=ReadingSettings(max_pixels=100_000))
+    folder = small.watch.folder / "lotF"
+    folder.mkdir(parents=True)
+    fifo = folder / "was-an-image.tif"
+    os.mkfifo(fifo)
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(_a_jpeg(ncm_dir), outside)
+    (folder / "link.jpg").symlink_to(outside)
+    big = folder / "big.jpg"  # 1280 x 960 > 100,000 pixels
+    shutil.copy(_a_jpeg(ncm_dir), big)
+    when = "2026-11-24T05:{:02d}:00.000+00:00"
+    make_database(small.store.database, now=datetime(2026, 11, 24, 12, tzinfo=UTC), images=[
+        {"path": str(p), "status": "failed", "error": "was refused", "processed_at": when.format(i)}
+        for i, p in enumerate((fifo, folder / "link.jpg", big))])
+
+    page = _parse(_report_in_thread(small))
+    assert [i["alt"] for i in page.images if i["alt"] not in PLOTS] == []  # no thumbnail at all
+    text = " ".join("".join(page.text).split())
+    assert "not readable now: not a regular file: a FIFO" in text
+    assert "outside the watch folder" in text
+    assert "max_pixels" in text

@@ -1,13 +1,21 @@
 """Nightly reports: missed nights are caught up at start (fake "now", no sleeping), the cron job
-is scheduled in the report time zone, and the scheduler's threads stop."""
+is scheduled in the report time zone, and the scheduler's threads stop, also when a report hangs."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from dbfixture import iso, make_database
+from semwatch import scheduler as scheduler_mod
 from semwatch.config import ReportSettings, Settings
 from semwatch.scheduler import ReportScheduler
 
@@ -94,3 +102,83 @@ def test_nightly_job_writes_the_day_even_when_empty(settings: Settings) -> None:
     sched = ReportScheduler(s, clock=lambda: fired)
     paths = sched.nightly()
     assert paths is not None and paths.day == date(2026, 11, 24) and paths.n_images == 0
+
+
+def test_shutdown_does_not_wait_for_ever_on_a_hung_report(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A report that never finishes (whatever the cause) must not keep SIGTERM from stopping the
+    daemon: shutdown returns within its timeout, says so, and the report thread is a daemon thread
+    (the interpreter does not join it at exit)."""
+    s = _settings(settings)
+    yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
+    make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    entered, release = threading.Event(), threading.Event()
+
+    def hung_report(settings: Settings, day: date) -> None:
+        entered.set()
+        release.wait(60)
+
+    monkeypatch.setattr(scheduler_mod, "write_report", hung_report)
+    sched = ReportScheduler(s, stop_timeout=0.5)
+    sched.start()
+    try:
+        assert entered.wait(30), "the catch-up never started"
+        worker = next(t for t in threading.enumerate() if t.name == "semwatch-report")
+        assert worker.daemon
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="semwatch.scheduler"):
+            assert sched.shutdown() is False
+        assert time.monotonic() - t0 < 5
+        assert "still running" in caplog.text and "catch-up" in caplog.text
+    finally:
+        release.set()  # let the thread end (the test checks for leaked threads)
+    worker.join(10)
+    assert not worker.is_alive()
+
+
+def test_shutdown_waits_for_a_report_that_finishes(settings: Settings,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _settings(settings)
+    yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
+    make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    entered, done = threading.Event(), threading.Event()
+
+    def slow_report(settings: Settings, day: date) -> None:
+        entered.set()
+        time.sleep(0.5)
+        done.set()
+
+    monkeypatch.setattr(scheduler_mod, "write_report", slow_report)
+    sched = ReportScheduler(s, stop_timeout=30)
+    sched.start()
+    assert entered.wait(30)
+    assert sched.shutdown() is True and done.is_set()
+
+
+def test_process_exits_with_a_hung_report(settings: Settings, tmp_path: Path) -> None:
+    """The real claim behind SIGTERM: after `shutdown`, the interpreter exits although the report
+    thread is still blocked (apscheduler's pool threads, like all `concurrent.futures` threads,
+    would be joined at exit and keep it alive for ever)."""
+    s = _settings(settings)
+    yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
+    make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndatabase = "{s.store.database}"\n[report]\nfolder = "{s.report.folder}"\n'
+                      'timezone = "America/New_York"\ncatch_up_days = 3\n', encoding="utf-8")
+    script = textwrap.dedent(f"""
+        import threading, sys
+        from semwatch import scheduler
+        from semwatch.config import load_settings
+        entered = threading.Event()
+        def hung(settings, day):
+            entered.set()
+            threading.Event().wait()  # for ever
+        scheduler.write_report = hung
+        sched = scheduler.ReportScheduler(load_settings({str(config)!r}, environ={{}}), stop_timeout=0.5)
+        sched.start()
+        assert entered.wait(30)
+        print("left running" if sched.shutdown() is False else "finished", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "left running"

@@ -118,3 +118,26 @@ def test_daemon_on_a_terminal_shows_the_dashboard(tiny_model: Path, ncm_dir: Pat
     screen = _wait_for(tmux, "new-image.jpg", timeout=120)
     assert "lot7" in screen and "device cpu" in screen
     _interrupt_and_check_exit(tmux, done_file, 30)
+
+
+def test_top_shows_escape_sequences_in_names_as_text(settings: Settings, tmp_path: Path,
+                                                     tmux: list[str]) -> None:
+    """A file name holding `ESC ] 0 ; title BEL` and `ESC [ 2 J` must not retitle or clear the
+    operator's terminal: tmux records the title a program sets, so a real terminal is the check."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n[live]\nrefresh_per_second = 5.0\n',
+                      encoding="utf-8")
+    now = datetime.now(UTC)
+    make_database(settings.store.database, now=now, images=[
+        {"path": "/export/lotE/evil\x1b]0;pwned\x07\x1b[2J[red]x.tif", "sample_id": "lot\x1b]2;pwned2\x07E",
+         "status": "failed", "error": "bad\x1b]0;pwned3\x07", "processed_at": iso(now)}],
+        samples=[{"sample_id": "lot\x1b]2;pwned2\x07E"}])
+    done_file = tmp_path / "exit-code"
+    _start(tmux, "top", config, done_file)
+    screen = _wait_for(tmux, "[red]x.tif")
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J[red]x.tif" in screen
+    assert "lot\\x1b]2;pwned2\\x07E" in screen
+    title = subprocess.run([*tmux, "display-message", "-p", "-t", "top", "#{pane_title}"],
+                           capture_output=True, text=True, timeout=10).stdout
+    assert "pwned" not in title
+    _interrupt_and_check_exit(tmux, done_file, 15)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -442,6 +441,12 @@ def _run_group(
 
 
 def classify_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`semwatch classify FILE...`: one line per file, or one JSON object per line with `--json`.
+
+    File names and errors are untrusted: JSON carries paths in `safefs.path_text` form (valid UTF-8
+    for any name), and the plain lines show everything through `safefs.printable`."""
+    from semwatch.safefs import path_text, printable, text_safe
+
     model_dir = Path(args.model) if args.model else settings.model.path
     classifier = Classifier.load(model_dir, settings)
     explain_dir: Path | None = args.explain
@@ -449,25 +454,27 @@ def classify_command(args: argparse.Namespace, settings: Settings) -> int:
         explain_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path, result in stream(classifier, [Path(f) for f in args.files], settings):
+        name = path_text(path)
         if isinstance(result, MicrographError):
             failed += 1
             if args.json:
-                _emit({"path": str(path), "error": str(result)})
+                _emit({"path": name, "error": text_safe(str(result))})
             else:
-                print(f"semwatch: {path}: {result}", file=sys.stderr)
+                print(f"semwatch: {printable(name)}: {printable(text_safe(str(result)))}", file=sys.stderr)
             continue
         record = result.to_json()
+        record["path"] = name
         if explain_dir is not None:
-            record["explanation"] = str(_explain(classifier, path, explain_dir, settings))
+            record["explanation"] = path_text(_explain(classifier, path, explain_dir, settings))
         if args.json:
             _emit(record)
         else:
             label = result.predicted_class or "-"
             why = f"  ({'; '.join(result.reasons)})" if result.reasons else ""
-            print(
-                f"{path}: {result.status} {label} conf {result.confidence:.3f} "
+            print(printable(text_safe(
+                f"{name}: {result.status} {label} conf {result.confidence:.3f} "
                 f"agree {result.tile_agreement:.2f} tiles {result.n_tiles}{why}"
-            )
+            )))
     return 1 if failed else 0
 
 
@@ -487,5 +494,6 @@ def _explain(classifier: Classifier, path: Path, out_dir: Path, settings: Settin
 
 
 def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
-    sys.stdout.flush()
+    from semwatch.cli import emit_json
+
+    emit_json(obj)

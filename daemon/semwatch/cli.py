@@ -1,22 +1,25 @@
 """The `semwatch` command line: parse arguments, load settings, call one library function.
 
 Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 78 configuration error. User errors are
-one line on stderr, never a traceback. Heavy imports (torch, cv2) happen inside the command
-that needs them, so `--help` and `--version` stay instant.
+one line on stderr, never a traceback: argument errors too (numbers and output paths are checked
+while parsing, so a bad one never reaches a command as a traceback). Heavy imports (torch, cv2)
+happen inside the command that needs them, so `--help` and `--version` stay instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from semwatch import __version__
 from semwatch.config import ConfigError, Settings, default_config_path, load_settings
 from semwatch.errors import UserError
+from semwatch.safefs import path_text, printable, text_safe
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1
@@ -27,9 +30,27 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def emit_json(obj: Any) -> None:
-    """One JSON object per line on stdout (the `--json` contract)."""
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    """One JSON object per line on stdout (the `--json` contract), always valid UTF-8: callers give
+    paths in `path_text` form; any other string still holding undecodable bytes (surrogate escapes)
+    gets them as `\\xNN` rather than failing to encode."""
+    sys.stdout.write(json.dumps(_json_safe(obj), ensure_ascii=False, default=_json_default) + "\n")
     sys.stdout.flush()
+
+
+def _json_default(value: object) -> str:
+    return path_text(value) if isinstance(value, Path) else text_safe(str(value))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return text_safe(value)
+    if isinstance(value, Path):
+        return path_text(value)
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 # --- command handlers: each parses nothing, calls one library function ------------------------
@@ -92,6 +113,68 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `semwatch report: error: ... (see --help)`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(text_safe(message))} "
+                              f"(see '{self.prog} --help')\n")
+
+
+def _count(text: str) -> int:
+    """A whole number >= 1 (image counts, epochs, rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A random seed: 0 .. 2**32 - 1 (numpy refuses others deep inside a run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _out_dir(text: str) -> Path:
+    """A folder to write into: it, or the nearest part of it that exists, must be a folder (else
+    mkdir fails deep inside the command, after minutes of training or evaluating)."""
+    path = Path(text)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{path_text(p)} exists and is not a folder")
+            break
+    return path
+
+
+def _out_file(text: str) -> Path:
+    """A file to write: not a folder, and inside one that exists or can be made."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path_text(path)} is a folder, not a file")
+    _out_dir(str(path.parent))
+    return path
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
     if json_flag:
@@ -100,7 +183,7 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="semwatch",
         description="Watch an SEM export folder and classify NCM cathode micrographs.",
     )
@@ -115,37 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from one folder per class")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
-    p.add_argument("--epochs", type=int, help="override [train] epochs")
-    p.add_argument("--max-images-per-class", type=int, help="use at most N images per class")
-    p.add_argument("--split-out", type=Path, help="write the train/val/test split as JSON here")
+    p.add_argument("--out", type=_out_dir, required=True, metavar="MODEL_DIR")
+    p.add_argument("--epochs", type=_count, help="override [train] epochs")
+    p.add_argument("--max-images-per-class", type=_count, help="use at most N images per class")
+    p.add_argument("--split-out", type=_out_file, help="write the train/val/test split as JSON here")
     _common(p)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a labelled folder")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR")
-    p.add_argument("--out", type=Path, help="write confusion matrix and reliability PNGs here")
+    p.add_argument("--out", type=_out_dir, help="write confusion matrix and reliability PNGs here")
     p.add_argument("--intensity-jitter", action="store_true",
                    help="apply random brightness/contrast/gamma changes to every image")
     p.add_argument("--split", choices=["all", "test", "val", "train"], default="all",
                    help="evaluate only images of this split recorded in the model (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --intensity-jitter")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for --intensity-jitter")
     _common(p)
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("classify", help="classify micrographs")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--model", type=Path, metavar="MODEL_DIR", help="default: [model] path")
-    p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write Grad-CAM overlays here")
+    p.add_argument("--explain", type=_out_dir, metavar="OUT_DIR", help="write Grad-CAM overlays here")
     _common(p)
     p.set_defaults(handler=cmd_classify)
 
     p = sub.add_parser("bench", help="measure throughput against the bare model")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--model", type=Path, metavar="MODEL_DIR", help="default: [model] path")
-    p.add_argument("--max-images", type=int, default=120)
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--max-images", type=_count, default=120)
+    p.add_argument("--rounds", type=_count, default=None,
                    help="alternating pipeline / bare-network rounds (default: one per 15 images)")
     _common(p)
     p.set_defaults(handler=cmd_bench)
@@ -168,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")
-    p.add_argument("--workdir", type=Path, default=Path("demo"), help="where the demo writes")
-    p.add_argument("--images", type=int, default=24, help="held-out images to drop in")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between images")
+    p.add_argument("--workdir", type=_out_dir, default=Path("demo"), help="where the demo writes")
+    p.add_argument("--images", type=_count, default=24, help="held-out images to drop in")
+    p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between images")
     p.add_argument("--retrain", action="store_true", help="train even if a model exists")
     p.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
     _common(p, json_flag=False)
@@ -183,20 +266,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config_path = args.config if args.config is not None else default_config_path()
+        if config_path is not None and config_path.is_dir():
+            raise ConfigError(f"config file is a folder: {path_text(config_path)}")
         settings = load_settings(config_path)
         handler: Handler = args.handler
         return handler(args, settings)
     except ConfigError as exc:
-        print(f"semwatch: configuration error: {exc}", file=sys.stderr)
+        _say(f"configuration error: {exc}")
         return EXIT_CONFIG
     except UserError as exc:
-        print(f"semwatch: {exc}", file=sys.stderr)
+        _say(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("semwatch: interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # a folder or file the command could not use: one line, not a traceback
+        where = f": {path_text(exc.filename)}" if isinstance(exc.filename, str) else ""
+        _say(f"{exc.strerror or exc}{where}")
+        return EXIT_INPUT_FAILED
+
+
+def _say(message: str) -> None:
+    """One line on stderr; names in it are untrusted, so control characters are shown, not sent."""
+    print(f"semwatch: {printable(text_safe(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

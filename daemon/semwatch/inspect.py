@@ -1,24 +1,31 @@
 """`semwatch inspect FILE...`: what semwatch reads from each file — metadata, data bar, quality.
 
 With `--json`, one JSON object per file and line (`{path, error}` for a file that cannot be read);
-otherwise a rich table. Exit status 1 when any file could not be read.
+otherwise a rich table. Exit status 1 when any file could not be read. Paths are given in
+`safefs.path_text` form (valid UTF-8 JSON for any file name); the table shows every string through
+`safefs.printable` as plain `Text` (file names and metadata are not trusted: no terminal escapes,
+no rich markup).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from semwatch.config import Settings
+from semwatch.safefs import path_text, printable, text_safe
 from semwatch.values import Micrograph, MicrographError
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 
 def describe(m: Micrograph) -> dict[str, Any]:
     """The `inspect --json` object for one micrograph."""
     md = m.metadata
     return {
-        "path": str(m.path),
+        "path": path_text(m.path),
         "format": m.format,
         "width": m.width,
         "height": m.height,
@@ -49,9 +56,9 @@ def inspect_path(path: Path, settings: Settings) -> dict[str, Any]:
     try:
         return describe(read_micrograph(path, settings))
     except MicrographError as exc:
-        return {"path": str(path), "error": str(exc)}
+        return {"path": path_text(path), "error": text_safe(str(exc))}
     except Exception as exc:  # never a traceback for one bad file; the others still get inspected
-        return {"path": str(path), "error": f"unexpected error: {type(exc).__name__}: {exc}"}
+        return {"path": path_text(path), "error": text_safe(f"unexpected error: {type(exc).__name__}: {exc}")}
 
 
 def inspect_files(paths: Sequence[Path], settings: Settings, *, as_json: bool) -> int:
@@ -77,20 +84,27 @@ def _fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+def _text(value: Any, style: str = "") -> Text:
+    """A table cell: printable, and a rich `Text`, so `[red]` in a name is not markup."""
+    from rich.text import Text
+
+    return Text(printable(text_safe(_fmt(value))), style=style)
+
+
 def _print_table(results: list[dict[str, Any]]) -> None:
     """One small two-column table per file: readable at any terminal width."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     for r in results:
-        table = Table(title=escape(r["path"]), title_justify="left", show_header=False, box=None,
-                      padding=(0, 2))
+        # The path on a line of its own, not as the table's title: a title wraps at the table's width.
+        console.print(_text(r["path"], "italic"))
+        table = Table(show_header=False, box=None, padding=(0, 2))
         table.add_column("field", style="bold")
         table.add_column("value")
         if "error" in r:
-            table.add_row("error", f"[red]{escape(r['error'])}[/red]")
+            table.add_row("error", _text(r["error"], "red"))
             console.print(table, "")
             continue
         q = r["quality"]
@@ -108,8 +122,6 @@ def _print_table(results: list[dict[str, Any]]) -> None:
                         f"dynamic range {q['dynamic_range']:.3f}"),
         ]
         for name, value in rows:
-            table.add_row(name, escape(_fmt(value)))
-        reasons = escape("; ".join(q["reasons"]))
-        verdict = "[green]ok[/green]" if q["ok"] else f"[yellow]{reasons}[/yellow]"
-        table.add_row("", verdict)
+            table.add_row(name, _text(value))
+        table.add_row("", _text("ok", "green") if q["ok"] else _text("; ".join(q["reasons"]), "yellow"))
         console.print(table, "")

@@ -3,6 +3,11 @@
 Both read the daemon database read-only (`semwatch.snapshot`), so what `semwatch top` shows for a
 daemon under systemd is exactly what the daemon's own terminal shows. `render` is a pure function
 of a `Snapshot`, which keeps it testable with a recording console.
+
+Everything shown that comes from the export folder or the database (file names, sample ids,
+errors, the daemon's message) goes through `_shown`: `safefs.printable` (a name holding
+`ESC ] 0 ; ... BEL` shows as text instead of retitling the terminal) inside a rich `Text`, which
+is never parsed as markup (`[red]` in a name stays `[red]`).
 """
 
 from __future__ import annotations
@@ -21,12 +26,23 @@ from rich.table import Table
 from rich.text import Text
 
 from semwatch.config import Settings
+from semwatch.safefs import printable, text_safe
 from semwatch.snapshot import Snapshot, parse_utc, take_snapshot
 from semwatch.store import exit_message
 
 STATUS_STYLE = {"ok": "green", "unknown": "yellow", "rejected": "magenta", "failed": "bold red",
                 "pending": "dim"}
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "uncertain": "yellow", "unknown": "dim"}
+
+
+def _shown(value: object, style: str = "") -> Text:
+    """Untrusted text as a terminal-safe, markup-free cell."""
+    return Text(printable(text_safe(str(value))), style=style)
+
+
+def _name(path: str) -> str:
+    """A stored path's file name (stored paths are `path_text`, so this is printable-ready)."""
+    return PurePath(path).name
 
 
 def _fmt_conf(value: float | None) -> str:
@@ -52,7 +68,7 @@ def render(snap: Snapshot, settings: Settings) -> RenderableType:
     """One dashboard frame."""
     zone = ZoneInfo(settings.report.timezone)
     if snap.problem is not None:
-        return Panel(Text(snap.problem, style="yellow"), title="semwatch", border_style="yellow")
+        return Panel(_shown(snap.problem, "yellow"), title="semwatch", border_style="yellow")
     parts: list[RenderableType] = [_header(snap, settings), _recent(snap, zone), _samples(snap)]
     if snap.errors or _daemon_problem(snap):
         parts.append(_errors(snap, zone))
@@ -75,21 +91,24 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
     else:
         state_style = "bold green" if d.state == "running" and not snap.stale else "bold yellow"
         ended = f" ({d.message})" if d.state == "stopped" and d.message else ""
-        lines.append(f"daemon {d.state}{ended}", style=state_style)
-        lines.append(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {_age(snap.heartbeat_age_s)}\n")
+        lines.append(_shown(f"daemon {d.state}{ended}", state_style))
+        lines.append(_shown(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {_age(snap.heartbeat_age_s)}"))
+        lines.append("\n")
         if snap.stale and d.state == "stopped":
-            lines.append(f"the daemon stopped ({d.message or 'no message'}); figures below are from its "
-                         "last update\n", style="bold yellow")
+            lines.append(_shown(f"the daemon stopped ({d.message or 'no message'}); figures below are from "
+                                "its last update", "bold yellow"))
+            lines.append("\n")
         elif snap.stale:
             lines.append(
                 f"no heartbeat for more than {settings.live.stale_seconds:.0f} s: the daemon is not "
                 "running (or is hung); figures below are from its last update\n", style="bold red")
         lines.append("device ", style="dim")
-        lines.append(f"{d.device or '–'}")
+        lines.append(_shown(d.device or "–"))
         lines.append("   model ", style="dim")
-        lines.append(f"{(d.model_id or '–')[:16]}")
+        lines.append(_shown((d.model_id or "–")[:16]))
         lines.append("   folder ", style="dim")
-        lines.append(f"{d.watch_folder or '–'}\n")
+        lines.append(_shown(d.watch_folder or "–"))
+        lines.append("\n")
         lines.append("waiting ", style="dim")
         lines.append(f"{d.waiting}", style="bold")
         lines.append("   in progress ", style="dim")
@@ -102,8 +121,9 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
         lines.append(f"{d.images_per_s:.2f} images/s, {d.tiles_per_s:.1f} tiles/s\n")
     counts = "  ".join(f"{k} {v}" for k, v in sorted(snap.status_counts.items())) or "no images yet"
     lines.append("in database ", style="dim")
-    lines.append(counts)
-    return Panel(lines, title="semwatch", subtitle=str(snap.database), border_style="blue")
+    lines.append(_shown(counts))
+    # A str subtitle would be parsed as markup: the database path is shown as Text too.
+    return Panel(lines, title="semwatch", subtitle=_shown(snap.database), border_style="blue")
 
 
 def _recent(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
@@ -114,8 +134,8 @@ def _recent(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
     for img in snap.recent:
         style = STATUS_STYLE.get(img.status, "")
         table.add_row(
-            _local_time(img.processed_at, zone), Text(PurePath(img.path).name), Text(img.sample_id or "–"),
-            Text(img.status, style=style), img.composition or "–", img.state or "–",
+            _local_time(img.processed_at, zone), _shown(_name(img.path)), _shown(img.sample_id or "–"),
+            _shown(img.status, style), _shown(img.composition or "–"), _shown(img.state or "–"),
             _fmt_conf(img.confidence), style=None,
         )
     if not snap.recent:
@@ -130,9 +150,9 @@ def _samples(snap: Snapshot) -> RenderableType:
         table.add_column(col, justify="right" if col in numeric else "left")
     for s in snap.samples:
         table.add_row(
-            Text(s.sample_id), str(s.n_images), s.composition or "–", s.state or "–", _fmt_conf(s.confidence),
-            _fmt_conf(s.uniformity), Text(s.expected or "–"),
-            Text(s.verdict, style=VERDICT_STYLE.get(s.verdict, "")),
+            _shown(s.sample_id), str(s.n_images), _shown(s.composition or "–"), _shown(s.state or "–"),
+            _fmt_conf(s.confidence), _fmt_conf(s.uniformity), _shown(s.expected or "–"),
+            _shown(s.verdict, VERDICT_STYLE.get(s.verdict, "")),
         )
     if not snap.samples:
         table.add_row("no samples yet", "", "", "", "", "", "", "")
@@ -143,13 +163,15 @@ def _errors(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
     text = Text()
     problem = _daemon_problem(snap)
     if problem:
-        text.append(f"daemon: {problem}\n", style="yellow")
+        text.append(_shown(f"daemon: {problem}", "yellow"))
+        text.append("\n")
     for img in snap.errors:
         when = _local_time(img.processed_at or img.detected_at, zone)
         text.append(f"{when}  ", style="dim")
-        text.append(PurePath(img.path).name, style="bold")
+        text.append(_shown(_name(img.path), "bold"))
         retrying = " (retrying)" if img.status == "pending" else ""
-        text.append(f": {img.error}{retrying}\n", style="yellow" if retrying else "red")
+        text.append(_shown(f": {img.error}{retrying}", "yellow" if retrying else "red"))
+        text.append("\n")
     text.rstrip()
     return Panel(text, title="recent errors", border_style="red", title_align="left")
 
@@ -190,7 +212,7 @@ class LiveView:
             try:
                 self._live.update(self.frame(), refresh=True)
             except Exception as exc:  # a frame must never kill the view: show why instead
-                self._live.update(Panel(Text(f"live view: {exc}", style="red")), refresh=True)
+                self._live.update(Panel(_shown(f"live view: {exc}", "red")), refresh=True)
 
     def stop(self) -> None:
         self._stop.set()

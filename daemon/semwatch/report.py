@@ -3,9 +3,12 @@
 A day is a calendar day in `[report] timezone`; the database stores UTC, so the day becomes a UTC
 interval before querying. The HTML is one self-contained file (plots and thumbnails embedded as
 base64 PNG, no scripts; a Content-Security-Policy forbids any) rendered by jinja2 with
-autoescaping, because file and sample names are user data. A new report folder is built under a
-temporary name and renamed into place, so a folder that exists is a finished report (the
-scheduler's catch-up relies on it); rewriting an existing one replaces each file atomically.
+autoescaping, because file and sample names are user data (shown through `safefs.printable`, so
+control and bidi characters are visible; every CSV cell goes through `safefs.csv_cell`). Thumbnails
+read the files again, which may have changed since: only through `read_micrograph` with the watch
+folder's confinement and the `[reading]` limits. A new report folder is built under a temporary
+name and renamed into place, so a folder that exists is a finished report (the scheduler's
+catch-up relies on it); rewriting an existing one replaces each file atomically.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from semwatch import db
 from semwatch.config import Settings
 from semwatch.errors import UserError
+from semwatch.safefs import Confinement, csv_cell, path_from_text, path_text, printable, text_safe
 
 if TYPE_CHECKING:
     from semwatch.classify import Classifier
@@ -233,48 +237,48 @@ def _encode_thumb(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _plain_image(path: Path) -> np.ndarray:
-    """The file decoded as 8-bit RGB without semwatch's reader (the fallback thumbnail)."""
+def _plain_thumb(pixels: np.ndarray) -> np.ndarray:
+    """The reader's grey specimen area, contrast-stretched, as 8-bit RGB (the plain thumbnail)."""
     import cv2
 
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        arr = np.asarray(tifffile.imread(path))
-    else:
-        decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-        if decoded is None:
-            raise ValueError("not a decodable image")
-        arr = np.asarray(decoded)
-    arr = np.squeeze(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., :3] if path.suffix.lower() in (".tif", ".tiff") else arr[..., 2::-1]
-        arr = arr.mean(axis=-1)
-    if arr.ndim != 2:
-        raise ValueError(f"unexpected image shape {arr.shape}")
-    grey = arr.astype(np.float32)
+    grey = np.asarray(pixels, dtype=np.float32)
     lo, hi = np.percentile(grey, (0.5, 99.5))
     grey = np.clip((grey - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
     return np.asarray(cv2.cvtColor((grey * 255).astype(np.uint8), cv2.COLOR_GRAY2RGB))
 
 
-def thumbnail(path: Path, settings: Settings, classifier: Classifier | None) -> tuple[str | None, str]:
-    """(base64 JPEG or None, what it shows): Grad-CAM where a model and the reader are available and
-    the image has usable tiles, else the plain image; None when the file cannot be read any more."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def thumbnail(stored_path: str, settings: Settings, classifier: Classifier | None) -> tuple[str | None, str]:
+    """(base64 JPEG or None, what it shows) for an image row's path (`path_text` form).
+
+    The file is untrusted and may have changed since it was processed (replaced by a FIFO, a link
+    out of the folder, a giant TIFF), so it is read only through `read_micrograph`: the watch
+    folder's confinement, no blocking opens, the `[reading]` limits. Grad-CAM where a model is
+    available and the image has usable tiles, else the plain image; None (and the reason) when the
+    file cannot or may not be read now."""
+    from semwatch.micrograph import read_micrograph
+
+    confine = Confinement(settings.watch.folder, settings.watch.follow_symlinks)
+    try:
+        micrograph = read_micrograph(Path(path_from_text(stored_path)), settings, confine=confine)
+    except Exception as exc:  # MicrographError, or a reader bug: either way no thumbnail, no report lost
+        return None, f"not readable now: {_first_line(exc)}"
     if classifier is not None:
         try:
-            from semwatch.micrograph import read_micrograph
-            from semwatch.model.gradcam import explain_image
-
-            micrograph = read_micrograph(path, settings)
             if len(classifier.prepare(micrograph).tiles):
+                from semwatch.model.gradcam import explain_image
+
                 return _encode_thumb(explain_image(classifier, micrograph)), "Grad-CAM"
-        except Exception as exc:  # an unreadable image is exactly what the report shows
-            log.debug("no Grad-CAM for %s: %s", path, exc)
+        except Exception as exc:  # the plain image still says something
+            log.debug("no Grad-CAM for %s: %s", stored_path, exc)
     try:
-        return _encode_thumb(_plain_image(path)), "image"
+        return _encode_thumb(_plain_thumb(micrograph.pixels)), "image"
     except Exception as exc:
-        return None, f"not readable now: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return None, f"no thumbnail: {_first_line(exc)}"
 
 
 def _load_classifier(settings: Settings) -> Classifier | None:
@@ -293,11 +297,13 @@ def _load_classifier(settings: Settings) -> Classifier | None:
 
 
 def _csv_bytes(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> bytes:
+    """UTF-8 CSV whose every cell passed `csv_cell`: names and errors come from the export folder, and
+    a cell such as `=HYPERLINK(...)` must stay text when the file is opened in a spreadsheet."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+        writer.writerow(["" if row.get(c) is None else csv_cell(row.get(c)) for c in columns])
     return buf.getvalue().encode("utf-8")
 
 
@@ -335,12 +341,20 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[dict[
     env = Environment(loader=PackageLoader("semwatch", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["conf"] = lambda v: "–" if v is None else f"{v:.2f}"
+    env.filters["show"] = _show
     template = env.get_template("report.html.j2")
     return template.render(
         day=day.isoformat(), timezone=settings.report.timezone, generated_at=generated_at.isoformat(
             timespec="seconds"), summary=_summary(data), samples=data.samples, plots=plots, thumbs=thumbs,
-        images=data.images, database=str(settings.store.database),
+        images=data.images, database=path_text(settings.store.database),
     )
+
+
+def _show(value: object) -> str:
+    """User data (file names, sample ids, errors) for the page: valid UTF-8 with control and bidi
+    characters made visible (a name must not reorder or hide the text around it); autoescaping
+    then makes it text, never markup."""
+    return printable(text_safe(str(value)))
 
 
 def write_report(settings: Settings, day: date, *, classifier: Classifier | None = None,
@@ -358,7 +372,7 @@ def write_report(settings: Settings, day: date, *, classifier: Classifier | None
         if classifier is None:
             classifier = _load_classifier(settings)
         for img in flagged:
-            jpeg, kind = thumbnail(Path(img["path"]), settings, classifier)
+            jpeg, kind = thumbnail(img["path"], settings, classifier)
             thumbs.append({"name": img["name"], "path": img["path"], "status": img["status"], "jpeg": jpeg,
                            "kind": kind, "detail": img["error"] or _reasons(img["reasons"]),
                            "sample_id": img["sample_id"], "confidence": img["confidence"]})
@@ -406,13 +420,24 @@ def _publish(target: Path, files: dict[str, bytes]) -> None:
 # --- command ----------------------------------------------------------------------------------
 
 
+EARLIEST_DAY = date(2000, 1, 1)
+
+
 def parse_day(text: str | None, settings: Settings, now: datetime | None = None) -> date:
+    """`--date` as a local day: YYYY-MM-DD from 2000-01-01 to tomorrow (a day further is a typo, and
+    days near the ends of the calendar overflow the time-zone arithmetic)."""
+    today = (now or datetime.now(UTC)).astimezone(ZoneInfo(settings.report.timezone)).date()
     if text is None:
-        return (now or datetime.now(UTC)).astimezone(ZoneInfo(settings.report.timezone)).date()
+        return today
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError:
-        raise UserError(f"--date must be YYYY-MM-DD, got {text!r}", 2) from None
+        raise UserError(f"--date must be YYYY-MM-DD, got {printable(repr(text))}", 2) from None
+    latest = today + timedelta(days=1)
+    if not EARLIEST_DAY <= day <= latest:
+        raise UserError(f"--date {day} is outside {EARLIEST_DAY} .. {latest} (tomorrow in "
+                        f"{settings.report.timezone})", 2)
+    return day
 
 
 def report_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -424,10 +449,11 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
         raise UserError(f"cannot write the report to {report_folder(settings, day)}: {exc.strerror or exc}",
                         1) from None
     if args.json:
-        out = {k: (str(v) if isinstance(v, Path | date) else v) for k, v in asdict(paths).items()}
+        out = {k: (path_text(v) if isinstance(v, Path) else str(v) if isinstance(v, date) else v)
+               for k, v in asdict(paths).items()}
         print(json.dumps(out, ensure_ascii=False), flush=True)
     else:
         print(f"report for {day} ({paths.n_images} images, {paths.n_samples} samples)")
         for p in (paths.html, paths.images_csv, paths.samples_csv):
-            print(p)
+            print(printable(path_text(p)))
     return 0

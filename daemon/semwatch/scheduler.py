@@ -6,13 +6,21 @@ its scheduled time has passed: the report written at `[report] time` covers that
 when the time is 12:00 or later (the default 23:55), else the day before (e.g. 00:30 writes
 yesterday's). A day's report is missing when its folder does not exist (report folders appear
 complete, see `semwatch.report`); catch-up looks back `[report] catch_up_days` and skips days on
-which no image was processed. One worker thread writes reports, so two never race.
+which no image was processed.
+
+One worker thread of our own writes reports, so two never race. apscheduler's jobs only hand it
+work: a report reads files from the untrusted export folder and could in the worst case hang, and
+apscheduler's pool threads (like every `concurrent.futures` thread) are joined at interpreter exit,
+so a hung report there would keep the daemon from ever exiting on SIGTERM. Our worker is a daemon
+thread, and `shutdown` waits for it only a bounded time.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time as clock_time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -24,20 +32,29 @@ from semwatch.report import ReportPaths, day_has_images, report_folder, write_re
 log = logging.getLogger("semwatch.scheduler")
 
 NIGHTLY_JOB = "semwatch-nightly-report"
-CATCH_UP_JOB = "semwatch-report-catch-up"
 
 
 class ReportScheduler:
     """Writes the day's report at `[report] time` in `[report] timezone`; catches up at start."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None,
+                 stop_timeout: float | None = None) -> None:
         self.settings = settings
         self.zone = ZoneInfo(settings.report.timezone)
         hour, minute = (int(p) for p in settings.report.time.split(":"))
         self.at = time(hour, minute)
         self.clock = clock or (lambda: datetime.now(UTC))
+        # Half the daemon's stop budget: the pipeline and the database writer need the rest.
+        self.stop_timeout = (settings.watch.stop_timeout_seconds / 2 if stop_timeout is None
+                             else stop_timeout)
         self._scheduler: Any = None
         self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[str, Callable[[], object]] | None] = queue.SimpleQueue()
+        self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.running: str | None = None  # the job being run ("nightly", "catch-up"), for the stop log
 
     # --- which day, when ---------------------------------------------------------------------
 
@@ -75,6 +92,8 @@ class ReportScheduler:
         """Write every missed report (oldest first); one failure does not stop the others."""
         written = []
         for day in self.missed_days(now):
+            if self._stopping.is_set():
+                break
             log.info("writing missed report for %s", day)
             paths = self._write(day)
             if paths is not None:
@@ -93,20 +112,49 @@ class ReportScheduler:
                 log.error("report for %s failed: %s", day, exc)
                 return None
 
+    # --- the worker thread -------------------------------------------------------------------
+
+    def _submit(self, name: str, job: Callable[[], object]) -> None:
+        """apscheduler's job: hand `job` to the worker at once (once: a job still queued or running
+        is not queued again, so a hung report cannot pile up a queue of nights)."""
+        with self._queued_lock:
+            if name in self._queued or self._stopping.is_set():
+                return
+            self._queued.add(name)
+        self._jobs.put((name, job))
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            name, job = item
+            if self._stopping.is_set():
+                break
+            self.running = name
+            try:
+                job()
+            except Exception as exc:  # pragma: no cover - _write already catches report errors
+                log.error("%s failed: %s", name, exc)
+            finally:
+                self.running = None
+                with self._queued_lock:
+                    self._queued.discard(name)
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Schedule the nightly job and run the catch-up at once (in the scheduler's worker thread)."""
+        """Schedule the nightly job and run the catch-up at once (in the worker thread)."""
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.cron import CronTrigger
 
+        self._worker = threading.Thread(target=self._work, name="semwatch-report", daemon=True)
+        self._worker.start()
         scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)}, timezone=self.zone,
                                         job_defaults={"coalesce": True, "max_instances": 1,
                                                       "misfire_grace_time": 3600})
-        scheduler.add_job(self.nightly, CronTrigger(hour=self.at.hour, minute=self.at.minute,
-                                                    timezone=self.zone), id=NIGHTLY_JOB)
-        scheduler.add_job(self.catch_up, id=CATCH_UP_JOB)  # no trigger: runs once, now
+        scheduler.add_job(self._submit, CronTrigger(hour=self.at.hour, minute=self.at.minute,
+                                                    timezone=self.zone), args=("nightly", self.nightly),
+                          id=NIGHTLY_JOB)
+        self._submit("catch-up", self.catch_up)  # runs once, now
         scheduler.start()
         self._scheduler = scheduler
         job = scheduler.get_job(NIGHTLY_JOB)
@@ -118,8 +166,26 @@ class ReportScheduler:
         job = self._scheduler.get_job(NIGHTLY_JOB) if self._scheduler is not None else None
         return job.next_run_time if job is not None else None
 
-    def shutdown(self) -> None:
-        """Stop; a report being written is finished first (reports are written atomically anyway)."""
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop within `timeout` seconds (default `stop_timeout`); True if no report was left running.
+
+        A report being written gets that long to finish. One still running after it (a slow
+        Grad-CAM on the CPU, or a hang nothing should cause) is left to the daemon thread and dies
+        with the process: its folder is built under a temporary name, so no half report appears,
+        and the next start's catch-up writes the day again."""
+        self._stopping.set()
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=True)
+            self._scheduler.shutdown(wait=True)  # its jobs only enqueue: returns at once
             self._scheduler = None
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return True
+        self._jobs.put(None)
+        limit = self.stop_timeout if timeout is None else timeout
+        started = clock_time.monotonic()
+        worker.join(limit)
+        if worker.is_alive():
+            log.warning("report job %s still running after %.1f s; not waiting for it (the next start "
+                        "catches the day up)", self.running or "?", clock_time.monotonic() - started)
+            return False
+        return True
