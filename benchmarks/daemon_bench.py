@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/daemon_bench.py --model models/ncm [--images 200]
         [--memory-images 1000] [--backlog 10000] [--burst 500] [--idle-seconds 30]
-        [--only throughput,latency,backlog,idle,burst,memory]
+        [--flood 10000] [--only throughput,latency,backlog,idle,burst,memory,flood]
 
 Each figure runs the real daemon (`python -m semwatch watch`) as a subprocess on a temporary
 folder filled from the shared NCM data (symlinks, or copies with a unique trailing byte string
@@ -221,6 +221,34 @@ def backlog(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, A
             "after_running_s": round(t1 - ready, 2), "budget_s": 10.0}
 
 
+def flood(model: Path, work: Path, n: int) -> dict[str, Any]:
+    """A hostile flood: `n` empty `.tif` files dropped into a running daemon. Drain rate (files
+    recorded failed per second, from the first file written to the last row), the daemon's CPU
+    seconds and its log lines over the flood."""
+    folder = work / "fl-in"
+    folder.mkdir()
+    d = Daemon(work / "fl", model, folder)
+    try:
+        d.start()
+        assert d.proc is not None
+        proc = psutil.Process(d.proc.pid)
+        cpu0 = sum(proc.cpu_times()[:2])
+        lines0 = len(d.log.read_bytes().splitlines())
+        t0 = time.monotonic()
+        for i in range(n):
+            (folder / f"empty_{i:05d}.tif").write_bytes(b"")
+        written = time.monotonic()
+        t1 = d.wait_count("status = 'failed'", n, 600)
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        time.sleep(11.0)  # the per-file summary line of the last interval
+        lines = len(d.log.read_bytes().splitlines()) - lines0
+    finally:
+        d.stop()
+    return {"bench": "flood", "files": n, "write_s": round(written - t0, 2), "drain_s": round(t1 - t0, 2),
+            "files_per_s": round(n / (t1 - t0), 1), "daemon_cpu_s": round(cpu, 2), "log_lines": lines,
+            "target_files_per_s": 200}
+
+
 def memory(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, Any]:
     folder = work / "mem-in"
     d = Daemon(work / "mem", model, folder, rescan_seconds=3600.0)
@@ -302,7 +330,8 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=500, help="distinct files dropped at once")
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--latency-repeats", type=int, default=5)
-    ap.add_argument("--only", default="throughput,latency,backlog,idle,burst,memory")
+    ap.add_argument("--flood", type=int, default=10000, help="empty files dropped at once")
+    ap.add_argument("--only", default="throughput,latency,backlog,idle,burst,memory,flood")
     args = ap.parse_args()
     which = set(args.only.split(","))
     sources = ncm_images(args.data)
@@ -333,6 +362,8 @@ def main() -> int:
             report(burst(args.model, sources, work, args.burst))
         if "memory" in which:
             report(memory(args.model, sources, work, args.memory_images))
+        if "flood" in which:
+            report(flood(args.model, work, args.flood))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -104,6 +104,7 @@ class ReaderSlot:
 class Job:
     key: FileKey
     attempts: int
+    counted: bool = False  # this attempt is already in the ledger (a copy handed back by its leader)
 
 
 @dataclass
@@ -341,7 +342,8 @@ class Pipeline:
             self._final_failure(job, f"interrupted {job.attempts} time(s) while being read "
                                 f"(the daemon stopped or crashed each time)", None, None)
             return
-        self._record_attempt(job, slot)
+        if not job.counted:
+            self._record_attempt(job, slot)
         try:
             sha = self._sha256(path, slot)
         except RefusedFile as exc:
@@ -384,7 +386,10 @@ class Pipeline:
             micrograph = self.read(path, self.settings, confine=self.confine)
         except MicrographError as exc:
             self._check(slot)
-            self._release(sha, retry_followers=True)
+            if str(exc).lower().startswith(_TRANSIENT):
+                self._release(sha, retry_followers=True)
+            else:  # copies of the same bytes fail the same way: no need to read each again
+                self._release(sha, retry_followers=False, error=str(exc))
             if not self._changed(job):
                 self._failure(job, str(exc), sha, sample_id, slot)
             return
@@ -472,12 +477,16 @@ class Pipeline:
         if self.watcher is not None:
             self.watcher.finished(job.key)
 
-    def _release(self, sha: str, *, retry_followers: bool) -> None:
-        """The leader for `sha` gave up: its followers are read on their own."""
+    def _release(self, sha: str, *, retry_followers: bool, error: str | None = None) -> None:
+        """The leader for `sha` gave up: its followers are read on their own, or (`error`: the
+        content itself cannot be read) fail with the leader's reason."""
         with self._lock:
             followers = self._leaders.pop(sha, [])
-        for job, _, _ in followers:
-            self.jobs.put(job)
+        for job, sample_id, _ in followers:
+            if error is not None and not retry_followers:
+                self._final_failure(job, error, sha, sample_id, attempts=job.attempts + 1)
+            else:
+                self.jobs.put(dataclasses.replace(job, counted=True))
 
     # --- inference --------------------------------------------------------------------------
 

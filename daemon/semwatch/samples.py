@@ -170,16 +170,23 @@ def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None],
         if expected == KEEP_EXPECTED:
             row = conn.execute("SELECT expected FROM samples WHERE sample_id = ?", (sample_id,)).fetchone()
             expected = row["expected"] if row is not None else None
+        # Only `ok` images vote: fetch (and parse) those; the others are only counted, in SQL, so
+        # a folder flooded with thousands of broken files costs a count, not a parse per row.
         images = [
             ImageRow(r["status"], r["predicted_class"], r["composition"], r["state"],
                      float(r["confidence"] or 0.0), float(r["tile_agreement"] or 0.0),
                      json.loads(r["probabilities"]) if r["probabilities"] else {})
             for r in conn.execute(
                 "SELECT status, predicted_class, composition, state, confidence, tile_agreement, "
-                "probabilities FROM images WHERE sample_id = ? AND current = 1 AND status != 'pending'",
+                "probabilities FROM images WHERE sample_id = ? AND current = 1 AND status = 'ok'",
                 (sample_id,),
             )
         ]
+        others = conn.execute(
+            "SELECT status, count(*) AS n FROM images WHERE sample_id = ? AND current = 1 "
+            "AND status NOT IN ('ok', 'pending') GROUP BY status", (sample_id,)).fetchall()
+        for r in others:  # one shared row per status, repeated (a list product, not a loop)
+            images += [ImageRow(r["status"], None, None, None, 0.0, 0.0, {})] * int(r["n"])
         v = sample_verdict(sample_id, images, expected, settings)
         n_counted = sum(1 for im in images if im.status == "ok")
         agg = aggregate(images)

@@ -218,7 +218,10 @@ class SettleGate:
         grace = max(2.0, 3 * self.settle_seconds)  # a retry has had its grace already
         held = cand.attempts == 0 and now - cand.stable_since < grace
         if held and not looks_complete(path, st):
-            return RECHECK_SECONDS
+            # A change resets the clock when it is seen (an event, or this look); until then
+            # there is nothing to learn before the grace ends (a flood of empty files must not
+            # be stat-ed ten times a second each).
+            return max(RECHECK_SECONDS, min(1.0, grace - (now - cand.stable_since)))
         return None
 
     def note_sidecar(self, image_path: str) -> None:
