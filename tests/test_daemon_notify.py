@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -13,7 +14,7 @@ from semwatch.config import WatchSettings
 from semwatch.sdnotify import Notifier
 from semwatch.service import Service
 from semwatch.stability import Candidate
-from semwatch.watcher import Watcher, WatcherDied
+from semwatch.watcher import Watcher
 
 
 def test_notify_path_socket() -> None:
@@ -47,25 +48,36 @@ def test_notify_abstract_socket_and_disabled() -> None:
     assert not off.enabled and not off.notify("READY=1") and off.watchdog_seconds is None
 
 
-def test_dead_observer_stops_the_watcher(tmp_path: Path) -> None:
-    """A dead inotify observer is fatal (the service exits 1 and systemd restarts it)."""
+def test_dead_observer_is_restarted(tmp_path: Path) -> None:
+    """A dead inotify thread is noticed, restarted with one log line, and events flow again."""
     handed: list[Candidate] = []
-    watcher = Watcher(WatchSettings(folder=tmp_path), tmp_path, mode="inotify", done={}, pending={},
-                      submit=handed.append)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("semwatch.watcher").addHandler(handler)
+    watcher = Watcher(WatchSettings(folder=tmp_path, settle_seconds=0.1), tmp_path, mode="inotify",
+                      done={}, pending={}, submit=handed.append)
     watcher.start()
     try:
         assert watcher.wait_started(10)
         observer = watcher._observer
-        observer.stop()  # inject the fault: the observer thread ends
+        assert observer is not None
+        observer.stop()  # inject the fault: the inotify thread ends
         observer.join(5)
         deadline = time.monotonic() + 5
-        while watcher.is_alive() and time.monotonic() < deadline:
+        while watcher._observer is observer or watcher._observer is None:
+            assert time.monotonic() < deadline, "observer not restarted"
             time.sleep(0.05)
-        assert not watcher.is_alive()
-        assert isinstance(watcher.error, WatcherDied)
-        problem = Service._problem(writer=_Alive(), pipeline=_Alive(), watcher=watcher)
-        assert problem is not None and "watcher died" in problem
+        assert watcher.is_alive() and watcher._observer.is_alive()
+        (tmp_path / "new.tif").write_bytes(b"II*\x00")
+        deadline = time.monotonic() + 5
+        while not handed:
+            assert time.monotonic() < deadline, "no event after the restart"
+            time.sleep(0.05)
+        assert Service._problem(writer=_Alive(), pipeline=_Alive(), watcher=watcher) is None
+        assert sum("inotify thread died" in m for m in messages) == 1
     finally:
+        logging.getLogger("semwatch.watcher").removeHandler(handler)
         watcher.stop()
         watcher.join(5)
 

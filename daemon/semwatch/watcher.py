@@ -41,10 +41,6 @@ NETWORK_FS = frozenset({
 HEALTH_SECONDS = 1.0  # how often the folder and the observer are checked
 
 
-class WatcherDied(RuntimeError):
-    """The inotify observer thread stopped: the daemon exits non-zero so systemd restarts it."""
-
-
 # --- file-system type --------------------------------------------------------------------------
 
 
@@ -181,9 +177,6 @@ def _stat_in(folder: str, name: str) -> os.stat_result:
 
 
 # --- the observer (inotify) ------------------------------------------------------------------------
-
-Hint = tuple[str, str, bool]  # ("hint" | "gone" | "dir" | "rescan", path, quick)
-
 
 class InotifyWatch(threading.Thread):
     """One inotify descriptor watching the folder and its sub-folders down to `depth` levels.
