@@ -123,21 +123,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _count(text: str) -> int:
     """A whole number >= 1 (image counts, epochs, rounds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _seed(text: str) -> int:
-    """A random seed: 0 .. 2**32 - 1 (numpy refuses others deep inside a run)."""
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    """A random seed: 0 .. 2**32 - 1 (numpy refuses others deep inside a run)."""
+    value = _whole(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}, got {value}")
     return value
