@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semwatch.safefs import open_regular
+from semwatch.safefs import UNCONFINED, Confinement, open_regular
 from semwatch.store import FileKey
 
 QUICK_SETTLE_SECONDS = 0.2  # after close-after-write / moved-in: the writer said it is done
@@ -44,12 +44,13 @@ def image_of_sidecar(path: str) -> str | None:
     return None
 
 
-def looks_complete(path: str, st: os.stat_result) -> bool:
+def looks_complete(path: str, st: os.stat_result, confine: Confinement = UNCONFINED) -> bool:
     """Whether the file ends like a complete image: JPEG end-of-image marker, PNG IEND chunk.
 
     Other formats (TIFF, BMP) have no trailer; for them only stability and the decode count.
     Anything but a regular file is "complete": the reader refuses it at once, without opening it
-    (here it is opened only through `safefs`, never blocking on a FIFO).
+    (here it is opened only through `safefs`, never blocking on a FIFO, never following a link
+    `confine` forbids).
     """
     lower = path.lower()
     size = st.st_size
@@ -64,7 +65,7 @@ def looks_complete(path: str, st: os.stat_result) -> bool:
     else:
         return True
     try:
-        fd, _ = open_regular(path)
+        fd, _ = open_regular(path, confine=confine)
         try:
             tail = os.pread(fd, window, max(0, size - window))
         finally:
@@ -115,6 +116,7 @@ class SettleGate:
     settle_seconds: float
     sidecar_wait_seconds: float
     on_gone: Callable[[FileKey], None] | None = None  # a candidate with a ledger row vanished
+    confine: Confinement = UNCONFINED  # where the end-marker check may read (the watch folder)
     candidates: dict[str, Candidate] = field(default_factory=dict)
     _sidecar_dirs: dict[str, tuple[bool, float]] = field(default_factory=dict)
     _heap: list[tuple[float, int, str]] = field(default_factory=list)
@@ -217,7 +219,7 @@ class SettleGate:
             return settle - age
         grace = max(2.0, 3 * self.settle_seconds)  # a retry has had its grace already
         held = cand.attempts == 0 and now - cand.stable_since < grace
-        if held and not looks_complete(path, st):
+        if held and not looks_complete(path, st, self.confine):
             # A change resets the clock when it is seen (an event, or this look); until then
             # there is nothing to learn before the grace ends (a flood of empty files must not
             # be stat-ed ten times a second each).

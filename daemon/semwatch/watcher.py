@@ -27,7 +27,7 @@ from typing import Any
 from semwatch.config import WatchSettings
 from semwatch.liveness import Stage
 from semwatch.logs import PER_FILE
-from semwatch.safefs import PATH_MAX
+from semwatch.safefs import PATH_MAX, Confinement
 from semwatch.stability import Candidate, SettleGate, image_of_sidecar, stat_path
 from semwatch.store import FileKey, Refused, utc_from_epoch
 
@@ -318,7 +318,8 @@ class Watcher(threading.Thread):
         self.folder = folder
         self.mode = mode
         self.names = NameFilter.from_settings(settings)
-        self.gate = SettleGate(settings.settle_seconds, settings.sidecar_wait_seconds, on_gone=on_gone)
+        self.gate = SettleGate(settings.settle_seconds, settings.sidecar_wait_seconds, on_gone=on_gone,
+                               confine=Confinement(folder, settings.follow_symlinks))
         self.on_gone = on_gone
         self.done = done
         self.pending_attempts = pending
