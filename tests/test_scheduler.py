@@ -74,10 +74,17 @@ def test_no_catch_up_without_database_or_when_disabled(settings: Settings) -> No
     assert ReportScheduler(_settings(settings, catch_up_days=0)).missed_days(now) == []
 
 
-def test_start_schedules_in_zone_catches_up_and_stops(settings: Settings) -> None:
+def _with_yesterdays_images(settings: Settings) -> tuple[Settings, date]:
+    """Settings whose database holds images from yesterday (report time zone) and no report:
+    the catch-up at start has a report to write. Returns them and that day."""
     s = _settings(settings)
     yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
     make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    return s, yesterday
+
+
+def test_start_schedules_in_zone_catches_up_and_stops(settings: Settings) -> None:
+    s, yesterday = _with_yesterdays_images(settings)
     sched = ReportScheduler(s)
     sched.start()
     try:
@@ -109,9 +116,7 @@ def test_shutdown_does_not_wait_for_ever_on_a_hung_report(settings: Settings, mo
     """A report that never finishes (whatever the cause) must not keep SIGTERM from stopping the
     daemon: shutdown returns within its timeout, says so, and the report thread is a daemon thread
     (the interpreter does not join it at exit)."""
-    s = _settings(settings)
-    yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
-    make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    s, _ = _with_yesterdays_images(settings)
     entered, release = threading.Event(), threading.Event()
 
     def hung_report(settings: Settings, day: date) -> None:
@@ -138,9 +143,7 @@ def test_shutdown_does_not_wait_for_ever_on_a_hung_report(settings: Settings, mo
 
 def test_shutdown_waits_for_a_report_that_finishes(settings: Settings,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    s = _settings(settings)
-    yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
-    make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    s, _ = _with_yesterdays_images(settings)
     entered, done = threading.Event(), threading.Event()
 
     def slow_report(settings: Settings, day: date) -> None:
@@ -159,9 +162,7 @@ def test_process_exits_with_a_hung_report(settings: Settings, tmp_path: Path) ->
     """The real claim behind SIGTERM: after `shutdown`, the interpreter exits although the report
     thread is still blocked (apscheduler's pool threads, like all `concurrent.futures` threads,
     would be joined at exit and keep it alive for ever)."""
-    s = _settings(settings)
-    yesterday = datetime.now(UTC).astimezone(ReportScheduler(s).zone).date() - timedelta(days=1)
-    make_database(s.store.database, now=datetime.now(UTC), images=_images_on([yesterday]))
+    s, _ = _with_yesterdays_images(settings)
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\ndatabase = "{s.store.database}"\n[report]\nfolder = "{s.report.folder}"\n'
                       'timezone = "America/New_York"\ncatch_up_days = 3\n', encoding="utf-8")

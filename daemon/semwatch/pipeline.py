@@ -83,6 +83,10 @@ class Reader(Protocol):
 _TRANSIENT = ("truncated", "cannot read file", "permission denied", "not enough memory")
 
 
+def _is_transient(error: str) -> bool:
+    return error.lower().startswith(_TRANSIENT)
+
+
 class _Abandoned(Exception):
     """The reader was given up on by `check_readers` while it worked: drop what it produced."""
 
@@ -91,7 +95,6 @@ class _Abandoned(Exception):
 class ReaderSlot:
     """One reader thread and what it is doing (for the read timeout)."""
 
-    index: int
     stage: Stage
     thread: threading.Thread | None = None
     job: Job | None = None
@@ -206,7 +209,7 @@ class Pipeline:
     def _start_reader(self) -> ReaderSlot:
         index = self._next_slot
         self._next_slot += 1
-        slot = ReaderSlot(index, self.liveness.stage(f"reader-{index}"))
+        slot = ReaderSlot(self.liveness.stage(f"reader-{index}"))
         slot.thread = threading.Thread(target=self._reader_main, args=(slot,),
                                        name=f"semwatch-reader-{index}", daemon=True)
         with self._lock:
@@ -386,7 +389,7 @@ class Pipeline:
             micrograph = self.read(path, self.settings, confine=self.confine)
         except MicrographError as exc:
             self._check(slot)
-            if str(exc).lower().startswith(_TRANSIENT):
+            if _is_transient(str(exc)):
                 self._release(sha, retry_followers=True)
             else:  # copies of the same bytes fail the same way: no need to read each again
                 self._release(sha, retry_followers=False, error=str(exc))
@@ -438,13 +441,12 @@ class Pipeline:
             self._gone(job)
             return True
         if key != job.key:
-            self.writer.put(Gone(job.key))
-            if self.watcher is not None:
-                self.watcher.changed(job.key)
+            self._gone(job)
             return True
         return False
 
     def _gone(self, job: Job) -> None:
+        """Drop the version's pending row; the watcher looks at the path again."""
         self.writer.put(Gone(job.key))
         if self.watcher is not None:
             self.watcher.changed(job.key)
@@ -456,7 +458,7 @@ class Pipeline:
         if slot is not None and slot.abandoned:
             return
         if transient is None:
-            transient = error.lower().startswith(_TRANSIENT)
+            transient = _is_transient(error)
         if attempts >= self.settings.watch.max_attempts or not transient:
             self._final_failure(job, error, sha, sample_id, attempts=attempts)
             return

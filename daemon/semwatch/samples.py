@@ -7,6 +7,7 @@ a result, so it never drifts from the ledger. Only `ok` images count towards the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import defaultdict
@@ -182,13 +183,12 @@ def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None],
                 (sample_id,),
             )
         ]
-        others = conn.execute(
-            "SELECT status, count(*) AS n FROM images WHERE sample_id = ? AND current = 1 "
-            "AND status NOT IN ('ok', 'pending') GROUP BY status", (sample_id,)).fetchall()
-        for r in others:  # one shared row per status, repeated (a list product, not a loop)
-            images += [ImageRow(r["status"], None, None, None, 0.0, 0.0, {})] * int(r["n"])
+        not_voting = int(conn.execute(
+            "SELECT count(*) FROM images WHERE sample_id = ? AND current = 1 "
+            "AND status NOT IN ('ok', 'pending')", (sample_id,)).fetchone()[0])
         v = sample_verdict(sample_id, images, expected, settings)
-        n_counted = sum(1 for im in images if im.status == "ok")
+        v = dataclasses.replace(v, n_images=v.n_images + not_voting)
+        n_counted = len(images)
         agg = aggregate(images)
         best = agg[0] if agg else None
         conn.execute(

@@ -6,13 +6,13 @@ database, reconcile the CSV after a crash, start writer → pipeline → watcher
 Only one daemon per database: an exclusive lock `<database>.lock` (a second one exits 75,
 EX_TEMPFAIL). About once a second: the `daemon` row, STATUS=, the read timeout check, and
 WATCHDOG=1 only while every thread is alive and every busy stage (watcher, readers, inference,
-writer, scheduler) has moved within the stuck threshold (`[watch] stuck_seconds`, or the unit's
-WatchdogSec if shorter): a thread alive but blocked starves the watchdog and is logged. A database
-file deleted or replaced under the daemon is noticed within a second: exit 1. SIGTERM/SIGINT:
-stop taking files, finish work in flight (`[watch] stop_timeout_seconds`), exit 0; a second
-signal exits at once (nothing is lost: queued files stay `pending` and are processed at the next
-start). A dead watcher, writer or inference
-thread exits 1 so systemd restarts the service.
+writer) has moved within the stuck threshold (`[watch] stuck_seconds`, or the unit's WatchdogSec
+if shorter): a thread alive but blocked starves the watchdog and is logged. A database file
+deleted or replaced under the daemon stops the writer before its next write (checked at least
+twice a second): exit 1. SIGTERM/SIGINT: stop taking files, finish work in flight (`[watch]
+stop_timeout_seconds`), exit 0; a second signal exits at once (nothing is lost: queued files stay
+`pending` and are processed at the next start). A dead watcher, writer or inference thread exits
+1 so systemd restarts the service.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class Service:
             raise ConfigError(message if message.startswith("[") else f"[model] path: {message}") from None
 
     def _loop(self, writer: Any, pipeline: Any, watcher: Any) -> int:
-        from semwatch.store import DaemonStatus, DatabaseReplaced
+        from semwatch.store import DaemonStatus
 
         last_trim = time.monotonic()
         while not self.signals.stop.wait(STATUS_SECONDS):
@@ -194,11 +194,6 @@ class Service:
             if summary:
                 log.warning("%s", summary)
             pipeline.check_readers()
-            try:
-                writer.store.check_identity()
-            except DatabaseReplaced as exc:
-                log.error("%s; exiting so that the service is restarted on the new file", exc)
-                return EXIT_FAILED
             problem = self._problem(writer, pipeline, watcher)
             if problem:
                 log.error("%s; exiting so that the service is restarted", problem)
