@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.*
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench clean
+.PHONY: install test lint imports typecheck pytest demo bench clean
 
 install: $(STAMP)
 
@@ -22,19 +22,24 @@ $(STAMP): pyproject.toml
 lint: install
 	$(BIN)/ruff check $(wildcard daemon tests benchmarks)
 
+# The layering contract in pyproject.toml ([tool.importlinter]): layers, no cycles, argparse in cli only.
+imports: install
+	$(BIN)/lint-imports --no-cache
+
 typecheck: install
 	$(BIN)/mypy
 
 pytest: install
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest
+test: lint imports typecheck pytest
 
 demo: install
 	$(BIN)/semwatch demo
 
 # Full-size training + accuracy/speed figures, then the daemon's figures (tens of minutes on a CPU).
 bench: install
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/train_full.py --reuse --out models/ncm
 	$(BIN)/python benchmarks/daemon_bench.py --model models/ncm
 

@@ -117,8 +117,8 @@ def throughput(model: Path, sources: list[Path], work: Path, images: int,
     dropped into its folder (old mtimes: no settle wait) and stops when the last result is in the
     database, so it includes event handling, hashing, SQLite, CSV and sample updates.
     """
-    from semwatch.classify import Classifier
     from semwatch.config import load_settings
+    from semwatch.model.classify import Classifier
 
     clf = Classifier.load(model, load_settings(None))
     step = max(1, len(sources) // (images * (rounds + 1)))
@@ -160,7 +160,7 @@ def _network_only(clf: Any, paths: list[Path]) -> float:
 
     import numpy as np
 
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     tiles = np.concatenate([clf.prepare(read_micrograph(p, clf.settings)).tiles for p in paths])
     size = clf.settings.model.batch_size

@@ -34,11 +34,11 @@ KEYS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    from semwatch.bench import run_bench
-    from semwatch.classify import Classifier
     from semwatch.config import load_settings
+    from semwatch.model.classify import Classifier
     from semwatch.model.evaluate import evaluate_model
     from semwatch.model.train import train_model
+    from semwatch.views.bench import run_bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")

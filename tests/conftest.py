@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from semwatch import db
 from semwatch.config import Settings, load_settings
+from semwatch.store import db
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def tiles_per_ncm_image(tiny_model: Path) -> int:
     (below the 64-row data bar) at the reference scale, with the default grid settings."""
     import json
 
-    from semwatch.tiles import grid_positions
+    from semwatch.reading.tiles import grid_positions
 
     tiling = load_settings(None, environ={}).tiling
     manifest = json.loads((tiny_model / "manifest.json").read_text(encoding="utf-8"))

@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from semwatch import db
-from semwatch.store import create_schema
+from semwatch.store import db
+from semwatch.store.ledger import create_schema
 
 
 def iso(when: datetime) -> str:

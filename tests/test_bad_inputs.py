@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from semwatch import micrograph as micrograph_mod
 from semwatch.config import Settings, load_settings
-from semwatch.micrograph import probe, read_micrograph
+from semwatch.reading import micrograph as micrograph_mod
+from semwatch.reading.micrograph import probe, read_micrograph
+from semwatch.reading.sidecar import read_sidecar
 from semwatch.safefs import UNCONFINED, Confinement
-from semwatch.sidecar import read_sidecar
 from semwatch.values import MicrographError
 from test_safefs import call_within
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from semwatch.bench import bench_images
+from semwatch.views.bench import bench_images
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from semwatch.classify import Classifier, ClassInfo, PreparedImage, TileOutput, aggregate, parse_class
 from semwatch.config import Settings, load_settings
-from semwatch.tiles import Scale
-from semwatch.values import ImageVerdict, MicrographError
+from semwatch.model.classify import Classifier, PreparedImage, TileOutput, aggregate
+from semwatch.reading.tiles import Scale
+from semwatch.values import ClassInfo, ImageVerdict, MicrographError, parse_class
 
 CLASSES = ["333", "333_cycled", "811", "811_cycled"]
 INFO = [parse_class(c) for c in CLASSES]
@@ -90,7 +90,7 @@ def test_foreign_low_confidence_few_tiles_and_scale() -> None:
 
 def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, settings: Settings,
                                           tiles_per_ncm_image: int) -> None:
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     clf = Classifier.load(tiny_model, settings)
     image = next(iter(sorted((ncm_dir / "523").glob("*.jpg"))))
@@ -171,8 +171,8 @@ def test_classify_cli_real_vendor_and_broken_files(
 def test_classify_paths_and_explain(
     tiny_model: Path, ncm_dir: Path, settings: Settings, tmp_path: Path
 ) -> None:
-    from semwatch.micrograph import read_micrograph
     from semwatch.model.gradcam import explain_image
+    from semwatch.reading.micrograph import read_micrograph
 
     clf = Classifier.load(tiny_model, settings)
     image = sorted((ncm_dir / "622_formation").glob("*.jpg"))[0]
@@ -215,7 +215,7 @@ def _viewing(model: Path, views: int, below: float) -> Classifier:
 
 def _first_tiles(model: Path, folder: Path) -> np.ndarray:
     """The network-ready tiles of the first micrograph in `folder`."""
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     s = load_settings(None, environ={}, overrides={"model": {"device": "cpu"}})
     image = next(iter(sorted(folder.glob("*.jpg"))))

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from semwatch import config
-from semwatch.config import ConfigError, Settings, iter_setting_names, load_settings
+from semwatch.config import Settings, iter_setting_names, load_settings
+from semwatch.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_TOML = REPO / "config.toml"

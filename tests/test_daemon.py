@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from semwatch import db
+from semwatch.store import db
 
 pytestmark = pytest.mark.slow
 

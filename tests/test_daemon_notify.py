@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 
 from semwatch.config import WatchSettings
-from semwatch.sdnotify import Notifier
-from semwatch.service import Service
-from semwatch.stability import Candidate
-from semwatch.watcher import Watcher
+from semwatch.service.daemon import Service
+from semwatch.service.sdnotify import Notifier
+from semwatch.service.stability import Candidate
+from semwatch.service.watcher import Watcher
 
 
 def test_notify_path_socket() -> None:

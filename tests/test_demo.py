@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import Settings, load_settings
-from semwatch.demo import Drop, choose_images, held_out, summarise, write_config, write_like_an_instrument
+from semwatch.views.demo import (
+    Drop,
+    choose_images,
+    held_out,
+    summarise,
+    write_config,
+    write_like_an_instrument,
+)
 
 
 def _manifest(ncm_dir: Path) -> dict[str, object]:

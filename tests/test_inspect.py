@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from semwatch.config import Settings
-from semwatch.inspect import inspect_files
 from semwatch.safefs import path_from_text
+from semwatch.views.inspection import inspect_files
 
 SEMWATCH = Path(sys.executable).parent / "semwatch"
 FIELDS = {"path", "format", "width", "height", "bit_depth", "vendor", "instrument", "pixel_size_nm",

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from dbfixture import make_database
 from semwatch.config import Settings
-from semwatch.live import LiveView, render
-from semwatch.snapshot import take_snapshot
+from semwatch.store.snapshot import take_snapshot
+from semwatch.views.live import LiveView, render
 
 NOW = datetime(2026, 11, 24, 14, 30, tzinfo=UTC)
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +89,8 @@ def test_missing_and_uninitialised_database(settings: Settings) -> None:
 
 
 def test_empty_database_before_first_heartbeat(settings: Settings) -> None:
-    from semwatch import db
-    from semwatch.store import create_schema
+    from semwatch.store import db
+    from semwatch.store.ledger import create_schema
 
     conn = db.connect(settings.store.database)
     create_schema(conn)

@@ -15,15 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from semwatch import db
 from semwatch.config import Settings
+from semwatch.reading.micrograph import read_micrograph
+from semwatch.service.daemon import _stuck_threshold
 from semwatch.liveness import Liveness
-from semwatch.logs import PER_FILE, BurstLimiter
-from semwatch.micrograph import read_micrograph
-from semwatch.pipeline import Pipeline
-from semwatch.service import _stuck_threshold
-from semwatch.stability import Candidate
-from semwatch.store import FileKey, Store, Writer
+from semwatch.service.logs import PER_FILE, BurstLimiter
+from semwatch.service.pipeline import Pipeline
+from semwatch.service.stability import Candidate
+from semwatch.store import db
+from semwatch.store.ledger import Store, Writer
+from semwatch.values import FileKey
 
 
 class FakeClock:
@@ -86,7 +87,7 @@ def _candidate(path: Path) -> Candidate:
 
 
 def test_hung_read_is_abandoned_and_recorded(settings: Settings, tiny_model: Path, ncm_dir: Path) -> None:
-    from semwatch.classify import Classifier
+    from semwatch.model.classify import Classifier
 
     folder = settings.watch.folder
     folder.mkdir(parents=True)

@@ -13,10 +13,10 @@ import pytest
 import tifffile
 
 from semwatch.config import Settings, load_settings
-from semwatch.databar import detect_databar
-from semwatch.micrograph import probe, read_micrograph
-from semwatch.quality import assess
-from semwatch.sidecar import read_sidecar
+from semwatch.reading.databar import detect_databar
+from semwatch.reading.micrograph import probe, read_micrograph
+from semwatch.reading.quality import assess
+from semwatch.reading.sidecar import read_sidecar
 from semwatch.values import MicrographError
 
 SNE_NAME = "ETRI_ 20 kV_SE_HighVac_x500 __{}.jpg"
@@ -406,7 +406,7 @@ def test_fei_without_pixel_width_uses_field_width(settings: Settings, tmp_path: 
 def test_overflowing_numbers_in_metadata_are_unknown(tmp_path: Path) -> None:
     """'x999…9' (400 digits) parses to inf: an unknown value, never an infinite magnification that
     would reach the tiling's scale factors."""
-    from semwatch.vendor_meta import from_fei, parse_magnification
+    from semwatch.reading.vendor import from_fei, parse_magnification
 
     side = tmp_path / "img.jpg.txt"
     side.write_text(

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from semwatch.classify import Classifier
 from semwatch.config import Settings
 from semwatch.errors import UserError
 from semwatch.model.artifact import MANIFEST, WEIGHTS, model_id, read_manifest
 from semwatch.model.backbone import Head
+from semwatch.model.classify import Classifier
 from semwatch.model.evaluate import evaluate_model, expected_calibration_error
 from semwatch.model.train import TEMPERATURES, FeatureSet, calibrate_temperature, discover, split_images
 

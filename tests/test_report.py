@@ -20,7 +20,7 @@ import pytest
 from dbfixture import make_database
 from semwatch.config import ReadingSettings, ReportSettings, Settings
 from semwatch.errors import UserError
-from semwatch.report import write_report
+from semwatch.report.daily import write_report
 from semwatch.safefs import path_text
 
 DAY = date(2026, 11, 24)

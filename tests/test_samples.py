@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import ExpectRule, SampleSettings
+from semwatch.reading.sample import expected_class, sample_key
 from semwatch.safefs import Confinement
-from semwatch.samples import ImageRow, expected_class, matches_expected, sample_key, sample_verdict
+from semwatch.store.samples import ImageRow, matches_expected, sample_verdict
 from semwatch.values import Metadata
 from test_safefs import call_within
 
@@ -114,7 +115,7 @@ def test_sample_verdicts() -> None:
 def test_metadata_key_from_real_sne_sidecar(ncm_dir: Path, tmp_path: Path) -> None:
     """key = "metadata": the SNE sidecar's acquisition folder names the sample."""
     from semwatch.config import load_settings
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     image = sorted((ncm_dir / "622_cycled").glob("*.jpg"))[0]
     micrograph = read_micrograph(image, load_settings(None, environ={}))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from dbfixture import iso, make_database
-from semwatch import scheduler as scheduler_mod
 from semwatch.config import ReportSettings, Settings
-from semwatch.scheduler import ReportScheduler
+from semwatch.service import scheduler as scheduler_mod
+from semwatch.service.scheduler import ReportScheduler
 
 
 def _settings(settings: Settings, **kw: object) -> Settings:
@@ -168,7 +168,7 @@ def test_process_exits_with_a_hung_report(settings: Settings, tmp_path: Path) ->
                       'timezone = "America/New_York"\ncatch_up_days = 3\n', encoding="utf-8")
     script = textwrap.dedent(f"""
         import threading, sys
-        from semwatch import scheduler
+        from semwatch.service import scheduler
         from semwatch.config import load_settings
         entered = threading.Event()
         def hung(settings, day):

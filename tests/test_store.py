@@ -6,22 +6,20 @@ import csv
 import threading
 from pathlib import Path
 
-from semwatch import db
 from semwatch.config import Settings
-from semwatch.store import (
+from semwatch.store import db
+from semwatch.store.ledger import (
     Attempt,
     DaemonStatus,
     Failed,
-    FileKey,
     Pending,
     Result,
     Store,
     Writer,
     find_result_by_content,
     load_ledger,
-    utc_now,
 )
-from semwatch.values import ImageVerdict
+from semwatch.values import FileKey, ImageVerdict, utc_now
 
 
 def verdict(path: str, cls: str = "622_cycled", conf: float = 0.9) -> ImageVerdict:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from semwatch.config import Settings
-from semwatch.micrograph import read_micrograph
 from semwatch.model.augment import augment_tile, intensity_jitter
-from semwatch.tiles import (
+from semwatch.reading.micrograph import read_micrograph
+from semwatch.reading.tiles import (
     cut_tiles,
     grid_positions,
     normalise_intensity,

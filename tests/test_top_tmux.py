@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dbfixture import iso, make_database
-from semwatch import db
 from semwatch.config import Settings
+from semwatch.store import db
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
                                 reason="tmux is not installed (apt-get install -y tmux)")

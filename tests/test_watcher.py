@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import WatchSettings
-from semwatch.stability import Candidate, SettleGate, looks_complete
-from semwatch.store import FileKey
-from semwatch.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
+from semwatch.service.stability import Candidate, SettleGate, looks_complete
+from semwatch.service.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
+from semwatch.values import FileKey
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

@@ -9,55 +9,25 @@ happen inside the command that needs them, so `--help` and `--version` stay inst
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from semwatch import __version__
-from semwatch.config import ConfigError, Settings, default_config_path, load_settings
-from semwatch.errors import UserError
+from semwatch.config import Settings, default_config_path, load_settings
+from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.safefs import path_text, printable, text_safe
 
-EXIT_OK = 0
-EXIT_INPUT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 78
-
 Handler = Callable[[argparse.Namespace, Settings], int]
-
-
-def emit_json(obj: Any) -> None:
-    """One JSON object per line on stdout (the `--json` contract), always valid UTF-8: callers give
-    paths in `path_text` form; any other string still holding undecodable bytes (surrogate escapes)
-    gets them as `\\xNN` rather than failing to encode."""
-    sys.stdout.write(json.dumps(_json_safe(obj), ensure_ascii=False, default=_json_default) + "\n")
-    sys.stdout.flush()
-
-
-def _json_default(value: object) -> str:
-    return path_text(value) if isinstance(value, Path) else text_safe(str(value))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, str):
-        return text_safe(value)
-    if isinstance(value, Path):
-        return path_text(value)
-    if isinstance(value, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # --- command handlers: each parses nothing, calls one library function ------------------------
 
 
 def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.inspect import inspect_files
+    from semwatch.views.inspection import inspect_files
 
     return inspect_files([Path(p) for p in args.files], settings, as_json=args.json)
 
@@ -75,37 +45,37 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.classify import classify_command
+    from semwatch.model.classify import classify_command
 
     return classify_command(args, settings)
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.bench import bench_command
+    from semwatch.views.bench import bench_command
 
     return bench_command(args, settings)
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.service import watch_command
+    from semwatch.service.daemon import watch_command
 
     return watch_command(args, settings)
 
 
 def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.live import top_command
+    from semwatch.views.live import top_command
 
     return top_command(args, settings)
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.report import report_command
+    from semwatch.report.daily import report_command
 
     return report_command(args, settings)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.demo import demo_command
+    from semwatch.views.demo import demo_command
 
     return demo_command(args, settings)
 
@@ -117,7 +87,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `semwatch report: error: ... (see --help)`, exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(text_safe(message))} "
+        self.exit(ExitStatus.USAGE, f"{self.prog}: error: {printable(text_safe(message))} "
                               f"(see '{self.prog} --help')\n")
 
 
@@ -274,19 +244,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except ConfigError as exc:
         _say(f"configuration error: {exc}")
-        return EXIT_CONFIG
+        return ExitStatus.CONFIG
     except UserError as exc:
         _say(str(exc))
-        return exc.exit_code
+        return exc.exit_status
     except KeyboardInterrupt:
         _say("interrupted")
-        return 130
+        return ExitStatus.INTERRUPTED
     except BrokenPipeError:
-        return EXIT_OK
+        return ExitStatus.OK
     except OSError as exc:  # a folder or file the command could not use: one line, not a traceback
         where = f": {path_text(exc.filename)}" if isinstance(exc.filename, str) else ""
         _say(f"{exc.strerror or exc}{where}")
-        return EXIT_INPUT_FAILED
+        return ExitStatus.INPUT_FAILED
 
 
 def _say(message: str) -> None:

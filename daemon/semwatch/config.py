@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from semwatch.errors import ConfigError
+
 CONFIG_ENV = "SEMWATCH_CONFIG"
 ENV_PREFIX = "SEMWATCH_"
 DATA_ENV = "SEMWATCH_DATA"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key."""
 
 
 def _positive(name: str, value: float) -> None:

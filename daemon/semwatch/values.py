@@ -9,15 +9,15 @@ its own module (micrograph.py, tiles.py, classify.py, samples.py, store.py ...).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 ImageStatus = Literal["ok", "unknown", "rejected"]
-StoredStatus = Literal["ok", "unknown", "rejected", "failed"]
 SampleVerdictKind = Literal["pass", "fail", "uncertain", "unknown"]
 
 
@@ -95,3 +95,40 @@ class SampleVerdict:
     uniformity: float
     expected: str | None
     verdict: SampleVerdictKind
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """A class name and what it says: `<composition>` or `<composition>_<state>`."""
+
+    name: str
+    composition: str | None
+    state: str | None
+
+
+def parse_class(name: str) -> ClassInfo:
+    """`<composition>` or `<composition>_<state>`; a missing state means pristine."""
+    head, sep, tail = name.partition("_")
+    return ClassInfo(name, head or None, tail if sep and tail else "pristine")
+
+
+@dataclass(frozen=True, order=True)
+class FileKey:
+    """One version of a file: the ledger's key."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | Path, st: os.stat_result) -> FileKey:
+        return cls(str(path), st.st_size, st.st_mtime_ns)
+
+
+def utc_now() -> str:
+    """UTC ISO-8601 with milliseconds, the format of every timestamp in the database."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def utc_from_epoch(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")

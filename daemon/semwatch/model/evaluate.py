@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from semwatch.classify import Classifier, ClassInfo, Outcome, outcomes, parse_class
 from semwatch.config import Settings
 from semwatch.errors import UserError
 from semwatch.model.augment import intensity_jitter
+from semwatch.model.classify import Classifier, Outcome, outcomes
 from semwatch.model.train import discover
-from semwatch.values import ImageVerdict, Micrograph, MicrographError
+from semwatch.values import ClassInfo, ImageVerdict, Micrograph, MicrographError, parse_class
 
 ECE_BINS = 15
 

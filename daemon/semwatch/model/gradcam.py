@@ -17,7 +17,7 @@ import torch
 from semwatch.values import Micrograph
 
 if TYPE_CHECKING:
-    from semwatch.classify import Classifier
+    from semwatch.model.classify import Classifier
 
 GRADCAM_BATCH = 8
 

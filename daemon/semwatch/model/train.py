@@ -30,14 +30,14 @@ import torch
 from torch import nn
 
 from semwatch import __version__
-from semwatch.classify import ClassInfo, autocast_for, cpu_bfloat16, parse_class, select_device
 from semwatch.config import Settings
-from semwatch.errors import UserError
+from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.model.artifact import save_artifact
 from semwatch.model.augment import augment_tile, geometric
 from semwatch.model.backbone import TileNet, architecture
-from semwatch.tiles import cut_tiles, fit, resample, scale_for, tile_usable, to_network
-from semwatch.values import Micrograph, MicrographError
+from semwatch.model.runtime import autocast_for, cpu_bfloat16, select_device
+from semwatch.reading.tiles import cut_tiles, fit, resample, scale_for, tile_usable, to_network
+from semwatch.values import ClassInfo, Micrograph, MicrographError, parse_class
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
 HEAD_HIDDEN = 512
@@ -199,7 +199,7 @@ class FeatureSet:
 
 
 def _read(path: Path, settings: Settings) -> Micrograph | MicrographError:
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     try:
         return read_micrograph(path, settings)
@@ -481,7 +481,7 @@ def train_model(
     try:
         architecture(settings.model.architecture)
     except ValueError as exc:
-        raise UserError(f"[model] architecture: {exc}", 78) from None
+        raise ConfigError(f"[model] architecture: {exc}") from None
     torch.manual_seed(t.seed)
     classes, images = discover(data_dir, t.class_map)
     if max_images_per_class is not None:
@@ -530,7 +530,9 @@ def train_model(
             net, split["val"], lambda _i, m: grid_tiles(m, recipe), settings, device, bar.tick, skipped
         )
     if not len(train_fs.feats):
-        raise UserError(f"{data_dir}: no usable training tiles (all images unreadable or blank)", 1)
+        raise UserError(
+            f"{data_dir}: no usable training tiles (all images unreadable or blank)", ExitStatus.INPUT_FAILED
+        )
     net.backbone.to("cpu")
     ran, val_loss = train_head(net, train_fs, val_fs, len(classes), settings, epochs or t.epochs)
     temperature, temperature_basis = calibrate_temperature(net, val_fs)

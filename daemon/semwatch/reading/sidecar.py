@@ -12,9 +12,9 @@ import re
 from datetime import datetime, time
 from pathlib import Path, PureWindowsPath
 
+from semwatch.reading.vendor import parse_magnification
 from semwatch.safefs import UNCONFINED, Confinement, read_bounded
 from semwatch.values import Metadata
-from semwatch.vendor_meta import parse_magnification
 
 # A sidecar larger than this is not a sidecar (real ones are about 2 KB): a huge stray file, or a
 # link to /dev/zero, is refused instead of read.

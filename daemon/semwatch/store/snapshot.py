@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from semwatch import db
 from semwatch.config import Settings
+from semwatch.store import db
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from zoneinfo import ZoneInfo
 
 from rich.console import Console
 
-from semwatch import db
 from semwatch.config import Settings, load_settings
-from semwatch.errors import UserError
+from semwatch.errors import ExitStatus, UserError
+from semwatch.store import db
 
 QUICK_IMAGES_PER_CLASS = 10
 QUICK_EPOCHS = 15
@@ -140,7 +140,10 @@ def choose_images(manifest: dict[str, Any], data_dir: Path, class_map: dict[str,
         folder = source.parent.name
         pools[0 if source in test else 1].setdefault(class_map.get(folder, folder), []).append(source)
     if not any(pools):
-        raise UserError(f"no held-out images under {data_dir}: the model was trained on all of them", 1)
+        raise UserError(
+            f"no held-out images under {data_dir}: the model was trained on all of them",
+            ExitStatus.INPUT_FAILED,
+        )
     picked: list[tuple[str, Path]] = []
     for pool in pools:
         for files in pool.values():
@@ -290,7 +293,7 @@ class Summary:
 
 
 def summarise(drops: list[Drop], rows: dict[str, dict[str, Any]], samples: list[dict[str, Any]]) -> Summary:
-    from semwatch.classify import parse_class
+    from semwatch.values import parse_class
 
     status: Counter[str] = Counter()
     correct = comp = state = n_ok = 0
@@ -329,9 +332,9 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
     say = console.print
     data_dir = (args.data or settings.data.ncm_dir).resolve()
     if not data_dir.is_dir():
-        raise UserError(f"labelled data folder not found: {data_dir} (use --data or [data] ncm_dir)", 2)
+        raise UserError(f"labelled data folder not found: {data_dir} (use --data or [data] ncm_dir)")
     if args.images < 1 or args.interval < 0:
-        raise UserError("--images must be >= 1 and --interval >= 0", 2)
+        raise UserError("--images must be >= 1 and --interval >= 0")
     workdir = args.workdir.resolve()
     incoming, database = workdir / "incoming", workdir / "var" / "semwatch.db"
     # A fresh export folder, database and reports each run (the model is kept for the next run).
@@ -368,7 +371,7 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
         return code
     say(f"[bold]Daemon stopped[/] with SIGTERM (exit {rc}).")
 
-    from semwatch.report import write_report
+    from semwatch.report.daily import write_report
 
     today = datetime.now(UTC).astimezone(ZoneInfo(demo_settings.report.timezone)).date()
     report = write_report(demo_settings, today)
@@ -408,7 +411,7 @@ def _run_with_daemon(proc: subprocess.Popen[bytes], drops: list[Drop], demo_sett
     live_view = console.is_terminal and not args.plain
     view = None
     if live_view:
-        from semwatch.live import LiveView
+        from semwatch.views.live import LiveView
 
         view = LiveView(demo_settings, console)
         view.start()

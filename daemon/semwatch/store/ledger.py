@@ -35,12 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from semwatch import db
 from semwatch.config import SampleSettings
-from semwatch.liveness import Stage
 from semwatch.safefs import csv_cell, path_from_text, path_text, text_safe
-from semwatch.samples import KEEP_EXPECTED, update_samples
-from semwatch.values import ImageVerdict
+from semwatch.liveness import Stage
+from semwatch.store import db
+from semwatch.store.samples import KEEP_EXPECTED, update_samples
+from semwatch.values import FileKey, ImageVerdict, utc_now
 
 log = logging.getLogger("semwatch.store")
 
@@ -132,28 +132,6 @@ CSV_COLUMNS = (
     "tile_agreement", "n_tiles", "model_id", "sha256", "size_bytes", "mtime_ns", "detected_at",
     "processed_at", "error", "reasons",
 )
-
-
-def utc_now() -> str:
-    """UTC ISO-8601 with milliseconds, the format of every timestamp in the database."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def utc_from_epoch(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass(frozen=True, order=True)
-class FileKey:
-    """One version of a file: the ledger's key."""
-
-    path: str
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str | Path, st: os.stat_result) -> FileKey:
-        return cls(str(path), st.st_size, st.st_mtime_ns)
 
 
 def create_schema(conn: db.TrackedConnection) -> None:

@@ -29,18 +29,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from semwatch import db
-from semwatch.config import ConfigError, Settings
-from semwatch.errors import UserError
+from semwatch.config import Settings
+from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.liveness import Liveness
-from semwatch.logs import setup_logging
-from semwatch.sdnotify import Notifier
+from semwatch.service.logs import setup_logging
+from semwatch.service.sdnotify import Notifier
+from semwatch.store import db
 
 log = logging.getLogger("semwatch")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon holds this database
 STATUS_SECONDS = 1.0
 TRIM_SECONDS = 30.0  # hand freed heap memory back to the system this often
 
@@ -66,7 +63,7 @@ class _Signals:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.stop.is_set():
             os.write(2, b"semwatch: second signal, exiting now (queued files stay pending)\n")
-            os._exit(130 if signum == signal.SIGINT else 143)
+            os._exit(ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.TERMINATED)
         self.stop.set()
 
 
@@ -94,7 +91,7 @@ class Service:
         self._stuck_logged: set[str] = set()
 
     def run(self) -> int:
-        from semwatch.watcher import resolve_mode
+        from semwatch.service.watcher import resolve_mode
 
         settings = self.settings
         if not self.folder.is_dir():
@@ -104,7 +101,7 @@ class Service:
         try:
             lock_fd = db.lock_database(settings.store.database)
         except db.DatabaseLocked as exc:
-            raise UserError(str(exc), EXIT_LOCKED) from None
+            raise UserError(str(exc), ExitStatus.LOCKED) from None
         except OSError as exc:
             raise ConfigError(f"[store] database cannot be locked: {settings.store.database}: "
                               f"{exc.strerror or exc}") from None
@@ -114,9 +111,9 @@ class Service:
             os.close(lock_fd)
 
     def _run_locked(self, mode: str, fstype: str) -> int:
-        from semwatch.pipeline import Pipeline
-        from semwatch.store import Gone, Writer, load_ledger
-        from semwatch.watcher import Watcher
+        from semwatch.service.pipeline import Pipeline
+        from semwatch.service.watcher import Watcher
+        from semwatch.store.ledger import Gone, Writer, load_ledger
 
         settings = self.settings
         self.signals.install()
@@ -131,7 +128,7 @@ class Service:
         pipeline: Pipeline | None = None
         watcher: Watcher | None = None
         extras: list[Any] = []
-        code = EXIT_OK
+        code: int = ExitStatus.OK
         try:
             manifest: dict[str, Any] = dict(getattr(classifier, "manifest", {}) or {})
             store.register_model(classifier.model_id, manifest.get("name"), list(classifier.classes),
@@ -172,9 +169,9 @@ class Service:
 
     def _load_classifier(self) -> Any:
         try:
-            from semwatch.classify import Classifier
+            from semwatch.model.classify import Classifier
         except ImportError as exc:  # pragma: no cover - the classifier module is part of the package
-            raise UserError(f"classifier unavailable: {exc}", 1) from None
+            raise UserError(f"classifier unavailable: {exc}", ExitStatus.INPUT_FAILED) from None
         try:
             return Classifier.load(self.settings.model.path, self.settings)
         except UserError as exc:
@@ -183,7 +180,7 @@ class Service:
             raise ConfigError(message if message.startswith("[") else f"[model] path: {message}") from None
 
     def _loop(self, writer: Any, pipeline: Any, watcher: Any) -> int:
-        from semwatch.store import DaemonStatus
+        from semwatch.store.ledger import DaemonStatus
 
         last_trim = time.monotonic()
         while not self.signals.stop.wait(STATUS_SECONDS):
@@ -197,7 +194,7 @@ class Service:
             problem = self._problem(writer, pipeline, watcher)
             if problem:
                 log.error("%s; exiting so that the service is restarted", problem)
-                return EXIT_FAILED
+                return ExitStatus.INPUT_FAILED
             queued, in_progress = pipeline.counts()
             ips, tps = pipeline.rates.rates()
             waiting = watcher.counts.waiting + queued
@@ -215,7 +212,7 @@ class Service:
             else:
                 self.notifier.notify("WATCHDOG=1", status)
         log.info("stopping: finishing work in flight")
-        return EXIT_OK
+        return ExitStatus.OK
 
     def _stuck(self) -> list[Any]:
         """Busy stages that have not moved within the threshold; each is logged once per episode."""
@@ -244,7 +241,7 @@ class Service:
         extras: list[Any] = []
         if not self.plain:
             try:
-                from semwatch.live import LiveView
+                from semwatch.views.live import LiveView
 
                 live = LiveView(self.settings)
                 live.start()
@@ -255,7 +252,7 @@ class Service:
                 log.warning("live view failed to start: %s; plain log lines", exc)
         if self.settings.report.enabled:
             try:
-                from semwatch.scheduler import ReportScheduler
+                from semwatch.service.scheduler import ReportScheduler
 
                 scheduler = ReportScheduler(self.settings)
                 scheduler.start()
@@ -268,7 +265,7 @@ class Service:
 
     def _shutdown(self, writer: Any, pipeline: Any, watcher: Any, store: Any, extras: list[Any],
                   code: int) -> int:
-        from semwatch.store import DaemonStatus, exit_message
+        from semwatch.store.ledger import DaemonStatus, exit_message
 
         deadline = time.monotonic() + self.settings.watch.stop_timeout_seconds
         for extra in reversed(extras):
@@ -290,7 +287,7 @@ class Service:
             writer.join(max(1.0, deadline + 1.0 - time.monotonic()))
             if writer.is_alive():
                 log.error("database writer did not finish in time")
-                code = code or EXIT_FAILED
+                code = code or ExitStatus.INPUT_FAILED
         if not writer.is_alive():
             store.close()
         summary = self.limiter.roll(force=True)
@@ -325,7 +322,7 @@ def _open_store(settings: Settings) -> Any:
     """The database and CSV, checked up front: an unusable one is a configuration error (78)."""
     import sqlite3
 
-    from semwatch.store import Store
+    from semwatch.store.ledger import Store
 
     csv_path = settings.store.results_csv
     try:
@@ -343,7 +340,7 @@ def _open_store(settings: Settings) -> Any:
 
 
 def _reader() -> Any:
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     return read_micrograph
 

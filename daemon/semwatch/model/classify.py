@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from semwatch.config import Settings
-from semwatch.errors import UserError
+from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import load_artifact, model_id
 from semwatch.model.backbone import TileNet
-from semwatch.tiles import Scale, cut_tiles, scale_for
-from semwatch.values import ImageVerdict, Micrograph, MicrographError, Quality
+from semwatch.model.runtime import autocast_for, describe_device, select_device
+from semwatch.reading.tiles import Scale, cut_tiles, scale_for
+from semwatch.values import ClassInfo, ImageVerdict, Micrograph, MicrographError, Quality
 
 
 @dataclass(frozen=True)
@@ -43,57 +44,6 @@ class PreparedImage:
 class TileOutput:
     probabilities: np.ndarray  # (N, C) calibrated per-tile class probabilities
     novelty: np.ndarray  # (N,) distance to the training features (higher = more foreign)
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    name: str
-    composition: str | None
-    state: str | None
-
-
-def parse_class(name: str) -> ClassInfo:
-    """`<composition>` or `<composition>_<state>`; a missing state means pristine."""
-    head, sep, tail = name.partition("_")
-    return ClassInfo(name, head or None, tail if sep and tail else "pristine")
-
-
-def select_device(requested: str) -> torch.device:
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("[model] device = cuda but no CUDA device is available", 78)
-        return torch.device("cuda", 0)
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cpu_bfloat16(settings: Settings) -> bool:
-    """bfloat16 on CPU: asked for, or "auto" and the CPU does it natively (oneDNN)."""
-    choice = settings.model.cpu_precision
-    if choice == "auto":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-            return False
-    return choice == "bfloat16"
-
-
-def autocast_for(device: torch.device, settings: Settings) -> contextlib.AbstractContextManager[Any]:
-    """float16 autocast on CUDA (if mixed_precision), bfloat16 on a capable CPU, else nothing."""
-    if device.type == "cuda":
-        if settings.model.mixed_precision:
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-    if cpu_bfloat16(settings):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
-    return "cpu"
 
 
 # The dihedral views of a (N, C, H, W) batch, in the order `test_time_views` takes them; each prefix
@@ -350,7 +300,7 @@ class Outcome:
 def _read_and_prepare(
     classifier: Classifier, path: Path, settings: Settings, transform: Transform | None
 ) -> PreparedImage | MicrographError:
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     try:
         micrograph = read_micrograph(path, settings)
@@ -481,19 +431,19 @@ def classify_command(args: argparse.Namespace, settings: Settings) -> int:
 def _explain(classifier: Classifier, path: Path, out_dir: Path, settings: Settings) -> Path:
     import cv2
 
-    from semwatch.micrograph import read_micrograph
     from semwatch.model.gradcam import explain_image
+    from semwatch.reading.micrograph import read_micrograph
 
     overlay = explain_image(classifier, read_micrograph(path, settings))
     target = out_dir / f"{path.stem}.gradcam.png"
     ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover - encoding an RGB uint8 array does not fail
-        raise UserError(f"cannot encode the Grad-CAM overlay for {path}", 1)
+        raise UserError(f"cannot encode the Grad-CAM overlay for {path}", ExitStatus.INPUT_FAILED)
     target.write_bytes(buf.tobytes())
     return target
 
 
 def _emit(obj: dict[str, Any]) -> None:
-    from semwatch.cli import emit_json
+    from semwatch.output import json_line
 
-    emit_json(obj)
+    print(json_line(obj), flush=True)

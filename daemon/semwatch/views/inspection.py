@@ -51,7 +51,7 @@ def describe(m: Micrograph) -> dict[str, Any]:
 
 def inspect_path(path: Path, settings: Settings) -> dict[str, Any]:
     """`describe` of one file, or `{path, error}` when it cannot be read."""
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     try:
         return describe(read_micrograph(path, settings))
@@ -62,7 +62,7 @@ def inspect_path(path: Path, settings: Settings) -> dict[str, Any]:
 
 
 def inspect_files(paths: Sequence[Path], settings: Settings, *, as_json: bool) -> int:
-    from semwatch.cli import emit_json
+    from semwatch.output import json_line
 
     failed = 0
     results: list[dict[str, Any]] = []
@@ -70,7 +70,7 @@ def inspect_files(paths: Sequence[Path], settings: Settings, *, as_json: bool) -
         result = inspect_path(path, settings)
         failed += "error" in result
         if as_json:
-            emit_json(result)
+            print(json_line(result), flush=True)
         else:
             results.append(result)
     if not as_json:

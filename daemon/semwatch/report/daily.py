@@ -33,13 +33,13 @@ from zoneinfo import ZoneInfo
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from semwatch import db
 from semwatch.config import Settings
-from semwatch.errors import UserError
+from semwatch.errors import ExitStatus, UserError
 from semwatch.safefs import Confinement, csv_cell, path_from_text, path_text, printable, text_safe
+from semwatch.store import db
 
 if TYPE_CHECKING:
-    from semwatch.classify import Classifier
+    from semwatch.model.classify import Classifier
 
 log = logging.getLogger("semwatch.report")
 
@@ -110,13 +110,13 @@ def load_day(settings: Settings, day: date) -> DayData:
     """The day's finished images (every version finished that day) and the samples they belong to."""
     path = settings.store.database
     if not path.is_file():
-        raise UserError(f"no database at {path} (has the daemon run?)", 1)
+        raise UserError(f"no database at {path} (has the daemon run?)", ExitStatus.INPUT_FAILED)
     zone = ZoneInfo(settings.report.timezone)
     start, end = day_bounds_utc(day, zone)
     try:
         conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
     except sqlite3.Error as exc:
-        raise UserError(f"cannot open database {path}: {exc}", 1) from None
+        raise UserError(f"cannot open database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     try:
         conn.execute("BEGIN")
         images = [dict(r) for r in conn.execute(
@@ -130,7 +130,7 @@ def load_day(settings: Settings, day: date) -> DayData:
                        for r in rows if r["sample_id"] in counts]
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
-        raise UserError(f"cannot read database {path}: {exc}", 1) from None
+        raise UserError(f"cannot read database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     finally:
         conn.close()
     for img in images:
@@ -260,7 +260,7 @@ def thumbnail(stored_path: str, settings: Settings, classifier: Classifier | Non
     folder's confinement, no blocking opens, the `[reading]` limits. Grad-CAM where a model is
     available and the image has usable tiles, else the plain image; None (and the reason) when the
     file cannot or may not be read now."""
-    from semwatch.micrograph import read_micrograph
+    from semwatch.reading.micrograph import read_micrograph
 
     confine = Confinement(settings.watch.folder, settings.watch.follow_symlinks)
     try:
@@ -285,7 +285,7 @@ def _load_classifier(settings: Settings) -> Classifier | None:
     if not (settings.model.path / "manifest.json").is_file():
         return None
     try:
-        from semwatch.classify import Classifier
+        from semwatch.model.classify import Classifier
 
         return Classifier.load(settings.model.path, settings)
     except Exception as exc:
@@ -338,7 +338,7 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[dict[
                 plots: dict[str, str], generated_at: datetime) -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    env = Environment(loader=PackageLoader("semwatch", "templates"), autoescape=True,
+    env = Environment(loader=PackageLoader("semwatch.report", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["conf"] = lambda v: "–" if v is None else f"{v:.2f}"
     env.filters["show"] = _show
@@ -432,11 +432,11 @@ def parse_day(text: str | None, settings: Settings, now: datetime | None = None)
     try:
         day = date.fromisoformat(text)
     except ValueError:
-        raise UserError(f"--date must be YYYY-MM-DD, got {printable(repr(text))}", 2) from None
+        raise UserError(f"--date must be YYYY-MM-DD, got {printable(repr(text))}") from None
     latest = today + timedelta(days=1)
     if not EARLIEST_DAY <= day <= latest:
         raise UserError(f"--date {day} is outside {EARLIEST_DAY} .. {latest} (tomorrow in "
-                        f"{settings.report.timezone})", 2)
+                        f"{settings.report.timezone})")
     return day
 
 
@@ -447,7 +447,7 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
         paths = write_report(settings, day)
     except OSError as exc:
         raise UserError(f"cannot write the report to {report_folder(settings, day)}: {exc.strerror or exc}",
-                        1) from None
+                        ExitStatus.INPUT_FAILED) from None
     if args.json:
         out = {k: (path_text(v) if isinstance(v, Path) else str(v) if isinstance(v, date) else v)
                for k, v in asdict(paths).items()}

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from semwatch.config import WatchSettings
-from semwatch.liveness import Stage
-from semwatch.logs import PER_FILE
 from semwatch.safefs import PATH_MAX, Confinement
-from semwatch.stability import Candidate, SettleGate, image_of_sidecar, stat_path
-from semwatch.store import FileKey, Refused, utc_from_epoch
+from semwatch.liveness import Stage
+from semwatch.service.logs import PER_FILE
+from semwatch.service.stability import Candidate, SettleGate, image_of_sidecar, stat_path
+from semwatch.store.ledger import Refused
+from semwatch.values import FileKey, utc_from_epoch
 
 log = logging.getLogger("semwatch.watcher")
 

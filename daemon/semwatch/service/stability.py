@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semwatch.safefs import UNCONFINED, Confinement, open_regular
-from semwatch.store import FileKey
+from semwatch.values import FileKey
 
 QUICK_SETTLE_SECONDS = 0.2  # after close-after-write / moved-in: the writer said it is done
 RECHECK_SECONDS = 0.1  # a candidate is stat-ed at most this often

@@ -27,8 +27,8 @@ from rich.text import Text
 
 from semwatch.config import Settings
 from semwatch.safefs import printable, text_safe
-from semwatch.snapshot import Snapshot, parse_utc, take_snapshot
-from semwatch.store import exit_message
+from semwatch.store.ledger import exit_message
+from semwatch.store.snapshot import Snapshot, parse_utc, take_snapshot
 
 STATUS_STYLE = {"ok": "green", "unknown": "yellow", "rejected": "magenta", "failed": "bold red",
                 "pending": "dim"}

@@ -37,17 +37,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from semwatch import db
 from semwatch.config import Settings
-from semwatch.liveness import Liveness, Stage
-from semwatch.logs import PER_FILE
+from semwatch.reading.sample import expected_class, sample_key
 from semwatch.safefs import Confinement, RefusedFile, open_regular
-from semwatch.samples import expected_class, sample_key
-from semwatch.stability import Candidate, stat_path
-from semwatch.store import (
+from semwatch.liveness import Liveness, Stage
+from semwatch.service.logs import PER_FILE
+from semwatch.service.stability import Candidate, stat_path
+from semwatch.store import db
+from semwatch.store.ledger import (
     Attempt,
     Failed,
-    FileKey,
     Gone,
     Pending,
     Result,
@@ -55,7 +54,7 @@ from semwatch.store import (
     Writer,
     find_result_by_content,
 )
-from semwatch.values import ImageVerdict, MicrographError
+from semwatch.values import FileKey, ImageVerdict, MicrographError
 
 log = logging.getLogger("semwatch.pipeline")
 
@@ -637,6 +636,6 @@ def _verdict_from_row(path: Path, row: dict[str, Any], model_id: str) -> ImageVe
 
 
 def _utc(epoch: float) -> str:
-    from semwatch.store import utc_from_epoch
+    from semwatch.values import utc_from_epoch
 
     return utc_from_epoch(epoch)

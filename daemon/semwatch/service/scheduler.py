@@ -27,7 +27,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from semwatch.config import Settings
-from semwatch.report import ReportPaths, day_has_images, report_folder, write_report
+from semwatch.report.daily import ReportPaths, day_has_images, report_folder, write_report
 
 log = logging.getLogger("semwatch.scheduler")
 

@@ -24,13 +24,13 @@ import cv2
 import numpy as np
 import tifffile
 
-from semwatch import quality as quality_mod
 from semwatch.config import Settings
-from semwatch.databar import detect_databar
+from semwatch.reading import quality as quality_mod
+from semwatch.reading.databar import detect_databar
+from semwatch.reading.sidecar import read_sidecar, sidecar_path
+from semwatch.reading.vendor import VendorInfo, from_fei, from_imagej, from_zeiss
 from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, open_regular
-from semwatch.sidecar import read_sidecar, sidecar_path
 from semwatch.values import Metadata, Micrograph, MicrographError
-from semwatch.vendor_meta import VendorInfo, from_fei, from_imagej, from_zeiss
 
 # Luma weights (ITU-R BT.601, as OpenCV's grey conversion) for RGB images.
 _RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from semwatch.classify import Classifier, PreparedImage, _read_and_prepare, outcomes
 from semwatch.config import Settings
 from semwatch.errors import UserError
+from semwatch.model.classify import Classifier, PreparedImage, _read_and_prepare, outcomes
 from semwatch.model.train import IMAGE_SUFFIXES
 
 WARMUP_BATCHES = 2

@@ -1,4 +1,4 @@
-"""Samples: which sample an image belongs to, and the sample's verdict from its images.
+"""Sample verdicts: a sample's verdict recomputed from the current rows of its images.
 
 A sample's verdict is recomputed from the current rows of its images each time one of them gets
 a result, so it never drifts from the ledger. Only `ok` images count towards the composition;
@@ -9,77 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-from semwatch import db
 from semwatch.config import SampleSettings
-from semwatch.safefs import UNCONFINED, Confinement, read_bounded
-from semwatch.values import Metadata, SampleVerdict
-
-EXPECTED_FILE = "expected.txt"
-# An expected.txt holds a class name or two; anything larger is not one (or a link to /dev/zero).
-MAX_EXPECTED_BYTES = 64 * 1024
-
-
-def sample_key(path: Path, watch_folder: Path, settings: SampleSettings,
-               metadata: Metadata | None = None) -> str:
-    """The sample id of the image at `path`.
-
-    parent: the image's folder relative to the watch folder ("." for the folder itself);
-    regex: the `sample` group of `settings.regex` searched in the file name;
-    metadata: the metadata field `settings.metadata_field` (e.g. the SNE session folder).
-    Where the regex does not match or the field is missing, the parent folder is used.
-    """
-    if settings.key == "regex":
-        match = re.search(settings.regex, path.name)
-        if match and match.group("sample"):
-            return match.group("sample")
-    elif settings.key == "metadata" and metadata is not None:
-        value = getattr(metadata, settings.metadata_field, None)
-        if value is None:
-            value = metadata.extra.get(settings.metadata_field)
-        if value not in (None, ""):
-            return str(value)
-    return parent_key(path, watch_folder)
-
-
-def parent_key(path: Path, watch_folder: Path) -> str:
-    try:
-        rel = path.parent.relative_to(watch_folder)
-    except ValueError:
-        return str(path.parent)
-    return rel.as_posix() or "."
-
-
-def expected_class(sample_id: str, image_path: Path, settings: SampleSettings, *,
-                   confine: Confinement = UNCONFINED) -> str | None:
-    """The class a sample should be: the first `[[samples.expect]]` rule whose pattern matches the
-    sample id, else `expected.txt` in the image's folder (first non-empty line), else None.
-
-    expected.txt is read through `safefs.read_bounded`: a FIFO, a device, a link `confine`
-    forbids or a file over `MAX_EXPECTED_BYTES` means no expectation, at once."""
-    for rule in settings.expect:
-        if re.search(rule.pattern, sample_id):
-            return rule.expected_class
-    candidate = image_path.parent / EXPECTED_FILE
-    try:
-        text = read_bounded(candidate, MAX_EXPECTED_BYTES, confine=confine).decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError):
-        return None
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            return line
-    return None
-
-
-def split_class(name: str) -> tuple[str, str]:
-    """"622_cycled" -> ("622", "cycled"); a bare composition "622" is the pristine state."""
-    composition, _, state = name.partition("_")
-    return composition, state or "pristine"
+from semwatch.store import db
+from semwatch.values import SampleVerdict, parse_class, utc_now
 
 
 def matches_expected(expected: str, predicted_class: str, composition: str | None, state: str | None) -> bool:
@@ -88,7 +23,7 @@ def matches_expected(expected: str, predicted_class: str, composition: str | Non
     if expected == predicted_class:
         return True
     exp_comp, _, exp_state = expected.partition("_")
-    pred_comp, pred_state = (composition, state) if composition else split_class(predicted_class)
+    pred_comp, pred_state = (composition, state) if composition else _parts(predicted_class)
     if not exp_state or exp_state == "*":
         return exp_comp == pred_comp
     return (exp_comp, exp_state) == (pred_comp, pred_state or "pristine")
@@ -143,8 +78,8 @@ def sample_verdict(sample_id: str, images: list[ImageRow], expected: str | None,
     best, confidence, uniformity = agg
     counted = [im for im in images if im.status == "ok" and im.predicted_class]
     votes = [im for im in counted if im.predicted_class == best]
-    composition = votes[0].composition if votes and votes[0].composition else split_class(best)[0]
-    state = votes[0].state if votes and votes[0].state else split_class(best)[1]
+    composition = votes[0].composition if votes and votes[0].composition else _parts(best)[0]
+    state = votes[0].state if votes and votes[0].state else _parts(best)[1]
     confident = confidence >= settings.pass_confidence
     uniform = uniformity >= settings.min_uniformity
     if expected is None:
@@ -165,8 +100,6 @@ def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None],
     """Recompute the `samples` rows of `touched` (sample_id -> expected class or None;
     KEEP_EXPECTED keeps the stored one) from the current rows of their images. Runs inside the
     writer's transaction."""
-    from semwatch.store import utc_now
-
     for sample_id, expected in touched.items():
         if expected == KEEP_EXPECTED:
             row = conn.execute("SELECT expected FROM samples WHERE sample_id = ?", (sample_id,)).fetchone()
@@ -203,3 +136,8 @@ def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None],
             (sample_id, v.n_images, n_counted, v.composition, v.state, best, v.confidence, v.uniformity,
              v.expected, v.verdict, utc_now()),
         )
+
+
+def _parts(name: str) -> tuple[str | None, str | None]:
+    info = parse_class(name)
+    return info.composition, info.state
