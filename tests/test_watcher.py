@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from semwatch.config import WatchSettings
+from semwatch.config import Settings, WatchSettings
+from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.stability import Candidate, SettleGate, looks_complete
 from semwatch.service.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
 from semwatch.values import FileKey
@@ -243,3 +244,27 @@ def test_first_sidecar_of_a_new_folder_holds_the_next_images(tmp_path: Path, ncm
     (tmp_path / "b.jpg.txt").write_text("[Image Info]\r\n", encoding="utf-8")
     time.sleep(0.15)  # past the re-check interval
     assert [c.key.path for c in gate.ready()] == [str(second)]
+
+
+def test_gate_and_reader_agree_on_the_sidecar_name(tmp_path: Path, ncm_dir: Path, settings: Settings) -> None:
+    """Only `<name>.txt` is an image's sidecar. The reader also took `<stem>.txt`, which the gate
+    neither waited for nor watched (so the metadata depended on timing), and which beside
+    `expected.jpg` is the folder's expected-class file."""
+    source = next((ncm_dir / "622").glob("*.jpg"))
+    sne_text = Path(str(source) + ".txt").read_bytes()
+    data = source.read_bytes()
+    old = time.time() - 60
+    (tmp_path / "other.jpg.txt").write_bytes(sne_text)  # a folder of sidecars: JPEGs wait for theirs
+    stem_only, named = tmp_path / "expected.jpg", tmp_path / "b.jpg"
+    for image in (stem_only, named):
+        image.write_bytes(data)
+        os.utime(image, (old, old))
+    (tmp_path / "expected.txt").write_bytes(sne_text)
+    (tmp_path / "b.jpg.txt").write_bytes(sne_text)
+
+    assert read_micrograph(stem_only, settings).metadata.vendor is None
+    assert read_micrograph(named, settings).metadata.vendor == "SEC"
+    gate = SettleGate(0.0, 30.0)
+    for image in (stem_only, named):
+        gate.offer(str(image), image.stat())
+    assert [c.key.path for c in gate.ready()] == [str(named)]  # expected.jpg still waits for its own

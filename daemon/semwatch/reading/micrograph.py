@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -183,29 +183,13 @@ def _check_pixels(header: Header, settings: Settings) -> None:
         )
 
 
-def probe(path: Path, settings: Settings) -> Header:
-    """Check a file cheaply (size, signature, header): the stability gate and `inspect` use it."""
-    fh, size = _open_checked(path, settings)
-    with fh:
-        return _probe_open(fh, size, settings)
-
-
-def _probe_open(fh: BinaryIO, size: int, settings: Settings) -> Header:
-    try:
-        fmt = _sniff_open(fh)
-        if fmt == "tiff":
-            with _tiff(fh) as tif:
-                header = _tiff_header(tif)
-        elif fmt == "jpeg":
-            header = _jpeg_header(fh, size)
-        elif fmt == "png":
-            header = _png_header(fh)
-        else:
-            header = _bmp_header(fh)
-        _check_pixels(header, settings)
-        return header
-    except OSError as exc:
-        raise MicrographError(f"cannot read file: {exc.strerror or exc}") from None
+def _raster_header(fh: BinaryIO, fmt: str, size: int) -> Header:
+    """The header of a JPEG, PNG or BMP (the formats OpenCV decodes), read without decoding."""
+    if fmt == "jpeg":
+        return _jpeg_header(fh, size)
+    if fmt == "png":
+        return _png_header(fh)
+    return _bmp_header(fh)
 
 
 def _sniff_open(fh: BinaryIO) -> str:
@@ -229,7 +213,7 @@ def _tiff(fh: BinaryIO) -> tifffile.TiffFile:
         raise MicrographError(f"not a valid TIFF ({_short(exc)})") from None
 
 
-def _first_page(tif: tifffile.TiffFile) -> Any:
+def _first_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     try:
         page = tif.pages.first
     except Exception as exc:
@@ -381,7 +365,7 @@ def _check_complete(fh: BinaryIO, header: Header, size: int) -> None:
             raise MicrographError("truncated BMP (pixel data runs past the end of the file)")
 
 
-def _decode_cv2(fh: Any, header: Header, size: int) -> np.ndarray:
+def _decode_cv2(fh: BinaryIO | tifffile.FileHandle, header: Header, size: int) -> np.ndarray:
     fh.seek(0)
     buf = np.frombuffer(fh.read(size), dtype=np.uint8)
     try:
@@ -436,14 +420,16 @@ def _read(path: Path, settings: Settings, confine: Confinement) -> Micrograph:
     vendor: VendorInfo | None = None
     try:
         with fh:
-            if _sniff_open(fh) == "tiff":  # parse the TIFF structure once: header, pixels, tags
+            fmt = _sniff_open(fh)
+            if fmt == "tiff":  # parse the TIFF structure once: header, pixels, tags
                 with _tiff(fh) as tif:
                     header = _tiff_header(tif)
                     _check_pixels(header, settings)
                     grey = _tiff_grey(tif, size)
                     vendor = _tiff_vendor(tif)
             else:
-                header = _probe_open(fh, size, settings)
+                header = _raster_header(fh, fmt, size)
+                _check_pixels(header, settings)
                 _check_complete(fh, header, size)
                 grey = _decode_cv2(fh, header, size)
     except OSError as exc:
@@ -467,12 +453,10 @@ def _read(path: Path, settings: Settings, confine: Confinement) -> Micrograph:
 
 
 def _sidecar_metadata(path: Path, confine: Confinement = UNCONFINED) -> Metadata:
-    side = sidecar_path(path)
-    if side is None:
-        return Metadata()
+    side = Path(sidecar_path(str(path)))
     try:
         return read_sidecar(side, confine=confine)
-    except Exception:  # unreadable, refused (FIFO, device, link outside) or odd: costs the metadata
+    except Exception:  # none, unreadable, refused (FIFO, device, link outside) or odd: no metadata
         return Metadata()
 
 
@@ -484,4 +468,4 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-__all__ = ["Header", "probe", "read_micrograph", "sniff_format"]
+__all__ = ["Header", "read_micrograph", "sniff_format"]

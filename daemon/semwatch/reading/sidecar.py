@@ -1,4 +1,4 @@
-"""SEC Nanoeye / SNE-4500M sidecar files (`<image>.jpg.txt`) → `Metadata`.
+"""SEC Nanoeye / SNE-4500M sidecar files (`<image>.jpg.txt`) → `Metadata`, and the sidecar's name.
 
 The format is INI-like (`[Section]` lines, `Key : Value` lines), UTF-8 with CRLF line ends. `Date`
 carries a Korean AM/PM marker (오전 = AM, 오후 = PM) and a 12-hour clock; `Time` is the 24-hour clock
@@ -25,11 +25,27 @@ _MARKERS_AM = ("오전", "AM", "am")
 _NUMBER = re.compile(r"[-+]?\d+(?:[.,]\d+)?")
 
 
-def sidecar_path(image: Path) -> Path | None:
-    """The sidecar beside `image`: `<name>.txt` (SNE's convention), else `<stem>.txt`."""
-    for candidate in (image.with_name(image.name + ".txt"), image.with_suffix(".txt")):
-        if candidate != image and candidate.is_file():
-            return candidate
+SIDECAR_SUFFIX = ".txt"
+# SNE's images: a sidecar event of one of these re-looks at its image, and a JPEG in a folder of
+# sidecars waits for its own (the reader reads `<name>.txt` beside any non-TIFF image).
+SIDECAR_IMAGE_SUFFIXES = (".jpg", ".jpeg")
+
+
+def sidecar_path(image: str) -> str:
+    """The sidecar of `image`: `<name>.txt`, the full file name plus `.txt` (SNE's convention).
+
+    The one rule for the reader and the settle gate. Not `<stem>.txt`: that name is not SNE's, it
+    is shared by `x.jpg` and `x.tif`, and beside `expected.jpg` it is the folder's `expected.txt`.
+    `str` in and out: the watcher works on `str` paths on its hot path."""
+    return image + SIDECAR_SUFFIX
+
+
+def image_of_sidecar(path: str) -> str | None:
+    """`x.jpg.txt` -> `x.jpg` (the SNE image a sidecar is about), else None (`notes.txt`, `x.txt`)."""
+    if path.lower().endswith(SIDECAR_SUFFIX):
+        image = path[: -len(SIDECAR_SUFFIX)]
+        if image.lower().endswith(SIDECAR_IMAGE_SUFFIXES):
+            return image
     return None
 
 

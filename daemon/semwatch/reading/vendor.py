@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from semwatch.values import Metadata
 
@@ -28,7 +28,7 @@ class VendorInfo:
     specimen_rows: int | None = None  # rows above the data bar, where the vendor records it
 
 
-def _float(value: Any) -> float | None:
+def _float(value: object) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -54,12 +54,12 @@ def _parse_datetime(text: str, formats: tuple[str, ...]) -> datetime | None:
     return None
 
 
-def _section(meta: dict[str, Any], name: str) -> dict[str, Any]:
+def _section(meta: Mapping[str, object], name: str) -> Mapping[str, object]:
     value = meta.get(name)
     return value if isinstance(value, dict) else {}
 
 
-def from_fei(meta: dict[str, Any]) -> VendorInfo:
+def from_fei(meta: Mapping[str, object]) -> VendorInfo:
     scan, beam, image = _section(meta, "Scan"), _section(meta, "Beam"), _section(meta, "Image")
     ebeam, user, system = _section(meta, "EBeam"), _section(meta, "User"), _section(meta, "System")
     detectors = _section(meta, "Detectors")
@@ -97,7 +97,7 @@ def from_fei(meta: dict[str, Any]) -> VendorInfo:
     )
 
 
-def _zeiss_value(meta: dict[str, Any], key: str) -> tuple[Any, str | None]:
+def _zeiss_value(meta: Mapping[str, object], key: str) -> tuple[object, str | None]:
     """(value, unit) of a Zeiss entry stored as (label, value[, unit]) or as a plain value."""
     entry = meta.get(key)
     if isinstance(entry, tuple | list):
@@ -107,7 +107,7 @@ def _zeiss_value(meta: dict[str, Any], key: str) -> tuple[Any, str | None]:
     return entry, None
 
 
-def parse_magnification(text: Any) -> float | None:
+def parse_magnification(text: object) -> float | None:
     """'1.50 K X' → 1500, '500 X' → 500, 'x500' → 500, 'x1.5k' → 1500, '1.2 M X' → 1.2e6."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         return _positive(float(text))
@@ -120,7 +120,7 @@ def parse_magnification(text: Any) -> float | None:
     return _positive(float(m.group(1)) * scale)
 
 
-def from_zeiss(meta: dict[str, Any]) -> VendorInfo:
+def from_zeiss(meta: Mapping[str, object]) -> VendorInfo:
     pixel, unit = _zeiss_value(meta, "ap_image_pixel_size")
     if pixel is None:
         pixel, unit = _zeiss_value(meta, "ap_pixel_size")
@@ -167,7 +167,7 @@ _IMAGEJ_UNITS_NM = {"nm": 1.0, "nanometer": 1.0, "micron": 1e3, "microns": 1e3, 
                     "μm": 1e3, "mm": 1e6, "millimeter": 1e6}
 
 
-def from_imagej(meta: dict[str, Any], x_resolution: Any) -> VendorInfo | None:
+def from_imagej(meta: Mapping[str, object], x_resolution: object) -> VendorInfo | None:
     """Pixel size from an ImageJ TIFF calibrated in a length unit (`unit` + XResolution in pixels
     per unit). Plain TIFF resolution tags (72 dpi and the like) are not physical and are ignored."""
     unit = meta.get("unit")

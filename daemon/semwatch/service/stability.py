@@ -3,8 +3,9 @@
 Nothing portable says "this file is completely written", so a candidate must keep the same size
 and mtime (its sidecar's too) for `settle_seconds`; a close-after-write or rename event shortens
 that wait. A JPEG in a folder where the instrument writes `<name>.jpg.txt` sidecars waits (bounded)
-for its own. A file whose last bytes are not an end-of-image marker (JPEG, PNG) is held a little
-longer, since a writer that pauses looks stable; the reader's decode is the final check.
+for its own (named by `reading.sidecar.sidecar_path`, the reader's rule). A file whose last bytes
+are not an end-of-image marker (JPEG, PNG) is held a little longer, since a writer that pauses
+looks stable; the reader's decode is the final check.
 """
 
 from __future__ import annotations
@@ -17,31 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from semwatch.reading.sidecar import SIDECAR_IMAGE_SUFFIXES, image_of_sidecar, sidecar_path
 from semwatch.safefs import UNCONFINED, Confinement, open_regular
 from semwatch.values import FileKey
 
 QUICK_SETTLE_SECONDS = 0.2  # after close-after-write / moved-in: the writer said it is done
 RECHECK_SECONDS = 0.1  # a candidate is stat-ed at most this often
-SIDECAR_SUFFIX = ".txt"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-
-
-def sidecar_path(path: str) -> str:
-    return path + SIDECAR_SUFFIX
 
 
 def _folder(path: str) -> str:
     """The key of the sidecar-folder cache (one spelling for whoever reads or writes it)."""
     return str(Path(path).parent)
-
-
-def image_of_sidecar(path: str) -> str | None:
-    """`x.jpg.txt` -> `x.jpg` (the image a sidecar event is about), else None."""
-    if path.lower().endswith(SIDECAR_SUFFIX):
-        stem = path[: -len(SIDECAR_SUFFIX)]
-        if stem.lower().endswith(JPEG_SUFFIXES):
-            return stem
-    return None
 
 
 def looks_complete(path: str, st: os.stat_result, confine: Confinement = UNCONFINED) -> bool:
@@ -199,7 +187,7 @@ class SettleGate:
             cand.key, cand.stable_since, cand.quick, cand.attempts = key, now, False, 0
             return self.settle_seconds
         newest_mtime = st.st_mtime
-        if path.lower().endswith(JPEG_SUFFIXES):
+        if path.lower().endswith(SIDECAR_IMAGE_SUFFIXES):
             sc = _stat(sidecar_path(path))
             sig = (sc.st_size, sc.st_mtime_ns) if sc is not None else None
             if sig != cand.sidecar:
