@@ -7,10 +7,13 @@ Every connection opened here is tracked, so the test suite can fail a test that 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import weakref
 from pathlib import Path
+
+log = logging.getLogger("semwatch.store")
 
 _open: weakref.WeakSet[TrackedConnection] = weakref.WeakSet()
 
@@ -45,6 +48,17 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout_ms: int = 10000,
         conn.execute("PRAGMA foreign_keys = ON")
     _open.add(conn)
     return conn
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open. SQLite rolls back by itself on some errors
+    (SQLITE_FULL, SQLITE_IOERR); a second ROLLBACK would then raise "no transaction is active" and
+    hide the real error."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception as exc:  # the original error is the one to report
+            log.debug("rollback: %s", exc)
 
 
 def open_connections() -> list[TrackedConnection]:

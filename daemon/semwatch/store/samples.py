@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from semwatch.config import SampleSettings
-from semwatch.store import db
-from semwatch.values import SampleVerdict, parse_class, utc_now
+from semwatch.values import SampleVerdict, SampleVerdictKind, parse_class, utc_now
 
 
 def matches_expected(expected: str, predicted_class: str, composition: str | None, state: str | None) -> bool:
@@ -82,6 +82,7 @@ def sample_verdict(sample_id: str, images: list[ImageRow], expected: str | None,
     state = votes[0].state if votes and votes[0].state else _parts(best)[1]
     confident = confidence >= settings.pass_confidence
     uniform = uniformity >= settings.min_uniformity
+    verdict: SampleVerdictKind
     if expected is None:
         verdict = "unknown"
     elif matches_expected(expected, best, composition, state):
@@ -89,53 +90,73 @@ def sample_verdict(sample_id: str, images: list[ImageRow], expected: str | None,
     else:
         verdict = "fail" if confident else "uncertain"
     return SampleVerdict(sample_id, len(images), composition, state, round(confidence, 6),
-                         round(uniformity, 6), expected, verdict)  # type: ignore[arg-type]
+                         round(uniformity, 6), expected, verdict)
 
 
-KEEP_EXPECTED = "\x00keep"
+@dataclass
+class TouchedSamples:
+    """The samples whose verdicts a batch changed. A result brings its sample's expected class (or
+    None: nothing expected); a failure brings none, so its sample keeps the one stored."""
+
+    expected: dict[str, str | None] = field(default_factory=dict)
+    keep: set[str] = field(default_factory=set)
+
+    def result(self, sample_id: str, expected: str | None) -> None:
+        self.expected[sample_id] = expected
+        self.keep.discard(sample_id)
+
+    def failure(self, sample_id: str) -> None:
+        if sample_id not in self.expected:
+            self.keep.add(sample_id)
+
+    def __bool__(self) -> bool:
+        return bool(self.expected or self.keep)
 
 
-def update_samples(conn: db.TrackedConnection, touched: dict[str, str | None],
+def update_samples(conn: sqlite3.Connection, touched: TouchedSamples, settings: SampleSettings) -> None:
+    """Recompute the `samples` rows of `touched` from the current rows of their images. Runs inside
+    the writer's transaction."""
+    for sample_id in touched.keep:
+        row = conn.execute("SELECT expected FROM samples WHERE sample_id = ?", (sample_id,)).fetchone()
+        _update_sample(conn, sample_id, row["expected"] if row is not None else None, settings)
+    for sample_id, expected in touched.expected.items():
+        _update_sample(conn, sample_id, expected, settings)
+
+
+def _update_sample(conn: sqlite3.Connection, sample_id: str, expected: str | None,
                    settings: SampleSettings) -> None:
-    """Recompute the `samples` rows of `touched` (sample_id -> expected class or None;
-    KEEP_EXPECTED keeps the stored one) from the current rows of their images. Runs inside the
-    writer's transaction."""
-    for sample_id, expected in touched.items():
-        if expected == KEEP_EXPECTED:
-            row = conn.execute("SELECT expected FROM samples WHERE sample_id = ?", (sample_id,)).fetchone()
-            expected = row["expected"] if row is not None else None
-        # Only `ok` images vote: fetch (and parse) those; the others are only counted, in SQL, so
-        # a folder flooded with thousands of broken files costs a count, not a parse per row.
-        images = [
-            ImageRow(r["status"], r["predicted_class"], r["composition"], r["state"],
-                     float(r["confidence"] or 0.0), float(r["tile_agreement"] or 0.0),
-                     json.loads(r["probabilities"]) if r["probabilities"] else {})
-            for r in conn.execute(
-                "SELECT status, predicted_class, composition, state, confidence, tile_agreement, "
-                "probabilities FROM images WHERE sample_id = ? AND current = 1 AND status = 'ok'",
-                (sample_id,),
-            )
-        ]
-        not_voting = int(conn.execute(
-            "SELECT count(*) FROM images WHERE sample_id = ? AND current = 1 "
-            "AND status NOT IN ('ok', 'pending')", (sample_id,)).fetchone()[0])
-        v = sample_verdict(sample_id, images, expected, settings)
-        v = dataclasses.replace(v, n_images=v.n_images + not_voting)
-        n_counted = len(images)
-        agg = aggregate(images)
-        best = agg[0] if agg else None
-        conn.execute(
-            "INSERT INTO samples (sample_id, n_images, n_counted, composition, state, predicted_class, "
-            "confidence, uniformity, expected, verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (sample_id) DO UPDATE SET n_images = excluded.n_images, "
-            "n_counted = excluded.n_counted, "
-            "composition = excluded.composition, state = excluded.state, "
-            "predicted_class = excluded.predicted_class, confidence = excluded.confidence, "
-            "uniformity = excluded.uniformity, expected = excluded.expected, verdict = excluded.verdict, "
-            "updated_at = excluded.updated_at",
-            (sample_id, v.n_images, n_counted, v.composition, v.state, best, v.confidence, v.uniformity,
-             v.expected, v.verdict, utc_now()),
+    # Only `ok` images vote: fetch (and parse) those; the others are only counted, in SQL, so
+    # a folder flooded with thousands of broken files costs a count, not a parse per row.
+    images = [
+        ImageRow(r["status"], r["predicted_class"], r["composition"], r["state"],
+                 float(r["confidence"] or 0.0), float(r["tile_agreement"] or 0.0),
+                 json.loads(r["probabilities"]) if r["probabilities"] else {})
+        for r in conn.execute(
+            "SELECT status, predicted_class, composition, state, confidence, tile_agreement, "
+            "probabilities FROM images WHERE sample_id = ? AND current = 1 AND status = 'ok'",
+            (sample_id,),
         )
+    ]
+    not_voting = int(conn.execute(
+        "SELECT count(*) FROM images WHERE sample_id = ? AND current = 1 "
+        "AND status NOT IN ('ok', 'pending')", (sample_id,)).fetchone()[0])
+    v = sample_verdict(sample_id, images, expected, settings)
+    v = dataclasses.replace(v, n_images=v.n_images + not_voting)
+    n_counted = len(images)
+    agg = aggregate(images)
+    best = agg[0] if agg else None
+    conn.execute(
+        "INSERT INTO samples (sample_id, n_images, n_counted, composition, state, predicted_class, "
+        "confidence, uniformity, expected, verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (sample_id) DO UPDATE SET n_images = excluded.n_images, "
+        "n_counted = excluded.n_counted, "
+        "composition = excluded.composition, state = excluded.state, "
+        "predicted_class = excluded.predicted_class, confidence = excluded.confidence, "
+        "uniformity = excluded.uniformity, expected = excluded.expected, verdict = excluded.verdict, "
+        "updated_at = excluded.updated_at",
+        (sample_id, v.n_images, n_counted, v.composition, v.state, best, v.confidence, v.uniformity,
+         v.expected, v.verdict, utc_now()),
+    )
 
 
 def _parts(name: str) -> tuple[str | None, str | None]:
