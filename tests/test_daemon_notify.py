@@ -12,6 +12,7 @@ from pathlib import Path
 
 from semwatch.config import WatchSettings
 from semwatch.service.daemon import Service
+from semwatch.service.inbox import Inbox
 from semwatch.service.sdnotify import Notifier
 from semwatch.service.stability import Candidate
 from semwatch.service.watcher import Watcher
@@ -56,7 +57,7 @@ def test_dead_observer_is_restarted(tmp_path: Path) -> None:
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("semwatch.watcher").addHandler(handler)
     watcher = Watcher(WatchSettings(folder=tmp_path, settle_seconds=0.1), tmp_path, mode="inotify",
-                      done={}, pending={}, submit=handed.append)
+                      inbox=Inbox(), done={}, pending={}, submit=handed.append)
     watcher.start()
     try:
         assert watcher.wait_started(10)

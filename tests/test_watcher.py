@@ -13,6 +13,7 @@ import pytest
 
 from semwatch.config import Settings, WatchSettings
 from semwatch.reading.micrograph import read_micrograph
+from semwatch.service.inbox import Finished, Inbox, Retry
 from semwatch.service.stability import Candidate, SettleGate, looks_complete
 from semwatch.service.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
 from semwatch.values import FileKey
@@ -67,11 +68,13 @@ class Harness:
         values.update(overrides)
         settings = WatchSettings(folder=folder, **values)  # type: ignore[arg-type]
         self.handed: list[tuple[FileKey, float]] = []
-        self.watcher = Watcher(settings, folder, mode=mode, done={}, pending={}, submit=self._submit)
+        self.inbox = Inbox()
+        self.watcher = Watcher(settings, folder, mode=mode, inbox=self.inbox, done={}, pending={},
+                               submit=self._submit)
 
     def _submit(self, cand: Candidate) -> None:
         self.handed.append((cand.key, time.monotonic()))
-        self.watcher.finished(cand.key)
+        self.inbox.put(Finished(cand.key))
 
     def wait_for(self, pred: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -197,8 +200,9 @@ def test_retry_backoff_and_vanished_retry(tmp_path: Path) -> None:
     gone: list[FileKey] = []
     handed: list[Candidate] = []
     settings = WatchSettings(folder=folder, settle_seconds=0.2, rescan_seconds=30.0)
-    watcher = Watcher(settings, folder, mode="polling", done={}, pending={}, submit=handed.append,
-                      on_gone=gone.append)
+    inbox = Inbox()
+    watcher = Watcher(settings, folder, mode="polling", inbox=inbox, done={}, pending={},
+                      submit=handed.append, on_gone=gone.append)
     bad = folder / "bad.tif"
     bad.write_bytes(b"II*\0garbage")
     watcher.start()
@@ -208,12 +212,12 @@ def test_retry_backoff_and_vanished_retry(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         t0 = time.monotonic()
-        watcher.retry(handed[0].key, 1, 0.5)
+        inbox.put(Retry(handed[0].key, 1, 0.5))
         while len(handed) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert time.monotonic() - t0 >= 0.45 and handed[1].attempts == 1
-        watcher.retry(handed[1].key, 2, 0.5)
+        inbox.put(Retry(handed[1].key, 2, 0.5))
         bad.unlink()
         while not gone:
             assert time.monotonic() < deadline
@@ -268,3 +272,29 @@ def test_gate_and_reader_agree_on_the_sidecar_name(tmp_path: Path, ncm_dir: Path
     for image in (stem_only, named):
         gate.offer(str(image), image.stat())
     assert [c.key.path for c in gate.ready()] == [str(named)]  # expected.jpg still waits for its own
+
+
+def test_folder_moved_away_leaves_the_gate(tmp_path: Path, ncm_dir: Path) -> None:
+    """A sub-folder moved out of the watch folder takes its settling files with it at once (not at
+    their next look, a settle period later), and nothing in it is handed on."""
+    folder, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    h = Harness(folder, "inotify", settle_seconds=5.0)
+    h.watcher.start()
+    try:
+        assert h.watcher.wait_started(10)
+        (folder / "session").mkdir()
+        with open(folder / "session" / "a.jpg", "wb") as fh:  # still open: no close-after-write hint
+            fh.write(sample_jpeg(ncm_dir))
+            fh.flush()
+            h.wait_for(lambda: h.watcher.counts.waiting == 1, 5)
+            (folder / "session").rename(elsewhere / "session")
+            t0 = time.monotonic()
+            h.wait_for(lambda: h.watcher.counts.waiting == 0, 3)
+            assert time.monotonic() - t0 < 2.0
+        time.sleep(0.5)
+        assert h.handed == []
+    finally:
+        h.watcher.stop()
+        h.watcher.join(10)

@@ -143,6 +143,12 @@ class SettleGate:
         if cand is not None and cand.row_key is not None and self.on_gone is not None:
             self.on_gone(cand.row_key)
 
+    def discard_below(self, folder: str) -> None:
+        """A folder moved away: forget the candidates in it (each would vanish at its next look)."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        for path in [p for p in self.candidates if p.startswith(prefix)]:
+            self.discard(path)
+
     def next_due(self) -> float | None:
         """Seconds until the next candidate needs a look (None: nothing waits)."""
         while self._heap:

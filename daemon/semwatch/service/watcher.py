@@ -5,8 +5,8 @@ Events are only hints. The folder is scanned at start-up and every `rescan_secon
 emitter loses nothing. NFS/CIFS/FUSE mounts deliver no inotify events for changes made by other
 machines, so `mode = "auto"` polls there (file-system type from /proc/self/mountinfo).
 
-One thread owns all the state (gate, in-flight set, the ledger's finished versions); the
-observer's handler and the pipeline talk to it only through its inbox queue.
+One thread owns all the state (gate, in-flight set, the ledger's finished versions); the inotify
+thread and the pipeline talk to it only through its `Inbox` (typed messages, `service.inbox`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,31 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, assert_never
 
 from semwatch.config import WatchSettings
-from semwatch.safefs import PATH_MAX, Confinement
 from semwatch.liveness import Stage
+from semwatch.reading.sidecar import image_of_sidecar
+from semwatch.safefs import PATH_MAX, Confinement
+from semwatch.service.inbox import (
+    Changed,
+    Finished,
+    FolderAppeared,
+    FolderGone,
+    Hint,
+    Inbox,
+    Rescan,
+    Retry,
+    Wake,
+    WatcherMessage,
+)
 from semwatch.service.logs import PER_FILE
-from semwatch.service.stability import Candidate, SettleGate, image_of_sidecar, stat_path
+from semwatch.service.stability import Candidate, SettleGate, stat_path
 from semwatch.store.ledger import Refused
 from semwatch.values import FileKey, utc_from_epoch
+
+if TYPE_CHECKING:
+    from inotify_simple import Event
 
 log = logging.getLogger("semwatch.watcher")
 
@@ -186,10 +202,11 @@ class InotifyWatch(threading.Thread):
     recursive os.walk (Python 3.11), so a tree 1,500 levels deep kills its thread with a
     RecursionError, and it has no depth limit. Here watches are added breadth-first up to the
     limit (deeper folders are found by rescans); a full kernel queue or watch table asks for a
-    rescan. It only ever puts hints in the watcher's inbox."""
+    rescan. It only ever puts hints in the watcher's inbox (`Hint`, `FolderAppeared`, `FolderGone`,
+    `Rescan`)."""
 
     def __init__(self, folder: Path, *, recursive: bool, depth: int, names: NameFilter,
-                 inbox: queue.Queue[Any]) -> None:
+                 inbox: Inbox) -> None:
         super().__init__(name="semwatch-inotify", daemon=True)
         from inotify_simple import INotify
         from inotify_simple import flags as f
@@ -254,11 +271,11 @@ class InotifyWatch(threading.Thread):
         finally:
             self.inotify.close()
 
-    def _event(self, event: Any) -> None:
+    def _event(self, event: Event) -> None:
         f = self.f
         mask = event.mask
         if mask & f.Q_OVERFLOW:
-            self.inbox.put(("rescan", "", False))
+            self.inbox.put(Rescan())
             return
         if mask & f.IGNORED:
             self.paths.pop(event.wd, None)
@@ -274,14 +291,13 @@ class InotifyWatch(threading.Thread):
             if mask & (f.CREATE | f.MOVED_TO) and self.recursive and self.names.enters(event.name):
                 if level < self.depth:
                     self._add_tree(path, level + 1)
-                self.inbox.put(("dir", path, False))  # what it already holds is scanned
+                self.inbox.put(FolderAppeared(path))  # what it already holds is scanned
             elif mask & f.MOVED_FROM:
                 self._forget(path)
+                self.inbox.put(FolderGone(path))
             return
-        if mask & (f.DELETE | f.MOVED_FROM):
-            self.inbox.put(("gone", path, False))
-        else:
-            self.inbox.put(("hint", path, bool(mask & (f.CLOSE_WRITE | f.MOVED_TO))))
+        # A deleted or moved-away file is a hint like any other: the watcher finds it gone.
+        self.inbox.put(Hint(path, closed=bool(mask & (f.CLOSE_WRITE | f.MOVED_TO))))
 
     def _forget(self, folder: str) -> None:
         """A folder moved away: stop watching it and what is below it."""
@@ -305,10 +321,11 @@ class WatchCounts:
 
 
 class Watcher(threading.Thread):
-    """Events + scans → settle gate → `submit(candidate)`; the pipeline reports back via `finished`,
-    `retry` and `changed`. Ends when `stop()` is called; `error` is set if it died."""
+    """Events + scans → settle gate → `submit(candidate)`. Everything else reaches it through
+    `inbox`: the inotify thread's hints, and the pipeline's `Finished`, `Retry` and `Changed` for
+    each file it was handed. Ends when `stop()` is called; `error` is set if it died."""
 
-    def __init__(self, settings: WatchSettings, folder: Path, *, mode: str,
+    def __init__(self, settings: WatchSettings, folder: Path, *, mode: str, inbox: Inbox,
                  done: dict[str, tuple[int, int]], pending: dict[str, tuple[int, int, int]],
                  submit: Callable[[Candidate], None],
                  on_gone: Callable[[FileKey], None] | None = None,
@@ -318,6 +335,7 @@ class Watcher(threading.Thread):
         self.settings = settings
         self.folder = folder
         self.mode = mode
+        self.inbox = inbox
         self.names = NameFilter.from_settings(settings)
         self.gate = SettleGate(settings.settle_seconds, settings.sidecar_wait_seconds, on_gone=on_gone,
                                confine=Confinement(folder, settings.follow_symlinks))
@@ -327,7 +345,6 @@ class Watcher(threading.Thread):
         self.submit = submit
         self.on_refused = on_refused
         self.stage = stage or Stage("watcher")
-        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.in_flight: dict[str, FileKey] = {}
         self.dirty: set[str] = set()
         self.error: BaseException | None = None
@@ -343,16 +360,7 @@ class Watcher(threading.Thread):
 
     def stop(self) -> None:
         self._stopping.set()
-        self.inbox.put(("wake",))
-
-    def finished(self, key: FileKey) -> None:
-        self.inbox.put(("finished", key))
-
-    def retry(self, key: FileKey, attempts: int, delay: float) -> None:
-        self.inbox.put(("retry", key, attempts, delay))
-
-    def changed(self, key: FileKey) -> None:
-        self.inbox.put(("changed", key))
+        self.inbox.put(Wake())
 
     def wait_started(self, timeout: float) -> bool:
         """True once the first scan is done and the observer runs."""
@@ -362,7 +370,9 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._run()
+            self._start()
+            self._ready.set()
+            self._loop()
         except BaseException as exc:
             self.error = exc
             log.error("watcher stopped: %s", exc)
@@ -370,19 +380,23 @@ class Watcher(threading.Thread):
         finally:
             self._stop_observer()
 
-    def _run(self) -> None:
+    def _start(self) -> None:
+        """The observer, the first scan, and the pending rows of files that vanished while the
+        daemon was down."""
         if self.mode == "inotify":
             self._observer = self._try_start_observer()
         t0 = time.monotonic()
         self._rescan()
-        # Pending rows of files that vanished while the daemon was down.
         for path, (size, mtime_ns, _attempts) in list(self.pending_attempts.items()):
             if self.on_gone is not None and not os.path.exists(path):  # noqa: PTH110
                 self.on_gone(FileKey(path, size, mtime_ns))
                 del self.pending_attempts[path]
         log.info("initial scan: %d file(s) to process, %d already done (%.2f s)",
                  len(self.gate) + len(self.in_flight), len(self.done), time.monotonic() - t0)
-        self._ready.set()
+
+    def _loop(self) -> None:
+        """Wait for the inbox, the next candidate due, a health check or a rescan; then hand on
+        what has settled."""
         next_rescan = time.monotonic() + self._rescan_every()
         next_health = time.monotonic() + HEALTH_SECONDS
         while not self._stopping.is_set():
@@ -400,54 +414,61 @@ class Watcher(threading.Thread):
                 next_rescan = now + self._rescan_every()
                 if not self._vanished:
                     self._rescan()
-            self.stage.busy("handing settled files on")
-            for cand in self.gate.ready():
-                self.in_flight[cand.key.path] = cand.key
-                self.submit(cand)
-            self.counts = WatchCounts(len(self.gate), len(self.in_flight))
-            self.stage.idle()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        self.stage.busy("handing settled files on")
+        for cand in self.gate.ready():
+            self.in_flight[cand.key.path] = cand.key
+            self.submit(cand)
+        self.counts = WatchCounts(len(self.gate), len(self.in_flight))
+        self.stage.idle()
 
     def _drain_inbox(self, timeout: float) -> None:
         try:
-            item = self.inbox.get(timeout=timeout)
+            message = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return
         self.stage.busy("handling file events")
         while True:
-            self._handle(item)
+            self._handle(message)
             self.stage.beat()
             try:
-                item = self.inbox.get_nowait()
+                message = self.inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _handle(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "hint":
-            self._hint(item[1], quick=item[2])
-        elif kind == "gone":
-            self.gate.discard(item[1])
-        elif kind == "dir":
-            if self.settings.recursive:
-                self._scan_into_gate(Path(item[1]))
-        elif kind == "rescan":
-            log.warning("inotify queue overflowed; rescanning %s", self.folder)
-            self._rescan()
-        elif kind == "finished":
-            key: FileKey = item[1]
-            self.in_flight.pop(key.path, None)
-            self.done[key.path] = (key.size, key.mtime_ns)
-            self._recheck_if_dirty(key.path)
-        elif kind == "retry":
-            key, attempts, delay = item[1], item[2], item[3]
-            self.in_flight.pop(key.path, None)
-            self.dirty.discard(key.path)
-            self._consider(key.path, attempts_for=key, attempts=attempts, not_before=time.monotonic() + delay)
-        elif kind == "changed":
-            key = item[1]
-            self.in_flight.pop(key.path, None)
-            self.dirty.discard(key.path)
-            self._consider(key.path)
+    def _handle(self, message: WatcherMessage) -> None:
+        match message:
+            case Hint(path, closed):
+                self._hint(path, quick=closed)
+            case FolderAppeared(path):
+                if self.settings.recursive:
+                    self._scan_into_gate(Path(path))
+            case FolderGone(path):
+                self.gate.discard_below(path)
+            case Rescan():
+                log.warning("inotify queue overflowed; rescanning %s", self.folder)
+                self._rescan()
+            case Finished(key):
+                self.in_flight.pop(key.path, None)
+                self.done[key.path] = (key.size, key.mtime_ns)
+                if key.path in self.dirty:  # it changed while the pipeline had it
+                    self.dirty.discard(key.path)
+                    self._consider(key.path)
+            case Retry(key, attempts, delay):
+                self.in_flight.pop(key.path, None)
+                self.dirty.discard(key.path)
+                self._consider(key.path, attempts_for=key, attempts=attempts,
+                               not_before=time.monotonic() + delay)
+            case Changed(key):
+                self.in_flight.pop(key.path, None)
+                self.dirty.discard(key.path)
+                self._consider(key.path)
+            case Wake():
+                pass
+            case _:
+                assert_never(message)
 
     def _hint(self, path: str, *, quick: bool) -> None:
         image = image_of_sidecar(path)
@@ -457,11 +478,6 @@ class Watcher(threading.Thread):
         elif not self.names.wants(os.path.basename(path)):  # noqa: PTH119 - str paths on the hot path
             return
         self._consider(path, quick=quick)
-
-    def _recheck_if_dirty(self, path: str) -> None:
-        if path in self.dirty:
-            self.dirty.discard(path)
-            self._consider(path)
 
     def _consider(self, path: str, *, quick: bool = False, st: os.stat_result | None = None,
                   attempts_for: FileKey | None = None, attempts: int = 0, not_before: float = 0.0) -> None:
@@ -521,22 +537,30 @@ class Watcher(threading.Thread):
             self.on_refused(Refused(key, utc_from_epoch(time.time()), reason))
 
     def _check_health(self) -> None:
-        exists = self.folder.is_dir()
-        if not exists:
+        if self._check_folder() and self.mode == "inotify":
+            self._check_observer()
+
+    def _check_folder(self) -> bool:
+        """Whether the folder is there and was there at the last check. A vanished folder stops
+        the observer; when it comes back, the observer restarts and it is rescanned."""
+        if not self.folder.is_dir():
             if not self._vanished:
                 self._vanished = True
                 log.error("watch folder vanished: %s; waiting for it to come back", self.folder)
                 self._stop_observer()
-            return
+            return False
         if self._vanished:
             self._vanished = False
             log.warning("watch folder is back: %s; rescanning", self.folder)
             if self.mode == "inotify":
                 self._observer = self._try_start_observer()
             self._rescan()
-            return
-        if self.mode != "inotify":
-            return
+            return False
+        return True
+
+    def _check_observer(self) -> None:
+        """A dead inotify thread (a bug, a hostile tree) is restarted, with one line, and the folder
+        rescanned; dying again and again falls back to rescans for a while instead of a restart loop."""
         if self._observer is None:
             if self._inotify_retry_at and time.monotonic() >= self._inotify_retry_at:
                 self._inotify_retry_at = 0.0
@@ -544,8 +568,6 @@ class Watcher(threading.Thread):
             return
         if self._observer.is_alive():
             return
-        # The inotify thread died (a bug, a hostile tree): restart it and rescan, with one line.
-        # Dying again and again falls back to rescans for a while instead of a restart loop.
         reason = self._observer.error
         self._stop_observer()
         now = time.monotonic()
