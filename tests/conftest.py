@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import pytest
 
@@ -38,6 +39,43 @@ def ncm_dir(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def vendor_dir(data_dir: Path) -> Path:
     return data_dir / "vendor-tiff"
+
+
+class CliRun(NamedTuple):
+    """What one in-process `semwatch` command did: its exit status and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+class Cli(Protocol):
+    def __call__(self, *args: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> CliRun: ...
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Cli:
+    """`semwatch ARGS...` in-process, through `semwatch.cli.main(argv)` as the console script runs it:
+    in tmp_path (so a ./config.toml there is picked up), without the caller's `SEMWATCH_*` settings
+    (`SEMWATCH_DATA` stays), `env` added for the one call. Path arguments may hold surrogate escapes
+    (a name that is not UTF-8), as `sys.argv` does."""
+    from semwatch.cli import main
+
+    for key in list(os.environ):
+        if key.startswith("SEMWATCH_") and key != "SEMWATCH_DATA":
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> CliRun:
+        capsys.readouterr()  # what the test printed before is not the command's
+        with monkeypatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            code = main([os.fspath(a) for a in args])
+        captured = capsys.readouterr()
+        return CliRun(code, captured.out, captured.err)
+
+    return run
 
 
 @pytest.fixture

@@ -342,6 +342,8 @@ def load_settings(
     base = Path.cwd()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file is a folder: {path}")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
