@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Cli
 from semwatch import config
 from semwatch.config import Settings, iter_setting_names, load_settings
-from semwatch.errors import ConfigError
+from semwatch.errors import ConfigError, ExitStatus
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_TOML = REPO / "config.toml"
-SEMWATCH = Path(sys.executable).parent / "semwatch"  # the installed console script
 
 
 def _load(text: str, tmp_path: Path, environ: dict[str, str] | None = None) -> Settings:
@@ -113,6 +110,8 @@ def test_bad_values_are_refused_naming_the_key(text: str, words: list[str], tmp_
 def test_missing_and_unreadable_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="config file is a folder"):
+        load_settings(tmp_path, environ={})
     path = tmp_path / "c.toml"
     path.write_text("[model]\ndevice = 'cpu'\n", encoding="utf-8")
 
@@ -195,7 +194,7 @@ def test_settings_are_frozen_values() -> None:
     assert s.replace(model=config.ModelSettings(device="cpu")).model.device == "cpu"
 
 
-# --- the real console script ---------------------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------------
 
 COMMANDS = [
     ["inspect", "x.tif"], ["train", "data", "--out", "m"], ["evaluate", "data", "--model", "m"],
@@ -203,32 +202,28 @@ COMMANDS = [
 ]
 
 
-def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SEMWATCH_") or k == "SEMWATCH_DATA"}
-    return subprocess.run([str(SEMWATCH), *args], capture_output=True, text=True, timeout=60, cwd=cwd,
-                          env={**environ, **env}, stdin=subprocess.DEVNULL)
-
-
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
-def test_bad_config_exits_78_on_every_command(command: list[str], tmp_path: Path) -> None:
+def test_bad_config_exits_78_on_every_command(command: list[str], cli: Cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nbatch_size = -3\n", encoding="utf-8")
-    proc = _run([*command, "--config", str(bad)], tmp_path)
-    assert proc.returncode == 78, (proc.stdout, proc.stderr)
-    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
-    assert "[model] batch_size" in proc.stderr
+    run = cli(*command, "--config", bad)
+    assert run.code == ExitStatus.CONFIG, (run.out, run.err)
+    assert run.err.strip().count("\n") == 0 and "Traceback" not in run.err
+    assert run.err.startswith("semwatch: configuration error: [model] batch_size")
 
 
-def test_bad_config_from_env_and_missing_file_exit_78(tmp_path: Path) -> None:
+def test_bad_config_from_env_and_missing_file_exit_78(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[reading]\nmax_pixelz = 5\n", encoding="utf-8")
-    proc = _run(["inspect", "x.tif"], tmp_path)  # ./config.toml is picked up
-    assert proc.returncode == 78 and "max_pixelz" in proc.stderr
-    proc = _run(["inspect", "x.tif", "--config", str(tmp_path / "missing.toml")], tmp_path)
-    assert proc.returncode == 78 and "not found" in proc.stderr
-    proc = _run(["inspect", "x.tif", "--config", str(tmp_path / "config.toml")], tmp_path,
-                SEMWATCH_CONFIG="/nonexistent.toml")
-    assert proc.returncode == 78 and "max_pixelz" in proc.stderr  # --config beats $SEMWATCH_CONFIG
+    run = cli("inspect", "x.tif")  # ./config.toml is picked up
+    assert run.code == ExitStatus.CONFIG and "max_pixelz" in run.err
+    run = cli("inspect", "x.tif", "--config", tmp_path / "missing.toml")
+    assert run.code == ExitStatus.CONFIG and "not found" in run.err
+    run = cli("inspect", "x.tif", "--config", tmp_path / "config.toml",
+              env={"SEMWATCH_CONFIG": "/nonexistent.toml"})
+    assert run.code == ExitStatus.CONFIG and "max_pixelz" in run.err  # --config beats $SEMWATCH_CONFIG
+    run = cli("inspect", "x.tif", env={"SEMWATCH_CONFIG": "/nonexistent.toml"})
+    assert run.code == ExitStatus.CONFIG and "/nonexistent.toml" in run.err  # and beats ./config.toml
     good = tmp_path / "good.toml"
     good.write_text("", encoding="utf-8")
-    proc = _run(["inspect", "x.tif", "--config", str(good)], tmp_path, SEMWATCH_QUALITY_FOCUS_MIN="-1.0")
-    assert proc.returncode == 78 and "[quality] focus_min" in proc.stderr
+    run = cli("inspect", "x.tif", "--config", good, env={"SEMWATCH_QUALITY_FOCUS_MIN": "-1.0"})
+    assert run.code == ExitStatus.CONFIG and "[quality] focus_min" in run.err

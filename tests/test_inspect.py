@@ -1,42 +1,38 @@
-"""`semwatch inspect`: the real command on real vendor TIFFs and NCM JPEGs, and on hostile names."""
+"""`semwatch inspect`: the real command (in-process, through `main`) on real vendor TIFFs and NCM
+JPEGs, and on hostile names."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Cli
 from semwatch.config import Settings
+from semwatch.errors import ExitStatus
+from semwatch.output import Output
 from semwatch.safefs import path_from_text
 from semwatch.views.inspection import inspect_files
 
-SEMWATCH = Path(sys.executable).parent / "semwatch"
 FIELDS = {"path", "format", "width", "height", "bit_depth", "vendor", "instrument", "pixel_size_nm",
           "magnification", "voltage_kv", "detector", "acquired_at", "databar_rows", "quality"}
-
-
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEMWATCH_") or k == "SEMWATCH_DATA"}
-    return subprocess.run([str(SEMWATCH), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env=env, stdin=subprocess.DEVNULL)
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_inspect_json_vendor_tiffs(vendor_dir: Path, tmp_path: Path) -> None:
+def test_inspect_json_vendor_tiffs(cli: Cli, vendor_dir: Path) -> None:
     paths = sorted(vendor_dir.glob("*/*.tif"))
-    proc = _run("inspect", "--json", *map(str, paths), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rows = {Path(r["path"]).name: r for r in _json_lines(proc.stdout)}
+    run = cli("inspect", "--json", *paths)
+    assert run.code == ExitStatus.OK, run.err
+    rows = {Path(r["path"]).name: r for r in _json_lines(run.out)}
     assert len(rows) == len(paths)
     for r in rows.values():
         assert set(r) >= FIELDS
@@ -55,11 +51,11 @@ def test_inspect_json_vendor_tiffs(vendor_dir: Path, tmp_path: Path) -> None:
     assert (zeiss["width"], zeiss["height"], zeiss["format"]) == (1024, 768, "tiff")
 
 
-def test_inspect_json_ncm_jpegs(ncm_dir: Path, tmp_path: Path) -> None:
+def test_inspect_json_ncm_jpegs(cli: Cli, ncm_dir: Path) -> None:
     paths = [sorted((ncm_dir / c).glob("*.jpg"))[0] for c in ("333", "523_formation", "811_cycled")]
-    proc = _run("inspect", "--json", *map(str, paths), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    for r, path in zip(_json_lines(proc.stdout), paths, strict=True):
+    run = cli("inspect", "--json", *paths)
+    assert run.code == ExitStatus.OK, run.err
+    for r, path in zip(_json_lines(run.out), paths, strict=True):
         assert r["path"] == str(path)
         assert (r["format"], r["width"], r["height"], r["bit_depth"]) == ("jpeg", 1280, 960, 8)
         assert r["databar_rows"] == 64
@@ -70,25 +66,30 @@ def test_inspect_json_ncm_jpegs(ncm_dir: Path, tmp_path: Path) -> None:
         assert r["quality"]["ok"]
 
 
-def test_inspect_table_and_failures(vendor_dir: Path, tmp_path: Path) -> None:
+def test_inspect_table_and_failures(cli: Cli, vendor_dir: Path, tmp_path: Path) -> None:
     text = tmp_path / "notes.jpg"
     text.write_text("hello", encoding="utf-8")
     good = vendor_dir / "fei" / "CS_DC_5KV_1000x_ETD_8bit.tif"
-    proc = _run("inspect", str(good), str(text), cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
+    run = cli("inspect", good, text)
+    assert run.code == ExitStatus.INPUT_FAILED and run.err == ""
     for word in ("Thermo Fisher (FEI) Versa 3D", "134.896 nm", "1000×", "5 kV", "79 rows", "not an image"):
-        assert word in proc.stdout, (word, proc.stdout)
+        assert word in run.out, (word, run.out)
+    assert run.out.index("CS_DC_5KV") < run.out.index("79 rows") < run.out.index("notes.jpg")  # in order
 
 
-def test_inspect_files_in_process(vendor_dir: Path, settings: Settings, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_files_writes_to_its_output(vendor_dir: Path, settings: Settings, tmp_path: Path) -> None:
+    """The library function prints only through the `Output` it is given."""
     good = sorted(vendor_dir.glob("zeiss/*.tif"))
-    assert inspect_files(good, settings, as_json=True) == 0
-    assert [Path(r["path"]) for r in _json_lines(capsys.readouterr().out)] == good
-    assert inspect_files([*good, tmp_path / "missing.tif"], settings, as_json=True) == 1
-    last = _json_lines(capsys.readouterr().out)[-1]
+    out = Output(json=True, stdout=io.StringIO(), stderr=io.StringIO())
+    assert inspect_files(good, settings, out=out) == ExitStatus.OK
+    assert isinstance(out.stdout, io.StringIO) and isinstance(out.stderr, io.StringIO)
+    assert [Path(r["path"]) for r in _json_lines(out.stdout.getvalue())] == good
+    out.stdout.truncate(0)
+    out.stdout.seek(0)
+    assert inspect_files([*good, tmp_path / "missing.tif"], settings, out=out) == ExitStatus.INPUT_FAILED
+    last = _json_lines(out.stdout.getvalue())[-1]
     assert last == {"path": str(tmp_path / "missing.tif"), "error": "no such file"}
+    assert out.stderr.getvalue() == ""
 
 
 def _hostile_copies(ncm_dir: Path, folder: Path) -> tuple[Path, Path]:
@@ -102,26 +103,23 @@ def _hostile_copies(ncm_dir: Path, folder: Path) -> tuple[Path, Path]:
     return bad, evil
 
 
-def test_inspect_json_non_utf8_name(ncm_dir: Path, tmp_path: Path) -> None:
+def test_inspect_json_non_utf8_name(cli: Cli, ncm_dir: Path, tmp_path: Path) -> None:
     bad, evil = _hostile_copies(ncm_dir, tmp_path)
-    proc = subprocess.run([str(SEMWATCH), "inspect", "--json", os.fsencode(bad), os.fsencode(evil),
-                           os.fsencode(tmp_path / os.fsdecode(b"gone_\xfe.jpg"))],
-                          capture_output=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 1, proc.stderr
-    rows = _json_lines(proc.stdout.decode("utf-8"))  # strictly valid UTF-8
+    run = cli("inspect", "--json", bad, evil, tmp_path / os.fsdecode(b"gone_\xfe.jpg"))
+    assert run.code == ExitStatus.INPUT_FAILED, run.err
+    run.out.encode("utf-8")  # strictly valid UTF-8: a surrogate escape (a raw byte) would raise here
+    rows = _json_lines(run.out)
     assert [r["path"] for r in rows] == [str(tmp_path / "bad_\\xff.jpg"), str(evil),
                                          str(tmp_path / "gone_\\xfe.jpg")]
     assert path_from_text(rows[0]["path"]) == str(bad)  # lossless: it opens the same file
     assert rows[0]["width"] == 1280 and rows[2]["error"] == "no such file"
 
 
-def test_inspect_table_shows_names_never_interprets_them(ncm_dir: Path, tmp_path: Path) -> None:
+def test_inspect_table_shows_names_never_interprets_them(cli: Cli, ncm_dir: Path, tmp_path: Path) -> None:
     bad, evil = _hostile_copies(ncm_dir, tmp_path)
-    env = {**os.environ, "COLUMNS": "200", "FORCE_COLOR": "1", "TERM": "xterm-256color"}
-    proc = subprocess.run([str(SEMWATCH), "inspect", os.fsencode(bad), os.fsencode(evil)],
-                          capture_output=True, timeout=120, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout.decode("utf-8")
+    run = cli("inspect", bad, evil, env={"COLUMNS": "200", "FORCE_COLOR": "1", "TERM": "xterm-256color"})
+    assert run.code == ExitStatus.OK, run.err
+    out = run.out
     assert "bad_\\xff.jpg" in out
     assert "evil\\x1b]0;pwned\\x07\\x1b[31m[red]x[bold]\\u202e.jpg" in out  # visible, markup kept as text
     for sequence in ("\x1b]", "\x07", "\x1b[31m", "\u202e"):

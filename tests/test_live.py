@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from conftest import Cli
 from dbfixture import make_database
 from semwatch.config import Settings
+from semwatch.errors import ExitStatus
 from semwatch.store.snapshot import take_snapshot
 from semwatch.views.live import LiveView, render
 
 NOW = datetime(2026, 11, 24, 14, 30, tzinfo=UTC)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _text(settings: Settings, width: int = 160) -> str:
@@ -117,18 +115,16 @@ def test_live_view_thread_starts_and_stops(settings: Settings) -> None:
     assert "lotB" in console.export_text()
 
 
-def test_top_once_cli(settings: Settings, tmp_path: Path) -> None:
+def test_top_once_cli(cli: Cli, settings: Settings, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n', encoding="utf-8")
-    env = {**os.environ, "COLUMNS": "160"}
-    cmd = [sys.executable, "-m", "semwatch", "top", "--once", "--config", str(config)]
-    missing = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
-    assert missing.returncode == 1 and "no database yet" in missing.stdout
+    missing = cli("top", "--once", "--config", config, env={"COLUMNS": "160"})
+    assert missing.code == ExitStatus.INPUT_FAILED and "no database yet" in missing.out
     _fixture(settings)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "\x1b[" not in done.stdout  # not a terminal: no ANSI codes
-    assert "lotB" in done.stdout and "recent errors" in done.stdout
+    done = cli("top", "--config", config, env={"COLUMNS": "160"})  # not a terminal: one frame, as --once
+    assert done.code == ExitStatus.OK, done.err
+    assert "\x1b[" not in done.out  # not a terminal: no ANSI codes
+    assert "lotB" in done.out and "recent errors" in done.out
 
 
 def test_cleanly_stopped_daemon(settings: Settings) -> None:
@@ -169,15 +165,14 @@ def test_hostile_names_are_shown_never_interpreted(settings: Settings) -> None:
     assert "bad \\x1b]0;err\\x07 [red]file" in plain and "disk \\x1b]0;msg\\x07 full" in plain
 
 
-def test_top_once_cli_with_hostile_names(settings: Settings, tmp_path: Path) -> None:
+def test_top_once_cli_with_hostile_names(cli: Cli, settings: Settings, tmp_path: Path) -> None:
     _hostile_fixture(settings)
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n', encoding="utf-8")
-    env = {**os.environ, "COLUMNS": "250", "FORCE_COLOR": "1", "TERM": "xterm-256color"}
-    proc = subprocess.run([sys.executable, "-m", "semwatch", "top", "--once", "--config", str(config)],
-                          capture_output=True, env=env, cwd=tmp_path, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout.decode("utf-8")
+    run = cli("top", "--once", "--config", config,
+              env={"COLUMNS": "250", "FORCE_COLOR": "1", "TERM": "xterm-256color"})
+    assert run.code == ExitStatus.OK, run.err
     for sequence in ("\x1b]", "\x07", "\x1b[2J", "\u202e"):
-        assert sequence not in out, repr(sequence)
-    assert "\\x1b]0;pwned\\x07" in out
+        assert sequence not in run.out, repr(sequence)
+    assert "\\x1b]0;pwned\\x07" in run.out
+    assert "\x1b[" in run.out  # a colour terminal: rich's own styling is there, the names' is not

@@ -1,16 +1,20 @@
 """The `semwatch` command line: parse arguments, load settings, call one library function.
 
-Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 78 configuration error. User errors are
-one line on stderr, never a traceback: argument errors too (numbers and output paths are checked
-while parsing, so a bad one never reaches a command as a traceback). Heavy imports (torch, cv2)
-happen inside the command that needs them, so `--help` and `--version` stay instant.
+This is the only module that knows argparse. A handler turns the parsed arguments into typed
+keyword arguments of one library function, which prints through an `Output` and returns an
+`ExitStatus`. User errors are one line on stderr, never a traceback: argument errors too (numbers
+and output paths are checked while parsing, so a bad one never reaches a command, minutes into
+training); `UserError` and `ConfigError` (status CONFIG, 78, so systemd does not restart into the
+same error) are printed here. Heavy imports (torch, cv2) happen inside the handler that needs them,
+so `--help` and `--version` stay instant. `main(argv)` returns the status instead of exiting, so
+tests run commands in-process.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -18,66 +22,80 @@ from typing import NoReturn
 from semwatch import __version__
 from semwatch.config import Settings, default_config_path, load_settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
+from semwatch.output import Output
 from semwatch.safefs import path_text, printable, text_safe
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+Handler = Callable[[argparse.Namespace, Settings, Output], int]
 
 
-# --- command handlers: each parses nothing, calls one library function ------------------------
+# --- command handlers: each parses nothing and calls one library function with typed arguments.
+# The imports are inside the handlers: `--help` and `--version` must not pay for torch or cv2.
 
 
-def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_inspect(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     from semwatch.views.inspection import inspect_files
 
-    return inspect_files([Path(p) for p in args.files], settings, as_json=args.json)
+    return inspect_files([Path(p) for p in args.files], settings, out=out)
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.model.train import train_command
+def cmd_train(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.model.train import train_folder
 
-    return train_command(args, settings)
-
-
-def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.model.evaluate import evaluate_command
-
-    return evaluate_command(args, settings)
+    return train_folder(args.data_dir, settings, out_dir=args.out, epochs=args.epochs,
+                        max_images_per_class=args.max_images_per_class, split_out=args.split_out, out=out)
 
 
-def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.model.classify import classify_command
+def cmd_evaluate(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.model.evaluate import evaluate_folder
 
-    return classify_command(args, settings)
-
-
-def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.views.bench import bench_command
-
-    return bench_command(args, settings)
+    return evaluate_folder(args.data_dir, settings, model_dir=args.model, out_dir=args.out,
+                           intensity_jitter=args.intensity_jitter, split=args.split, seed=args.seed, out=out)
 
 
-def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.service.daemon import watch_command
+def cmd_classify(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.model.classify import classify_files
 
-    return watch_command(args, settings)
-
-
-def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.views.live import top_command
-
-    return top_command(args, settings)
+    return classify_files([Path(p) for p in args.files], settings, model_dir=args.model,
+                          explain_dir=args.explain, out=out)
 
 
-def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.report.daily import report_command
+def cmd_bench(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.views.bench import bench_folder
 
-    return report_command(args, settings)
+    return bench_folder(args.data_dir, settings, model_dir=args.model, max_images=args.max_images,
+                        rounds=args.rounds, out=out)
 
 
-def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from semwatch.views.demo import demo_command
+def cmd_watch(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.service.daemon import ViewFactory, run_daemon
 
-    return demo_command(args, settings)
+    if args.folder is not None:
+        settings = settings.replace(watch=dataclasses.replace(settings.watch, folder=args.folder.absolute()))
+    view: ViewFactory | None = None
+    if not args.plain and out.is_terminal:
+        from semwatch.views.live import LiveView
+
+        view = LiveView
+    return run_daemon(settings, view=view)
+
+
+def cmd_top(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.views.live import top
+
+    return top(settings, once=args.once, out=out)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.report.daily import report_day
+
+    return report_day(settings, day=args.date, out=out)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.views.demo import run_demo
+
+    return run_demo(settings, data=args.data, workdir=args.workdir, images=args.images,
+                    interval=args.interval, retrain=args.retrain, plain=args.plain, out=out)
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -150,6 +168,8 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="one JSON object per line")
+    else:
+        p.set_defaults(json=False)
     p.add_argument("--version", action="version", version=f"semwatch {__version__}")
 
 
@@ -233,36 +253,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns its exit status (the console script exits with it).
+
+    Everything a user can act on ends here as one line on stderr: `UserError` and `ConfigError`
+    from any command, an interrupt, a folder or file the command could not use."""
     try:
-        config_path = args.config if args.config is not None else default_config_path()
-        if config_path is not None and config_path.is_dir():
-            raise ConfigError(f"config file is a folder: {path_text(config_path)}")
-        settings = load_settings(config_path)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help and --version (0), argument errors (2): argparse has printed them
+        return _status(exc.code)
+    out = Output(json=args.json)
+    try:
+        settings = load_settings(args.config if args.config is not None else default_config_path())
         handler: Handler = args.handler
-        return handler(args, settings)
+        return handler(args, settings, out)
     except ConfigError as exc:
-        _say(f"configuration error: {exc}")
+        out.say(f"configuration error: {exc}")
         return ExitStatus.CONFIG
     except UserError as exc:
-        _say(str(exc))
+        out.say(str(exc))
         return exc.exit_status
     except KeyboardInterrupt:
-        _say("interrupted")
+        out.say("interrupted")
         return ExitStatus.INTERRUPTED
-    except BrokenPipeError:
+    except BrokenPipeError:  # `semwatch inspect --json ... | head`: the reader has all it wanted
         return ExitStatus.OK
     except OSError as exc:  # a folder or file the command could not use: one line, not a traceback
         where = f": {path_text(exc.filename)}" if isinstance(exc.filename, str) else ""
-        _say(f"{exc.strerror or exc}{where}")
+        out.say(f"{exc.strerror or exc}{where}")
         return ExitStatus.INPUT_FAILED
 
 
-def _say(message: str) -> None:
-    """One line on stderr; names in it are untrusted, so control characters are shown, not sent."""
-    print(f"semwatch: {printable(text_safe(message))}", file=sys.stderr)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def _status(code: str | int | None) -> int:
+    """The exit status argparse asked for (it only ever passes a number or nothing)."""
+    if code is None:
+        return ExitStatus.OK
+    return code if isinstance(code, int) else ExitStatus.USAGE

@@ -12,8 +12,6 @@ is never parsed as markup (`[red]` in a name stays `[red]`).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import threading
 from datetime import datetime
 from pathlib import PurePath
@@ -26,6 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from semwatch.config import Settings
+from semwatch.errors import ExitStatus
+from semwatch.output import Output
 from semwatch.safefs import printable, text_safe
 from semwatch.store.ledger import exit_message
 from semwatch.store.snapshot import Snapshot, parse_utc, take_snapshot
@@ -234,21 +234,19 @@ class LiveView:
         self.stop()
 
 
-def top_command(args: argparse.Namespace, settings: Settings) -> int:
+def top(settings: Settings, *, once: bool, out: Output) -> int:
     """`semwatch top`: the dashboard of a running daemon, read from its database.
 
-    `--once` (or stdout not a terminal) prints one frame; exit 1 when there is no database to show.
+    `once` (or stdout not a terminal) prints one frame and returns INPUT_FAILED when there is no
+    database to show; otherwise the live view runs until Ctrl-C.
     """
-    console = Console()
-    if args.once or not sys.stdout.isatty():
+    console = Console(file=out.stdout)
+    if once or not out.is_terminal:
         snap = render_once(settings, console)
-        return 1 if snap.problem is not None else 0
-    view = LiveView(settings, console)
-    view.start()
-    try:
-        threading.Event().wait()  # until Ctrl-C
-    except KeyboardInterrupt:
-        pass
-    finally:
-        view.stop()
-    return 0
+        return ExitStatus.INPUT_FAILED if snap.problem is not None else ExitStatus.OK
+    with LiveView(settings, console):
+        try:
+            threading.Event().wait()  # until Ctrl-C
+        except KeyboardInterrupt:
+            pass
+    return ExitStatus.OK
