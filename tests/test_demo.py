@@ -14,31 +14,32 @@ import pytest
 from semwatch.config import Settings, load_settings
 from semwatch.views.demo import (
     Drop,
+    ModelFacts,
+    Verdict,
     choose_images,
     held_out,
+    model_facts,
     summarise,
+    trained_on,
     write_config,
     write_like_an_instrument,
 )
 
 
-def _manifest(ncm_dir: Path) -> dict[str, object]:
+def _split(ncm_dir: Path) -> dict[str, list[str]]:
     files = {c: sorted(p.name for p in (ncm_dir / c).glob("*.jpg"))[:6] for c in ("622", "811_cycled")}
-    return {"split": {"train": [f"{c}/{f}" for c, fs in files.items() for f in fs[:3]],
-                      "val": [f"{c}/{f}" for c, fs in files.items() for f in fs[3:5]],
-                      "test": [f"{c}/{f}" for c, fs in files.items() for f in fs[5:6]]},
-            "training": {"data_dir": str(ncm_dir)}}
+    return {"train": [f"{c}/{f}" for c, fs in files.items() for f in fs[:3]],
+            "val": [f"{c}/{f}" for c, fs in files.items() for f in fs[3:5]],
+            "test": [f"{c}/{f}" for c, fs in files.items() for f in fs[5:6]]}
 
 
 def test_held_out_images_are_never_training_images(ncm_dir: Path, tmp_path: Path) -> None:
-    manifest = _manifest(ncm_dir)
-    split = manifest["split"]
-    assert isinstance(split, dict)
-    images = held_out(manifest, ncm_dir)
+    split = _split(ncm_dir)
+    images = held_out(split, ncm_dir)
     rels = [f"{p.parent.name}/{p.name}" for p in images]
     assert rels[:2] == split["test"]  # the recorded test split comes first
     assert not set(rels) & set(split["train"] + split["val"])
-    drops = choose_images(manifest, ncm_dir, {"622": "622_pristine"}, tmp_path / "in", 6)
+    drops = choose_images(split, ncm_dir, {"622": "622_pristine"}, tmp_path / "in", 6)
     assert len(drops) == 6
     classes = [d.true_class for d in drops]
     assert len(set(classes)) == 6 and {"622_pristine", "811_cycled"} <= set(classes)  # map applied
@@ -72,20 +73,35 @@ def test_generated_config_loads_and_stays_in_the_workdir(settings: Settings, tmp
 def test_summary_against_true_labels(tmp_path: Path) -> None:
     drops = [Drop(tmp_path / f"{i}.jpg", c, tmp_path / f"t{i}.jpg")
              for i, c in enumerate(["622", "622", "811_cycled", "333_formation"])]
-    rows = {
-        str(drops[0].target): {"status": "ok", "predicted_class": "622", "composition": "622",
-                               "state": "pristine"},
-        str(drops[1].target): {"status": "ok", "predicted_class": "811", "composition": "811",
-                               "state": "pristine"},
-        str(drops[2].target): {"status": "unknown", "predicted_class": None, "composition": None,
-                               "state": None},
+    verdicts = {
+        str(drops[0].target): Verdict("ok", predicted_class="622", composition="622", state="pristine"),
+        str(drops[1].target): Verdict("ok", predicted_class="811", composition="811", state="pristine"),
+        str(drops[2].target): Verdict("unknown"),
     }
-    s = summarise(drops, rows, [{"verdict": "pass"}, {"verdict": "fail"}])
+    s = summarise(drops, verdicts, ["pass", "fail"])
     assert s.n_dropped == 4 and s.n_done == 3
     assert s.status == {"ok": 2, "unknown": 1, "not processed": 1}
     assert s.accuracy == 0.25 and s.accuracy_ok == 0.5
     assert s.composition_accuracy == 0.5 and s.state_accuracy == 1.0
     assert s.sample_verdicts == {"pass": 1, "fail": 1}
+
+
+def test_model_facts_and_trained_on(ncm_dir: Path, tmp_path: Path) -> None:
+    """A model is reused for the demo's data when it was trained on that folder, or when every image
+    its split names is there; a folder without a readable manifest is no model."""
+    model = tmp_path / "model"
+    model.mkdir()
+    assert model_facts(model) is None
+    (model / "manifest.json").write_text("[]", encoding="utf-8")
+    assert model_facts(model) is None
+    split = _split(ncm_dir)
+    (model / "manifest.json").write_text(
+        json.dumps({"split": split, "training": {"data_dir": "elsewhere", "n_images": 12}}), encoding="utf-8")
+    facts = model_facts(model)
+    assert facts == ModelFacts(data_dir="elsewhere", n_images=12, split=split)
+    assert trained_on(facts, ncm_dir)  # a relative data_dir: the split's images decide
+    assert not trained_on(facts, tmp_path)
+    assert trained_on(ModelFacts(data_dir=str(ncm_dir), n_images=None, split={}), ncm_dir)
 
 
 @pytest.mark.slow

@@ -2,17 +2,20 @@
 
 1. a model: the one at `[model] path` if it was trained on the demo's data, else a quick one
    trained now (few images per class; the full training command is printed);
-2. the daemon (`python -m semwatch watch`) as a subprocess, on an export folder inside `--workdir`,
+2. the daemon (`python -m semwatch watch`) as a subprocess, on an export folder inside `workdir`,
    with a generated config that keeps the database, CSV and reports there too;
 3. held-out (test-split) images dropped into the export folder at an instrument's pace, written the
    way instrument software writes them (a temporary name, in chunks, then a rename; sidecar too),
    one sample folder per class with an `expected.txt`, while the live view shows the database;
 4. SIGTERM to the daemon, the day's report, and a summary against the true folder labels.
+
+The daemon is a real process, not an in-process `Service`: the demo shows what systemd would run,
+and reads its results only through the database, as `semwatch top` does.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import random
@@ -23,25 +26,32 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from rich.console import Console
 
 from semwatch.config import Settings, load_settings
 from semwatch.errors import ExitStatus, UserError
+from semwatch.output import Output
 from semwatch.store import db
+
+if TYPE_CHECKING:
+    from semwatch.report.daily import ReportPaths
 
 QUICK_IMAGES_PER_CLASS = 10
 QUICK_EPOCHS = 15
-QUICK_TRAIN = {"tiles_per_image": 8, "augment_copies": 1, "learning_rate": 1e-3}  # few epochs: a faster rate
 CHUNK = 256 * 1024
 START_TIMEOUT_S = 120.0
 FULL_TRAIN_HINT = ("semwatch train {data} --out {model}   "
                    "(the 737 shared NCM images: about 12 min on a 2-core CPU)")
+
+Say = Callable[[str], None]
+Split = Mapping[str, Sequence[str]]  # "train"/"val"/"test" -> paths relative to the data folder
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,41 @@ class Drop:
     target: Path
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The daemon's final row for a dropped image (read from its database)."""
+
+    status: str
+    predicted_class: str | None = None
+    composition: str | None = None
+    state: str | None = None
+    confidence: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkPaths:
+    """Where the demo's daemon reads and writes, all inside the work folder."""
+
+    workdir: Path
+
+    @property
+    def incoming(self) -> Path:
+        return self.workdir / "incoming"
+
+    @property
+    def database(self) -> Path:
+        return self.workdir / "var" / "semwatch.db"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "daemon.log"
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / "config.toml"
+
+
 def _toml_str(path: Path | str) -> str:
     return json.dumps(str(path))  # a JSON string is a valid TOML basic string
 
@@ -60,32 +105,56 @@ def _toml_str(path: Path | str) -> str:
 # --- model --------------------------------------------------------------------------------------
 
 
-def _manifest(model_dir: Path) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the demo needs from a model's manifest: where it was trained and its split."""
+
+    data_dir: str | None
+    n_images: int | None
+    split: dict[str, list[str]]
+
+
+def model_facts(model_dir: Path) -> ModelFacts | None:
+    """The manifest's training facts, or None where there is no readable manifest."""
     try:
         data = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    raw_training, raw_split = data.get("training"), data.get("split")
+    training: dict[str, object] = raw_training if isinstance(raw_training, dict) else {}
+    split: dict[str, object] = raw_split if isinstance(raw_split, dict) else {}
+    n_images = training.get("n_images")
+    data_dir = training.get("data_dir")
+    return ModelFacts(data_dir=data_dir if isinstance(data_dir, str) else None,
+                      n_images=n_images if isinstance(n_images, int) else None,
+                      split={str(k): [str(r) for r in v] for k, v in split.items() if isinstance(v, list)})
 
 
-def _trained_on(manifest: dict[str, Any], data_dir: Path) -> bool:
+def trained_on(facts: ModelFacts, data_dir: Path) -> bool:
     """Whether the model was trained on `data_dir`: the same folder, or every image its split names is there
     (the manifest may hold a path relative to where training ran)."""
-    trained = manifest.get("training", {}).get("data_dir")
+    trained = facts.data_dir
     if trained and Path(trained).is_absolute() and Path(trained).resolve() == data_dir.resolve():
         return True
-    rels = [rel for part in manifest.get("split", {}).values() for rel in part]
+    rels = [rel for part in facts.split.values() for rel in part]
     return bool(rels) and all((data_dir / rel).is_file() for rel in rels)
 
 
-def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: bool,
-                 say: Any) -> Path:
+def _quick(settings: Settings) -> Settings:
+    """Training settings for the demo model: few tiles per image, and a faster rate for few epochs."""
+    return settings.replace(train=dataclasses.replace(settings.train, tiles_per_image=8, augment_copies=1,
+                                                      learning_rate=1e-3))
+
+
+def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: bool, say: Say) -> Path:
     """A model trained on `data_dir` with a recorded test split: reused if one exists, else quick-trained."""
     candidates = [] if retrain else [settings.model.path, workdir / "model"]
     for model_dir in candidates:
-        manifest = _manifest(model_dir)
-        if manifest is not None and _trained_on(manifest, data_dir):
-            n = manifest.get("training", {}).get("n_images", "?")
+        facts = model_facts(model_dir)
+        if facts is not None and trained_on(facts, data_dir):
+            n = "?" if facts.n_images is None else facts.n_images
             say(f"[bold]Model:[/] reusing {model_dir} (trained on {n} images of {data_dir}).")
             return model_dir
     out = workdir / "model"
@@ -96,32 +165,24 @@ def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: 
         + FULL_TRAIN_HINT.format(data=data_dir, model=settings.model.path))
     from semwatch.model.train import train_model
 
-    quick = settings.replace(train=_replace(settings.train, **QUICK_TRAIN))
     if out.exists():
         shutil.rmtree(out)
     started = time.monotonic()
-    result = train_model(data_dir, out, quick, max_images_per_class=QUICK_IMAGES_PER_CLASS,
+    result = train_model(data_dir, out, _quick(settings), max_images_per_class=QUICK_IMAGES_PER_CLASS,
                          epochs=QUICK_EPOCHS, progress=True)
     say(f"  trained {result.model_id[:12]} on {result.n_train} images in {time.monotonic() - started:.0f} s "
         f"({result.n_test} held out for the demo).")
     return out
 
 
-def _replace(section: Any, **values: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(section, **values)
-
-
 # --- images -------------------------------------------------------------------------------------
 
 
-def held_out(manifest: dict[str, Any], data_dir: Path) -> list[Path]:
+def held_out(split: Split, data_dir: Path) -> list[Path]:
     """Images the model never trained on: its test split first, then images of `data_dir` in no split
     (a model trained on a subset, like the quick demo model, leaves many)."""
     from semwatch.model.train import IMAGE_SUFFIXES
 
-    split = manifest.get("split", {})
     seen = {rel for part in split.values() for rel in part}
     test = [data_dir / rel for rel in split.get("test", [])]
     unseen = sorted(p for p in data_dir.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES
@@ -129,14 +190,14 @@ def held_out(manifest: dict[str, Any], data_dir: Path) -> list[Path]:
     return [p for p in test if p.is_file()] + unseen
 
 
-def choose_images(manifest: dict[str, Any], data_dir: Path, class_map: dict[str, str], incoming: Path,
+def choose_images(split: Split, data_dir: Path, class_map: Mapping[str, str], incoming: Path,
                   n: int, seed: int = 0) -> list[Drop]:
     """`n` held-out images, shuffled: the test split first, then unseen images, each taken round-robin
     over classes so that every class shows up."""
     rng = random.Random(seed)
-    test = {data_dir / rel for rel in manifest.get("split", {}).get("test", [])}
+    test = {data_dir / rel for rel in split.get("test", [])}
     pools: list[dict[str, list[Path]]] = [{}, {}]
-    for source in held_out(manifest, data_dir):
+    for source in held_out(split, data_dir):
         folder = source.parent.name
         pools[0 if source in test else 1].setdefault(class_map.get(folder, folder), []).append(source)
     if not any(pools):
@@ -153,12 +214,9 @@ def choose_images(manifest: dict[str, Any], data_dir: Path, class_map: dict[str,
                 if pool[name] and len(picked) < n:
                     picked.append((name, pool[name].pop()))
     rng.shuffle(picked)
-    drops = []
-    for i, (name, source) in enumerate(picked):
-        # One sample folder per class; a numbered name because file names repeat across class folders.
-        target = incoming / f"sample-{name}" / f"{i:03d}_{source.name}"
-        drops.append(Drop(source, name, target))
-    return drops
+    # One sample folder per class; a numbered name because file names repeat across class folders.
+    return [Drop(source, name, incoming / f"sample-{name}" / f"{i:03d}_{source.name}")
+            for i, (name, source) in enumerate(picked)]
 
 
 def write_like_an_instrument(drop: Drop) -> None:
@@ -185,16 +243,16 @@ def write_like_an_instrument(drop: Drop) -> None:
 
 
 def write_config(settings: Settings, workdir: Path, model_dir: Path) -> Path:
-    config = workdir / "config.toml"
+    work = WorkPaths(workdir)
     text = f"""# Generated by `semwatch demo`: the daemon's config for the demo (paths inside {workdir}).
 [watch]
-folder = {_toml_str(workdir / "incoming")}
+folder = {_toml_str(work.incoming)}
 settle_seconds = 1.0
 rescan_seconds = 10.0
 poll_interval_seconds = 0.5
 
 [store]
-database = {_toml_str(workdir / "var" / "semwatch.db")}
+database = {_toml_str(work.database)}
 results_csv = {_toml_str(workdir / "var" / "results.csv")}
 
 [model]
@@ -213,8 +271,40 @@ key = "parent"
 [logging]
 level = "INFO"
 """
-    config.write_text(text, encoding="utf-8")
-    return config
+    work.config.write_text(text, encoding="utf-8")
+    return work.config
+
+
+def _fresh_workdir(workdir: Path) -> WorkPaths:
+    """A fresh export folder, database, reports and log each run (the model is kept for the next run)."""
+    work = WorkPaths(workdir)
+    for stale in (work.incoming, workdir / "var", workdir / "reports", work.log):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    work.incoming.mkdir(parents=True)
+    return work
+
+
+def start_daemon(work: WorkPaths) -> subprocess.Popen[bytes]:
+    """`python -m semwatch watch --plain` on the generated config, its output in the work folder's log."""
+    with work.log.open("wb") as log_file:
+        cmd = [sys.executable, "-m", "semwatch", "watch", "--plain", "--config", str(work.config)]
+        return subprocess.Popen(cmd, cwd=work.workdir, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM, as systemd does; SIGKILL only if it does not stop in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
 
 
 def _daemon_state(database: Path) -> str | None:
@@ -233,27 +323,29 @@ def _daemon_state(database: Path) -> str | None:
         conn.close()
 
 
-def _finished(database: Path, paths: list[str]) -> dict[str, dict[str, Any]]:
-    """Current rows of `paths` with a final status."""
+def finished(database: Path, paths: Sequence[str]) -> dict[str, Verdict]:
+    """The current verdicts of those `paths` that have a final status (not pending)."""
     if not database.is_file() or not paths:
         return {}
     conn = db.connect(database, readonly=True)
     try:
         marks = ",".join("?" * len(paths))
         rows = conn.execute(
-            f"SELECT path, status, predicted_class, composition, state, confidence, sample_id, error "
-            f"FROM images WHERE current = 1 AND status != 'pending' AND path IN ({marks})", paths)
-        return {r["path"]: dict(r) for r in rows}
+            f"SELECT path, status, predicted_class, composition, state, confidence, error "
+            f"FROM images WHERE current = 1 AND status != 'pending' AND path IN ({marks})", list(paths))
+        return {r["path"]: Verdict(status=r["status"], predicted_class=r["predicted_class"],
+                                   composition=r["composition"], state=r["state"],
+                                   confidence=r["confidence"], error=r["error"]) for r in rows}
     except sqlite3.Error:
         return {}
     finally:
         conn.close()
 
 
-def _samples(database: Path) -> list[dict[str, Any]]:
+def _sample_verdicts(database: Path) -> list[str]:
     conn = db.connect(database, readonly=True)
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM samples ORDER BY sample_id")]
+        return [str(r["verdict"]) for r in conn.execute("SELECT verdict FROM samples ORDER BY sample_id")]
     finally:
         conn.close()
 
@@ -265,16 +357,81 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
-    """SIGTERM, as systemd does; SIGKILL only if it does not stop in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)
+def _wait_until_running(proc: subprocess.Popen[bytes], work: WorkPaths, say: Say) -> bool:
+    """Until the daemon says `running` in its database; False (and why, with its log) if it never does."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while _daemon_state(work.database) != "running":
+        if proc.poll() is not None:
+            say(f"[red]the daemon exited (code {proc.returncode}) before it was ready:[/]\n{_tail(work.log)}")
+            return False
+        if time.monotonic() > deadline:
+            say(f"[red]the daemon did not start within {START_TIMEOUT_S:.0f} s:[/]\n{_tail(work.log)}")
+            return False
+        time.sleep(0.2)
+    return True
+
+
+class _PlainProgress:
+    """Without the live view: one line per image written and per verdict, each verdict once."""
+
+    def __init__(self, database: Path, drops: Sequence[Drop], say: Say) -> None:
+        self.database = database
+        self.paths = [str(d.target) for d in drops]
+        self.say = say
+        self.reported: set[str] = set()
+
+    def wrote(self, drop: Drop) -> None:
+        self.say(f"  wrote {drop.target.relative_to(drop.target.parents[1])}")
+        self.verdicts()
+
+    def verdicts(self) -> None:
+        for path, v in finished(self.database, self.paths).items():
+            if path not in self.reported:
+                self.reported.add(path)
+                label = v.predicted_class or v.error or "-"
+                conf = "" if v.confidence is None else f" {v.confidence:.2f}"
+                self.say(f"  {Path(path).name}: {v.status} {label}{conf}")
+
+
+def _feed(proc: subprocess.Popen[bytes], drops: Sequence[Drop], database: Path, *, interval: float,
+          progress: _PlainProgress | None) -> None:
+    """Drop the images at the instrument's pace, then wait (bounded) for every verdict."""
+    for drop in drops:
+        if proc.poll() is not None:
+            return
+        write_like_an_instrument(drop)
+        if progress is not None:
+            progress.wrote(drop)
+        time.sleep(interval)
+    paths = [str(d.target) for d in drops]
+    finish_by = time.monotonic() + 60.0 + 5.0 * len(drops)
+    while len(finished(database, paths)) < len(paths) and time.monotonic() < finish_by:
+        if proc.poll() is not None:
+            return
+        if progress is not None:
+            progress.verdicts()
+        time.sleep(0.5)
+    if progress is not None:
+        progress.verdicts()
+
+
+def run_with_daemon(proc: subprocess.Popen[bytes], drops: Sequence[Drop], demo_settings: Settings,
+                    work: WorkPaths, *, interval: float, live: bool, console: Console) -> int:
+    """The demo's middle: wait for the daemon, feed it, with the live view or plain progress lines."""
+    if not _wait_until_running(proc, work, console.print):
+        return ExitStatus.INPUT_FAILED
+    if live:
+        from semwatch.views.live import LiveView
+
+        with LiveView(demo_settings, console):
+            _feed(proc, drops, work.database, interval=interval, progress=None)
+    else:
+        _feed(proc, drops, work.database, interval=interval,
+              progress=_PlainProgress(work.database, drops, console.print))
+    if proc.poll() is not None:
+        console.print(f"[red]the daemon exited unexpectedly (code {proc.returncode}):[/]\n{_tail(work.log)}")
+        return ExitStatus.INPUT_FAILED
+    return ExitStatus.OK
 
 
 # --- summary ------------------------------------------------------------------------------------
@@ -292,31 +449,43 @@ class Summary:
     sample_verdicts: dict[str, int]
 
 
-def summarise(drops: list[Drop], rows: dict[str, dict[str, Any]], samples: list[dict[str, Any]]) -> Summary:
+@dataclass(frozen=True)
+class _Judged:
+    """One `ok` verdict against the image's true folder label."""
+
+    correct: bool
+    composition: bool
+    state: bool
+
+
+def _judge(drop: Drop, verdict: Verdict) -> _Judged:
     from semwatch.values import parse_class
 
-    status: Counter[str] = Counter()
-    correct = comp = state = n_ok = 0
-    for d in drops:
-        row = rows.get(str(d.target))
-        if row is None:
-            status["not processed"] += 1
-            continue
-        status[row["status"]] += 1
-        if row["status"] != "ok":
-            continue
-        n_ok += 1
-        truth = parse_class(d.true_class)
-        correct += row["predicted_class"] == d.true_class or (
-            row["composition"] == truth.composition and row["state"] == truth.state)
-        comp += row["composition"] == truth.composition
-        state += row["state"] == truth.state
-    n = len(drops)
+    truth = parse_class(drop.true_class)
+    composition = verdict.composition == truth.composition
+    state = verdict.state == truth.state
+    return _Judged(correct=verdict.predicted_class == drop.true_class or (composition and state),
+                   composition=composition, state=state)
+
+
+def _share(count: int, of: int) -> float | None:
+    return count / of if of else None
+
+
+def summarise(drops: Sequence[Drop], verdicts: Mapping[str, Verdict],
+              sample_verdicts: Sequence[str]) -> Summary:
+    """How the daemon did on the dropped images, against their true folder labels."""
+    found = [(d, verdicts.get(str(d.target))) for d in drops]
+    status = Counter(v.status if v is not None else "not processed" for _, v in found)
+    judged = [_judge(d, v) for d, v in found if v is not None and v.status == "ok"]
+    correct = sum(j.correct for j in judged)
     return Summary(
-        n_dropped=n, n_done=sum(v for k, v in status.items() if k != "not processed"), status=dict(status),
-        accuracy=correct / n if n else None, accuracy_ok=correct / n_ok if n_ok else None,
-        composition_accuracy=comp / n_ok if n_ok else None, state_accuracy=state / n_ok if n_ok else None,
-        sample_verdicts=dict(Counter(s["verdict"] for s in samples)),
+        n_dropped=len(drops), n_done=len(drops) - status["not processed"],
+        status=dict(status),
+        accuracy=_share(correct, len(drops)), accuracy_ok=_share(correct, len(judged)),
+        composition_accuracy=_share(sum(j.composition for j in judged), len(judged)),
+        state_accuracy=_share(sum(j.state for j in judged), len(judged)),
+        sample_verdicts=dict(Counter(sample_verdicts)),
     )
 
 
@@ -324,61 +493,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-# --- the command --------------------------------------------------------------------------------
-
-
-def demo_command(args: argparse.Namespace, settings: Settings) -> int:
-    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
-    say = console.print
-    data_dir = (args.data or settings.data.ncm_dir).resolve()
-    if not data_dir.is_dir():
-        raise UserError(f"labelled data folder not found: {data_dir} (use --data or [data] ncm_dir)")
-    if args.images < 1 or args.interval < 0:
-        raise UserError("--images must be >= 1 and --interval >= 0")
-    workdir = args.workdir.resolve()
-    incoming, database = workdir / "incoming", workdir / "var" / "semwatch.db"
-    # A fresh export folder, database and reports each run (the model is kept for the next run).
-    for stale in (incoming, workdir / "var", workdir / "reports", workdir / "daemon.log"):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
-    incoming.mkdir(parents=True)
-    say(f"[bold]semwatch demo[/] in {workdir}\n"
-        f"  The daemon will watch {incoming} like an SEM export folder; {args.images} held-out images "
-        f"from {data_dir} will be written into it {args.interval:g} s apart.")
-
-    model_dir = ensure_model(settings, data_dir, workdir, retrain=args.retrain, say=say)
-    manifest = _manifest(model_dir)
-    assert manifest is not None
-    drops = choose_images(manifest, data_dir, settings.train.class_map, incoming, args.images)
-    if len(drops) < args.images:
-        say(f"  (only {len(drops)} held-out images exist for this model; using all of them)")
-    config = write_config(settings, workdir, model_dir)
-    demo_settings = load_settings(config, environ={})
-
-    log_path = workdir / "daemon.log"
-    say(f"[bold]Daemon:[/] python -m semwatch watch --config {config}   (log: {log_path})")
-    with log_path.open("wb") as log_file:
-        cmd = [sys.executable, "-m", "semwatch", "watch", "--plain", "--config", str(config)]
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        code = _run_with_daemon(proc, drops, demo_settings, database, log_path, args, console)
-    finally:
-        rc = stop_daemon(proc)
-    if code:
-        return code
-    say(f"[bold]Daemon stopped[/] with SIGTERM (exit {rc}).")
-
-    from semwatch.report.daily import write_report
-
-    today = datetime.now(UTC).astimezone(ZoneInfo(demo_settings.report.timezone)).date()
-    report = write_report(demo_settings, today)
-    rows = _finished(database, [str(d.target) for d in drops])
-    summary = summarise(drops, rows, _samples(database))
+def _print_results(say: Say, summary: Summary, report: ReportPaths, demo_settings: Settings,
+                   work: WorkPaths) -> None:
     say("\n[bold]Results[/]")
-    say(f"  database  {database}\n  CSV       {demo_settings.store.results_csv}\n"
+    say(f"  database  {work.database}\n  CSV       {demo_settings.store.results_csv}\n"
         f"  report    {report.html}\n"
         f"            ({report.images_csv.name}, {report.samples_csv.name} beside it)")
     statuses = ", ".join(f"{v} {k}" for k, v in sorted(summary.status.items()))
@@ -390,64 +508,53 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> int:
     say(f"  samples   {verdicts} (one sample per class, expected class from its expected.txt)")
     say("\nNext: point \\[watch] folder in config.toml at the instrument's export folder and run "
         "`semwatch watch` (or install systemd/semwatch.service); `semwatch top` shows the dashboard.")
-    if rc != 0:
-        return 1
-    return 0 if summary.n_done == summary.n_dropped else 1
 
 
-def _run_with_daemon(proc: subprocess.Popen[bytes], drops: list[Drop], demo_settings: Settings,
-                     database: Path, log_path: Path, args: argparse.Namespace, console: Console) -> int:
-    say = console.print
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while _daemon_state(database) != "running":
-        if proc.poll() is not None:
-            say(f"[red]the daemon exited (code {proc.returncode}) before it was ready:[/]\n{_tail(log_path)}")
-            return 1
-        if time.monotonic() > deadline:
-            say(f"[red]the daemon did not start within {START_TIMEOUT_S:.0f} s:[/]\n{_tail(log_path)}")
-            return 1
-        time.sleep(0.2)
+# --- the command --------------------------------------------------------------------------------
 
-    live_view = console.is_terminal and not args.plain
-    view = None
-    if live_view:
-        from semwatch.views.live import LiveView
 
-        view = LiveView(demo_settings, console)
-        view.start()
-    paths = [str(d.target) for d in drops]
-    reported: set[str] = set()
+def run_demo(settings: Settings, *, data: Path | None, workdir: Path, images: int, interval: float,
+             retrain: bool, plain: bool, out: Output) -> int:
+    """`semwatch demo`: model, daemon, images, report and summary (the steps in the module docstring).
 
-    def plain_progress() -> None:
-        for path, row in _finished(database, paths).items():
-            if path not in reported:
-                reported.add(path)
-                label = row["predicted_class"] or row["error"] or "-"
-                conf = "" if row["confidence"] is None else f" {row['confidence']:.2f}"
-                console.print(f"  {Path(path).name}: {row['status']} {label}{conf}")
+    INPUT_FAILED when the daemon failed or an image got no verdict."""
+    console = Console(file=out.stdout, highlight=False, soft_wrap=not out.is_terminal)
+    say: Say = console.print
+    data_dir = (data or settings.data.ncm_dir).resolve()
+    if not data_dir.is_dir():
+        raise UserError(f"labelled data folder not found: {data_dir} (use --data or [data] ncm_dir)")
+    work = _fresh_workdir(workdir.resolve())
+    say(f"[bold]semwatch demo[/] in {work.workdir}\n"
+        f"  The daemon will watch {work.incoming} like an SEM export folder; {images} held-out images "
+        f"from {data_dir} will be written into it {interval:g} s apart.")
 
+    model_dir = ensure_model(settings, data_dir, work.workdir, retrain=retrain, say=say)
+    facts = model_facts(model_dir)
+    if facts is None:
+        raise UserError(f"{model_dir}: no readable manifest.json", ExitStatus.INPUT_FAILED)
+    drops = choose_images(facts.split, data_dir, settings.train.class_map, work.incoming, images)
+    if len(drops) < images:
+        say(f"  (only {len(drops)} held-out images exist for this model; using all of them)")
+    demo_settings = load_settings(write_config(settings, work.workdir, model_dir), environ={})
+
+    say(f"[bold]Daemon:[/] python -m semwatch watch --config {work.config}   (log: {work.log})")
+    proc = start_daemon(work)
     try:
-        for drop in drops:
-            if proc.poll() is not None:
-                break
-            write_like_an_instrument(drop)
-            if not live_view:
-                console.print(f"  wrote {drop.target.relative_to(drop.target.parents[1])}")
-                plain_progress()
-            time.sleep(args.interval)
-        finish_by = time.monotonic() + 60.0 + 5.0 * len(drops)
-        while len(_finished(database, paths)) < len(paths) and time.monotonic() < finish_by:
-            if proc.poll() is not None:
-                break
-            if not live_view:
-                plain_progress()
-            time.sleep(0.5)
-        if not live_view:
-            plain_progress()
+        code = run_with_daemon(proc, drops, demo_settings, work, interval=interval,
+                               live=console.is_terminal and not plain, console=console)
     finally:
-        if view is not None:
-            view.stop()
-    if proc.poll() is not None:
-        say(f"[red]the daemon exited unexpectedly (code {proc.returncode}):[/]\n{_tail(log_path)}")
-        return 1
-    return 0
+        rc = stop_daemon(proc)
+    if code != ExitStatus.OK:
+        return code
+    say(f"[bold]Daemon stopped[/] with SIGTERM (exit {rc}).")
+
+    from semwatch.report.daily import write_report
+
+    today = datetime.now(UTC).astimezone(ZoneInfo(demo_settings.report.timezone)).date()
+    report = write_report(demo_settings, today)
+    summary = summarise(drops, finished(work.database, [str(d.target) for d in drops]),
+                        _sample_verdicts(work.database))
+    _print_results(say, summary, report, demo_settings, work)
+    if rc != ExitStatus.OK or summary.n_done != summary.n_dropped:
+        return ExitStatus.INPUT_FAILED
+    return ExitStatus.OK
