@@ -11,7 +11,6 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from semwatch.config import Settings
 from semwatch.store import db
@@ -130,6 +129,8 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
             "ORDER BY processed_at DESC, id DESC LIMIT ?", (n_recent,)))
         samples = tuple(_sample(r) for r in conn.execute(
             "SELECT * FROM samples ORDER BY updated_at DESC, sample_id LIMIT ?", (n_samples,)))
+        # This WHERE and ORDER BY are those of the index images_errors (schema version 2): keep them
+        # as they are, or the query reads the whole ledger once a second.
         errors = tuple(_image(r) for r in conn.execute(
             "SELECT * FROM images WHERE error IS NOT NULL AND error != '' "
             "ORDER BY COALESCE(processed_at, detected_at) DESC, id DESC LIMIT ?", (n_errors,)))
@@ -144,20 +145,15 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
                     recent=recent, samples=samples, errors=errors)
 
 
-def _get(row: sqlite3.Row, key: str, default: Any = None) -> Any:
-    return row[key] if key in row.keys() else default  # noqa: SIM118 - sqlite3.Row has no __contains__
-
-
 def _daemon_row(row: sqlite3.Row) -> DaemonRow:
     return DaemonRow(
-        pid=_get(row, "pid"), hostname=_get(row, "hostname"), started_at=_get(row, "started_at"),
-        heartbeat_at=_get(row, "heartbeat_at"), device=_get(row, "device"), model_id=_get(row, "model_id"),
-        watch_folder=_get(row, "watch_folder"), state=_get(row, "state") or "stopped",
-        waiting=int(_get(row, "waiting") or 0), in_progress=int(_get(row, "in_progress") or 0),
-        done=int(_get(row, "done") or 0), failed=int(_get(row, "failed") or 0),
-        images_per_s=float(_get(row, "images_per_s") or 0.0),
-        tiles_per_s=float(_get(row, "tiles_per_s") or 0.0),
-        message=_get(row, "message"),
+        pid=row["pid"], hostname=row["hostname"], started_at=row["started_at"],
+        heartbeat_at=row["heartbeat_at"], device=row["device"], model_id=row["model_id"],
+        watch_folder=row["watch_folder"], state=row["state"] or "stopped",
+        waiting=int(row["waiting"] or 0), in_progress=int(row["in_progress"] or 0),
+        done=int(row["done"] or 0), failed=int(row["failed"] or 0),
+        images_per_s=float(row["images_per_s"] or 0.0), tiles_per_s=float(row["tiles_per_s"] or 0.0),
+        message=row["message"],
     )
 
 
