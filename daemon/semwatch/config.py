@@ -383,9 +383,9 @@ def load_settings(
     return Settings(**sections, source=path)
 
 
-def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+def _env_overrides(env: typing.Mapping[str, str]) -> dict[str, dict[str, object]]:
     """`SEMWATCH_WATCH_FOLDER=/x` → {"watch": {"folder": "/x"}} (values parsed as TOML if they can be)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, object]] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key in (CONFIG_ENV, DATA_ENV):
             continue
@@ -397,14 +397,14 @@ def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _parse_env_value(value: str) -> Any:
+def _parse_env_value(value: str) -> object:
     try:
         return tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return value
 
 
-def _build_section(name: str, cls: type, table: dict[str, Any], base: Path) -> Any:
+def _build_section(name: str, cls: type, table: dict[str, object], base: Path) -> object:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in table:
@@ -427,7 +427,7 @@ def _build_section(name: str, cls: type, table: dict[str, Any], base: Path) -> A
     return section
 
 
-def _coerce(name: str, hint: Any, value: Any, base: Path) -> Any:
+def _coerce(name: str, hint: object, value: object, base: Path) -> object:
     origin = get_origin(hint)
     if hint is Path:
         if not isinstance(value, str) or not value:
@@ -475,7 +475,7 @@ def _coerce(name: str, hint: Any, value: Any, base: Path) -> Any:
     raise ConfigError(f"{name}: unsupported setting type {hint}")  # pragma: no cover
 
 
-def _expect_rule(name: str, value: Any) -> ExpectRule:
+def _expect_rule(name: str, value: object) -> ExpectRule:
     if not isinstance(value, dict) or set(value) != {"pattern", "class"}:
         raise ConfigError(f"{name} must be a table with exactly 'pattern' and 'class'")
     if not all(isinstance(v, str) and v for v in value.values()):
