@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import Settings, load_settings
+from semwatch.errors import ExitStatus
 from semwatch.views.demo import (
     Drop,
     ModelFacts,
@@ -114,7 +115,8 @@ def test_demo_end_to_end(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> Non
            "--images", "3", "--interval", "0.2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "COLUMNS": "150"})
-    assert out.returncode in (0, 1), out.stdout + out.stderr  # 1 only if an image had no verdict
+    # INPUT_FAILED only if an image had no verdict
+    assert out.returncode in (ExitStatus.OK, ExitStatus.INPUT_FAILED), out.stdout + out.stderr
     text = out.stdout
     assert "Traceback" not in out.stderr
     assert "reusing" in text and "SIGTERM (exit 0)" in text
@@ -124,4 +126,4 @@ def test_demo_end_to_end(tiny_model: Path, ncm_dir: Path, tmp_path: Path) -> Non
     htmls = list(report.glob("*/report.html"))
     assert len(htmls) == 1 and (htmls[0].parent / "images.csv").read_text(encoding="utf-8").count("\n") == 4
     assert (work / "var" / "semwatch.db").is_file() and (work / "var" / "results.csv").is_file()
-    assert out.returncode == 0
+    assert out.returncode == ExitStatus.OK

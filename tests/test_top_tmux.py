@@ -16,6 +16,7 @@ import pytest
 
 from dbfixture import iso, make_database
 from semwatch.config import Settings
+from semwatch.errors import ExitStatus
 from semwatch.store import db
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
@@ -64,7 +65,7 @@ def _interrupt_and_check_exit(base: list[str], done_file: Path, timeout: float) 
     deadline = time.monotonic() + timeout
     while not done_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert done_file.read_text().strip() == "0"
+    assert int(done_file.read_text()) == ExitStatus.OK
     assert "Traceback" not in _screen(base)
 
 

@@ -1,3 +1,5 @@
+"""`python -m semwatch`: the same as the `semwatch` console script (the demo starts the daemon so)."""
+
 from __future__ import annotations
 
 import sys
