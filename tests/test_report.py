@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
@@ -18,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from dbfixture import make_database
+from semwatch.cli import main
 from semwatch.config import ReadingSettings, ReportSettings, Settings
 from semwatch.errors import UserError
-from semwatch.report.daily import write_report
+from semwatch.output import Output
+from semwatch.report.daily import report_day, write_report
 from semwatch.safefs import path_text
 
 DAY = date(2026, 11, 24)
@@ -142,6 +142,7 @@ def test_report_for_a_fixture_day(seoul: Settings, tmp_path: Path, ncm_dir: Path
     assert names == ["a1.tif", "a2.tif", "script>.tif", "c1.jpg", "broken.tif"]  # local day only, in order
     assert rows[0]["processed_local"] == "2026-11-24T00:00:00+09:00"
     assert rows[2]["path"].endswith(SCRIPT_NAME)
+    assert rows[2]["reasons"] == "far from the training data"  # as in results.csv: text, not JSON
     with paths.samples_csv.open(encoding="utf-8", newline="") as fh:
         samples = {r["sample_id"]: r for r in csv.DictReader(fh)}
     assert set(samples) == {"lotA", "<b>lotB</b>", "lotC"}
@@ -190,30 +191,41 @@ def test_missing_database_is_a_user_error(settings: Settings) -> None:
         write_report(settings, DAY)
 
 
-def test_report_cli_json_and_bad_date(seoul: Settings, tmp_path: Path, ncm_dir: Path) -> None:
+def test_report_day_prints_paths_or_json(seoul: Settings, tmp_path: Path, ncm_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    _day_fixture(seoul, tmp_path, ncm_dir)
+    assert report_day(seoul, day="2026-11-24", out=Output(json=True)) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1
+    obj = json.loads(out)
+    assert obj["day"] == "2026-11-24" and obj["n_images"] == 5 and obj["n_samples"] == 3
+    assert Path(obj["html"]).is_file() and obj["folder"] == str(seoul.report.folder / "2026-11-24")
+    assert report_day(seoul, day="2026-11-24", out=Output()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["report for 2026-11-24 (5 images, 3 samples)", obj["html"], obj["images_csv"],
+                     obj["samples_csv"]]
+
+
+def test_report_command_and_bad_dates(seoul: Settings, tmp_path: Path, ncm_dir: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`semwatch report` in-process: the config file's day and zone, one-line errors for bad dates."""
     _day_fixture(seoul, tmp_path, ncm_dir)
     config = tmp_path / "config.toml"
     config.write_text(
         f'[store]\ndatabase = "{seoul.store.database}"\n[report]\nfolder = "{seoul.report.folder}"\n'
         f'timezone = "Asia/Seoul"\n[model]\npath = "{tmp_path / "none"}"\n', encoding="utf-8")
-    base = [sys.executable, "-m", "semwatch", "report", "--config", str(config)]
-    env = dict(os.environ)
-    out = subprocess.run([*base, "--date", "2026-11-24", "--json"], capture_output=True, text=True,
-                         env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    obj = json.loads(out.stdout)
+    base = ["report", "--config", str(config)]
+    assert main([*base, "--date", "2026-11-24", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
     assert obj["day"] == "2026-11-24" and obj["n_images"] == 5 and Path(obj["html"]).is_file()
-    plain = subprocess.run([*base, "--date", "2026-11-24"], capture_output=True, text=True, env=env,
-                           timeout=120)
-    assert plain.returncode == 0 and str(Path(obj["images_csv"])) in plain.stdout
-    bad = subprocess.run([*base, "--date", "24.11.2026"], capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr and "Traceback" not in bad.stderr
-    tomorrow = datetime.now(UTC).date() + timedelta(days=3)
-    for day, words in (("9999-12-31", "outside"), ("0001-01-01", "outside"), ("1999-12-31", "outside"),
-                       (tomorrow.isoformat(), "outside"), ("2026-02-30", "YYYY-MM-DD"), ("", "YYYY-MM-DD")):
-        bad = subprocess.run([*base, "--date", day], capture_output=True, text=True, env=env, timeout=60)
-        assert bad.returncode == 2, (day, bad.stderr)
-        assert len(bad.stderr.splitlines()) == 1 and words in bad.stderr, (day, bad.stderr)
+    ahead = datetime.now(UTC).date() + timedelta(days=3)
+    for day, words in (("24.11.2026", "YYYY-MM-DD"), ("9999-12-31", "outside"), ("0001-01-01", "outside"),
+                       ("1999-12-31", "outside"), (ahead.isoformat(), "outside"),
+                       ("2026-02-30", "YYYY-MM-DD"), ("", "YYYY-MM-DD")):
+        assert main([*base, "--date", day]) == 2, day
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1, (day, captured.err)
+        assert words in captured.err and "Traceback" not in captured.err, (day, captured.err)
 
 
 @pytest.mark.slow

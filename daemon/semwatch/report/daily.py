@@ -2,58 +2,47 @@
 
 A day is a calendar day in `[report] timezone`; the database stores UTC, so the day becomes a UTC
 interval before querying. The HTML is one self-contained file (plots and thumbnails embedded as
-base64 PNG, no scripts; a Content-Security-Policy forbids any) rendered by jinja2 with
-autoescaping, because file and sample names are user data (shown through `safefs.printable`, so
-control and bidi characters are visible; every CSV cell goes through `safefs.csv_cell`). Thumbnails
-read the files again, which may have changed since: only through `read_micrograph` with the watch
-folder's confinement and the `[reading]` limits. A new report folder is built under a temporary
-name and renamed into place, so a folder that exists is a finished report (the scheduler's
-catch-up relies on it); rewriting an existing one replaces each file atomically.
+base64, no scripts; a Content-Security-Policy forbids any) rendered by jinja2 with autoescaping,
+because file and sample names are user data (shown through `safefs.printable`, so control and bidi
+characters are visible). The CSVs are written by the store's one CSV writer (`store.csvfile`:
+every cell through `safefs.csv_cell`, the columns of each file listed there). Thumbnails read the
+files again, carefully (`thumbnails`); plots are in `plots` (matplotlib is imported only when a
+report is written). A new report folder is built under a temporary name and renamed into place,
+so a folder that exists is a finished report (the scheduler's catch-up relies on it); rewriting an
+existing one replaces each file atomically (`safefs.write_atomic`).
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import csv
-import io
-import json
+import dataclasses
 import logging
-import os
 import shutil
 import sqlite3
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
-
-import numpy as np
-from matplotlib.ticker import MaxNLocator
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
-from semwatch.safefs import Confinement, csv_cell, path_from_text, path_text, printable, text_safe
+from semwatch.output import Output
+from semwatch.safefs import path_text, printable, text_safe, write_atomic
 from semwatch.store import db
+from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
 
 if TYPE_CHECKING:
     from semwatch.model.classify import Classifier
+    from semwatch.report.plots import Plots
+    from semwatch.report.thumbnails import Thumbnail
 
 log = logging.getLogger("semwatch.report")
 
-IMAGE_COLUMNS = (
-    "id", "path", "sample_id", "status", "predicted_class", "composition", "state", "confidence",
-    "tile_agreement", "n_tiles", "model_id", "detected_at", "processed_at", "processed_local", "error",
-    "reasons",
-)
-SAMPLE_COLUMNS = (
-    "sample_id", "verdict", "composition", "state", "predicted_class", "confidence", "uniformity",
-    "expected", "n_images", "images_this_day", "updated_at",
-)
-STATUS_COLOURS = {"ok": "#2e7d32", "unknown": "#f9a825", "rejected": "#8e24aa", "failed": "#c62828"}
-THUMB_PX = 360
+STATUSES = ("ok", "unknown", "rejected", "failed")
+VERDICTS = ("pass", "fail", "uncertain", "unknown")
+EARLIEST_DAY = date(2000, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -101,9 +90,57 @@ def day_has_images(settings: Settings, day: date) -> bool:
 
 
 @dataclass(frozen=True)
+class DayImage:
+    """A version finished on the day (the `images` row, its time in the report's zone)."""
+
+    id: int
+    path: str  # `path_text` form
+    sample_id: str | None
+    status: str
+    predicted_class: str | None
+    composition: str | None
+    state: str | None
+    confidence: float | None
+    tile_agreement: float | None
+    n_tiles: int | None
+    model_id: str | None
+    detected_at: str
+    processed_at: str
+    processed_local: str
+    error: str | None
+    reasons: str  # "; "-joined
+
+    @property
+    def name(self) -> str:
+        return PurePath(self.path).name
+
+    @property
+    def detail(self) -> str:
+        """Why it has no verdict: the error, else the reasons."""
+        return self.error or self.reasons
+
+
+@dataclass(frozen=True)
+class DaySample:
+    """A sample with an image finished on the day (the `samples` row as it is now)."""
+
+    sample_id: str
+    verdict: str
+    composition: str | None
+    state: str | None
+    predicted_class: str | None
+    confidence: float | None
+    uniformity: float | None
+    expected: str | None
+    n_images: int
+    images_this_day: int
+    updated_at: str
+
+
+@dataclass(frozen=True)
 class DayData:
-    images: list[dict[str, Any]]
-    samples: list[dict[str, Any]]
+    images: list[DayImage]
+    samples: list[DaySample]
 
 
 def load_day(settings: Settings, day: date) -> DayData:
@@ -112,230 +149,101 @@ def load_day(settings: Settings, day: date) -> DayData:
     if not path.is_file():
         raise UserError(f"no database at {path} (has the daemon run?)", ExitStatus.INPUT_FAILED)
     zone = ZoneInfo(settings.report.timezone)
-    start, end = day_bounds_utc(day, zone)
     try:
         conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
     except sqlite3.Error as exc:
         raise UserError(f"cannot open database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     try:
-        conn.execute("BEGIN")
-        images = [dict(r) for r in conn.execute(
-            "SELECT * FROM images WHERE processed_at >= ? AND processed_at < ? AND status != 'pending' "
-            "ORDER BY processed_at, id", (start, end))]
-        counts = Counter(img["sample_id"] for img in images if img["sample_id"] is not None)
-        samples: list[dict[str, Any]] = []
-        if counts:
-            rows = conn.execute("SELECT * FROM samples ORDER BY sample_id").fetchall()
-            samples = [dict(r) | {"images_this_day": counts[r["sample_id"]]}
-                       for r in rows if r["sample_id"] in counts]
-        conn.execute("COMMIT")
+        image_rows, sample_rows = _query_day(conn, *day_bounds_utc(day, zone))
     except sqlite3.DatabaseError as exc:
         raise UserError(f"cannot read database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     finally:
         conn.close()
-    for img in images:
-        when = datetime.fromisoformat(img["processed_at"])
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        img["processed_local"] = when.astimezone(zone).isoformat(timespec="seconds")
-        img["name"] = PurePath(img["path"]).name
+    images = [_day_image(r, zone) for r in image_rows]
+    counts = Counter(img.sample_id for img in images if img.sample_id is not None)
+    samples = [_day_sample(r, counts[r["sample_id"]]) for r in sample_rows if r["sample_id"] in counts]
     return DayData(images, samples)
 
 
-# --- plots ------------------------------------------------------------------------------------
-
-
-def _png(fig: Any) -> str:
-    fig.set_layout_engine("constrained")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(w: float = 7.0, h: float = 3.2) -> Any:
-    # Figure without pyplot: no global state, the Agg canvas, safe in the daemon's scheduler thread.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h))
-
-
-def plot_timeline(images: list[dict[str, Any]]) -> str:
-    """Verdicts per hour of the (local) day, stacked by status."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    hours = np.arange(24)
-    bottom = np.zeros(24)
-    for status, colour in STATUS_COLOURS.items():
-        counts = np.zeros(24)
-        for img in images:
-            if img["status"] == status:
-                counts[int(img["processed_local"][11:13])] += 1
-        if counts.any():
-            ax.bar(hours, counts, bottom=bottom, color=colour, label=status, width=0.85)
-            bottom += counts
-    ax.set_xlabel("hour of day (report time zone)")
-    ax.set_ylabel("images")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xticks(range(0, 24, 2))
-    ax.set_xlim(-0.6, 23.6)
-    if bottom.any():
-        ax.legend(loc="upper left", fontsize="small")
-    ax.set_title("verdicts over the day")
-    return _png(fig)
-
-
-def plot_classes(images: list[dict[str, Any]]) -> str:
-    """Predicted classes of images with a verdict (`ok`), plus counts of the other statuses."""
-    counts = Counter(img["predicted_class"] for img in images if img["status"] == "ok")
-    others = Counter(img["status"] for img in images if img["status"] != "ok")
-    labels = sorted(counts) + [f"({s})" for s in STATUS_COLOURS if others[s]]
-    values = [counts[c] for c in sorted(counts)] + [others[s] for s in STATUS_COLOURS if others[s]]
-    colours = ["#1565c0"] * len(counts) + [STATUS_COLOURS[s] for s in STATUS_COLOURS if others[s]]
-    fig = _figure(7.0, max(2.0, 0.35 * len(labels) + 1.0))
-    ax = fig.add_subplot()
-    ax.barh(range(len(labels)), values, color=colours)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("images")
-    ax.set_title("class distribution")
-    return _png(fig)
-
-
-def plot_confidence(images: list[dict[str, Any]]) -> str:
-    fig = _figure()
-    ax = fig.add_subplot()
-    bins = np.linspace(0.0, 1.0, 21)
-    data = [[img["confidence"] for img in images if img["status"] == s and img["confidence"] is not None]
-            for s in ("ok", "unknown", "rejected")]
-    labels = [s for s, d in zip(("ok", "unknown", "rejected"), data, strict=True) if d]
-    data = [d for d in data if d]
-    if data:
-        ax.hist(data, bins=bins, stacked=True, label=labels, color=[STATUS_COLOURS[s] for s in labels])
-        ax.legend(fontsize="small")
-    ax.set_xlabel("image confidence")
-    ax.set_ylabel("images")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("confidence histogram")
-    return _png(fig)
-
-
-# --- thumbnails -------------------------------------------------------------------------------
-
-
-def _encode_thumb(rgb: np.ndarray) -> str:
-    """A JPEG (a micrograph thumbnail as PNG is ~8x larger, and the HTML embeds up to a dozen)."""
-    import cv2
-
-    h, w = rgb.shape[:2]
-    scale = THUMB_PX / max(h, w)
-    if scale < 1:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:  # pragma: no cover - encoding uint8 RGB does not fail
-        raise ValueError("cannot encode thumbnail")
-    return base64.b64encode(buf.tobytes()).decode("ascii")
-
-
-def _plain_thumb(pixels: np.ndarray) -> np.ndarray:
-    """The reader's grey specimen area, contrast-stretched, as 8-bit RGB (the plain thumbnail)."""
-    import cv2
-
-    grey = np.asarray(pixels, dtype=np.float32)
-    lo, hi = np.percentile(grey, (0.5, 99.5))
-    grey = np.clip((grey - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
-    return np.asarray(cv2.cvtColor((grey * 255).astype(np.uint8), cv2.COLOR_GRAY2RGB))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def thumbnail(stored_path: str, settings: Settings, classifier: Classifier | None) -> tuple[str | None, str]:
-    """(base64 JPEG or None, what it shows) for an image row's path (`path_text` form).
-
-    The file is untrusted and may have changed since it was processed (replaced by a FIFO, a link
-    out of the folder, a giant TIFF), so it is read only through `read_micrograph`: the watch
-    folder's confinement, no blocking opens, the `[reading]` limits. Grad-CAM where a model is
-    available and the image has usable tiles, else the plain image; None (and the reason) when the
-    file cannot or may not be read now."""
-    from semwatch.reading.micrograph import read_micrograph
-
-    confine = Confinement(settings.watch.folder, settings.watch.follow_symlinks)
+def _query_day(conn: sqlite3.Connection, start: str, end: str) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    """The rows of the images finished in [start, end) and of every sample, in one read transaction
+    (both see the same state of the database)."""
+    conn.execute("BEGIN")
     try:
-        micrograph = read_micrograph(Path(path_from_text(stored_path)), settings, confine=confine)
-    except Exception as exc:  # MicrographError, or a reader bug: either way no thumbnail, no report lost
-        return None, f"not readable now: {_first_line(exc)}"
-    if classifier is not None:
-        try:
-            if len(classifier.prepare(micrograph).tiles):
-                from semwatch.model.gradcam import explain_image
-
-                return _encode_thumb(explain_image(classifier, micrograph)), "Grad-CAM"
-        except Exception as exc:  # the plain image still says something
-            log.debug("no Grad-CAM for %s: %s", stored_path, exc)
-    try:
-        return _encode_thumb(_plain_thumb(micrograph.pixels)), "image"
-    except Exception as exc:
-        return None, f"no thumbnail: {_first_line(exc)}"
+        images = conn.execute(
+            "SELECT * FROM images WHERE processed_at >= ? AND processed_at < ? AND status != 'pending' "
+            "ORDER BY processed_at, id", (start, end)).fetchall()
+        samples = conn.execute("SELECT * FROM samples ORDER BY sample_id").fetchall() if images else []
+    finally:
+        conn.execute("COMMIT")
+    return images, samples
 
 
-def _load_classifier(settings: Settings) -> Classifier | None:
-    if not (settings.model.path / "manifest.json").is_file():
-        return None
-    try:
-        from semwatch.model.classify import Classifier
-
-        return Classifier.load(settings.model.path, settings)
-    except Exception as exc:
-        log.info("report thumbnails without Grad-CAM: %s", exc)
-        return None
-
-
-# --- writing ----------------------------------------------------------------------------------
+def _day_image(row: sqlite3.Row, zone: ZoneInfo) -> DayImage:
+    when = datetime.fromisoformat(row["processed_at"])
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return DayImage(
+        id=row["id"], path=row["path"], sample_id=row["sample_id"], status=row["status"],
+        predicted_class=row["predicted_class"], composition=row["composition"], state=row["state"],
+        confidence=row["confidence"], tile_agreement=row["tile_agreement"], n_tiles=row["n_tiles"],
+        model_id=row["model_id"], detected_at=row["detected_at"], processed_at=row["processed_at"],
+        processed_local=when.astimezone(zone).isoformat(timespec="seconds"), error=row["error"],
+        reasons=reasons_text(row["reasons"]),
+    )
 
 
-def _csv_bytes(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> bytes:
-    """UTF-8 CSV whose every cell passed `csv_cell`: names and errors come from the export folder, and
-    a cell such as `=HYPERLINK(...)` must stay text when the file is opened in a spreadsheet."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else csv_cell(row.get(c)) for c in columns])
-    return buf.getvalue().encode("utf-8")
+def _day_sample(row: sqlite3.Row, images_this_day: int) -> DaySample:
+    return DaySample(
+        sample_id=row["sample_id"], verdict=row["verdict"], composition=row["composition"],
+        state=row["state"], predicted_class=row["predicted_class"], confidence=row["confidence"],
+        uniformity=row["uniformity"], expected=row["expected"], n_images=int(row["n_images"] or 0),
+        images_this_day=images_this_day, updated_at=row["updated_at"],
+    )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# --- the page ---------------------------------------------------------------------------------
 
 
-def _summary(data: DayData) -> dict[str, Any]:
-    status = Counter(img["status"] for img in data.images)
-    verdicts = Counter(s["verdict"] for s in data.samples)
-    confs = [img["confidence"] for img in data.images
-             if img["status"] == "ok" and img["confidence"] is not None]
-    return {
-        "n_images": len(data.images),
-        "status": {s: status[s] for s in STATUS_COLOURS},
-        "n_samples": len(data.samples),
-        "verdicts": {v: verdicts[v] for v in ("pass", "fail", "uncertain", "unknown")},
-        "mean_confidence": (sum(confs) / len(confs)) if confs else None,
-    }
+@dataclass(frozen=True)
+class DaySummary:
+    n_images: int
+    status: dict[str, int]
+    n_samples: int
+    verdicts: dict[str, int]
+    mean_confidence: float | None  # over the `ok` images
 
 
-def render_html(settings: Settings, day: date, data: DayData, thumbs: list[dict[str, Any]],
-                plots: dict[str, str], generated_at: datetime) -> str:
+def summarise(data: DayData) -> DaySummary:
+    status = Counter(img.status for img in data.images)
+    verdicts = Counter(s.verdict for s in data.samples)
+    confs = [img.confidence for img in data.images if img.status == "ok" and img.confidence is not None]
+    return DaySummary(
+        n_images=len(data.images), status={s: status[s] for s in STATUSES}, n_samples=len(data.samples),
+        verdicts={v: verdicts[v] for v in VERDICTS},
+        mean_confidence=(sum(confs) / len(confs)) if confs else None,
+    )
+
+
+def flagged_thumbnails(settings: Settings, images: list[DayImage],
+                       classifier: Classifier | None) -> list[Thumbnail]:
+    """Thumbnails of the day's last `[report] thumbnails` failed and unknown images, newest first;
+    the model is loaded only if there is one to show."""
+    from semwatch.report.thumbnails import Thumbnail, load_classifier, thumbnail
+
+    flagged = [img for img in reversed(images) if img.status in ("failed", "unknown")]
+    flagged = flagged[: settings.report.thumbnails]
+    if flagged and classifier is None:
+        classifier = load_classifier(settings)
+    thumbs = []
+    for img in flagged:
+        jpeg, kind = thumbnail(img.path, settings, classifier)
+        thumbs.append(Thumbnail(name=img.name, path=img.path, status=img.status, jpeg=jpeg, kind=kind,
+                                detail=img.detail, sample_id=img.sample_id, confidence=img.confidence))
+    return thumbs
+
+
+def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumbnail],
+                plots: Plots | None, generated_at: datetime) -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(loader=PackageLoader("semwatch.report", "templates"), autoescape=True,
@@ -344,9 +252,10 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[dict[
     env.filters["show"] = _show
     template = env.get_template("report.html.j2")
     return template.render(
-        day=day.isoformat(), timezone=settings.report.timezone, generated_at=generated_at.isoformat(
-            timespec="seconds"), summary=_summary(data), samples=data.samples, plots=plots, thumbs=thumbs,
-        images=data.images, database=path_text(settings.store.database),
+        day=day.isoformat(), timezone=settings.report.timezone,
+        generated_at=generated_at.isoformat(timespec="seconds"), summary=summarise(data),
+        samples=data.samples, plots=plots, thumbs=thumbs, images=data.images,
+        database=path_text(settings.store.database),
     )
 
 
@@ -357,44 +266,28 @@ def _show(value: object) -> str:
     return printable(text_safe(str(value)))
 
 
+# --- writing ----------------------------------------------------------------------------------
+
+
 def write_report(settings: Settings, day: date, *, classifier: Classifier | None = None,
                  now: datetime | None = None) -> ReportPaths:
     """Write `reports/YYYY-MM-DD/` for the local `day`; returns its paths."""
+    from semwatch.report.plots import plot_day
+
     data = load_day(settings, day)
-    zone = ZoneInfo(settings.report.timezone)
-    generated = (now or datetime.now(UTC)).astimezone(zone)
-    plots = {"timeline": plot_timeline(data.images), "classes": plot_classes(data.images),
-             "confidence": plot_confidence(data.images)} if data.images else {}
-    flagged = [img for img in reversed(data.images) if img["status"] in ("failed", "unknown")]
-    flagged = flagged[: settings.report.thumbnails]
-    thumbs: list[dict[str, Any]] = []
-    if flagged:
-        if classifier is None:
-            classifier = _load_classifier(settings)
-        for img in flagged:
-            jpeg, kind = thumbnail(img["path"], settings, classifier)
-            thumbs.append({"name": img["name"], "path": img["path"], "status": img["status"], "jpeg": jpeg,
-                           "kind": kind, "detail": img["error"] or _reasons(img["reasons"]),
-                           "sample_id": img["sample_id"], "confidence": img["confidence"]})
-    html = render_html(settings, day, data, thumbs, plots, generated)
+    generated = (now or datetime.now(UTC)).astimezone(ZoneInfo(settings.report.timezone))
+    plots = plot_day(data.images) if data.images else None
+    thumbs = flagged_thumbnails(settings, data.images, classifier)
     files = {
-        "report.html": html.encode("utf-8"),
-        "images.csv": _csv_bytes(IMAGE_COLUMNS, data.images),
-        "samples.csv": _csv_bytes(SAMPLE_COLUMNS, data.samples),
+        "report.html": render_html(settings, day, data, thumbs, plots, generated).encode("utf-8"),
+        "images.csv": csv_bytes(REPORT_IMAGE_COLUMNS, [dataclasses.asdict(img) for img in data.images]),
+        "samples.csv": csv_bytes(REPORT_SAMPLE_COLUMNS, [dataclasses.asdict(s) for s in data.samples]),
     }
     target = report_folder(settings, day)
     _publish(target, files)
     log.info("report for %s: %s (%d images, %d samples)", day, target, len(data.images), len(data.samples))
     return ReportPaths(day, target, target / "report.html", target / "images.csv", target / "samples.csv",
                        len(data.images), len(data.samples))
-
-
-def _reasons(text: str | None) -> str:
-    try:
-        items = json.loads(text) if text else []
-    except ValueError:
-        return text or ""
-    return "; ".join(map(str, items)) if isinstance(items, list) else str(items)
 
 
 def _publish(target: Path, files: dict[str, bytes]) -> None:
@@ -414,13 +307,10 @@ def _publish(target: Path, files: dict[str, bytes]) -> None:
             if not target.is_dir():
                 raise
     for name, data in files.items():
-        _write_atomic(target / name, data)
+        write_atomic(target / name, data)
 
 
 # --- command ----------------------------------------------------------------------------------
-
-
-EARLIEST_DAY = date(2000, 1, 1)
 
 
 def parse_day(text: str | None, settings: Settings, now: datetime | None = None) -> date:
@@ -440,20 +330,19 @@ def parse_day(text: str | None, settings: Settings, now: datetime | None = None)
     return day
 
 
-def report_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`semwatch report [--date YYYY-MM-DD] [--json]`: write the day's report, print its paths."""
-    day = parse_day(args.date, settings)
+def report_day(settings: Settings, *, day: str | None, out: Output) -> int:
+    """`semwatch report [--date YYYY-MM-DD] [--json]`: write the day's report (today in the report's
+    time zone when `day` is None), then print its paths, or one JSON object with them."""
+    when = parse_day(day, settings)
     try:
-        paths = write_report(settings, day)
+        paths = write_report(settings, when)
     except OSError as exc:
-        raise UserError(f"cannot write the report to {report_folder(settings, day)}: {exc.strerror or exc}",
+        raise UserError(f"cannot write the report to {report_folder(settings, when)}: {exc.strerror or exc}",
                         ExitStatus.INPUT_FAILED) from None
-    if args.json:
-        out = {k: (path_text(v) if isinstance(v, Path) else str(v) if isinstance(v, date) else v)
-               for k, v in asdict(paths).items()}
-        print(json.dumps(out, ensure_ascii=False), flush=True)
+    if out.json:
+        out.emit(dataclasses.asdict(paths))
     else:
-        print(f"report for {day} ({paths.n_images} images, {paths.n_samples} samples)")
+        out.line(f"report for {when} ({paths.n_images} images, {paths.n_samples} samples)")
         for p in (paths.html, paths.images_csv, paths.samples_csv):
-            print(printable(path_text(p)))
-    return 0
+            out.line(path_text(p))
+    return ExitStatus.OK

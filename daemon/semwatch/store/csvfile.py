@@ -50,7 +50,7 @@ def csv_bytes(columns: Sequence[str], rows: Iterable[Mapping[str, object]], *, h
     return buf.getvalue().encode("utf-8")
 
 
-def reasons_cell(stored: str | None) -> str:
+def reasons_text(stored: str | None) -> str:
     """The `images.reasons` column (a JSON list of text) as one cell; text that is not such a list
     is shown as it is."""
     try:

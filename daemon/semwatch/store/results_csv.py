@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from semwatch.store.csvfile import RESULTS_COLUMNS, csv_bytes, reasons_cell
+from semwatch.store.csvfile import RESULTS_COLUMNS, csv_bytes, reasons_text
 
 log = logging.getLogger("semwatch.store")
 
@@ -32,7 +32,7 @@ def records(conn: sqlite3.Connection, row_ids: Sequence[int]) -> list[dict[str, 
         marks = ",".join("?" * len(chunk))
         for r in conn.execute(f"SELECT {cols} FROM images WHERE id IN ({marks}) ORDER BY id", chunk):
             record: dict[str, object] = {c: r[c] for c in RESULTS_COLUMNS}
-            record["reasons"] = reasons_cell(r["reasons"])
+            record["reasons"] = reasons_text(r["reasons"])
             out.append(record)
     return out
 
