@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from semwatch.store import db
-from semwatch.store.ledger import create_schema
+from semwatch.store.schema import create_schema
 
 
 def iso(when: datetime) -> str:

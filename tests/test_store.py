@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
+import sqlite3
 import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from semwatch.config import Settings
 from semwatch.store import db
-from semwatch.store.ledger import (
-    Attempt,
-    DaemonStatus,
-    Failed,
-    Pending,
-    Result,
-    Store,
-    Writer,
-    find_result_by_content,
-    load_ledger,
-)
+from semwatch.store.ledger import Store, find_verdict_by_content, load_ledger
+from semwatch.store.messages import Attempt, DaemonStatus, Failed, Message, Pending, Result, Started
+from semwatch.store.writer import Writer
 from semwatch.values import FileKey, ImageVerdict, utc_now
 
 
@@ -56,8 +51,11 @@ def test_result_is_recorded_once_with_csv_line(settings: Settings) -> None:
         assert lines[0]["reasons"] == "fine"
         sample = store.conn.execute("SELECT * FROM samples").fetchone()
         assert (sample["sample_id"], sample["composition"], sample["verdict"]) == ("s1", "622", "unknown")
-        assert find_result_by_content(store.conn, "abc", "m1") is not None
-        assert find_result_by_content(store.conn, "abc", "m2") is None
+        copy = find_verdict_by_content(store.conn, "abc", "m1", Path("/x/s2/copy.jpg"))
+        stored = verdict("/x/s2/copy.jpg")  # as stored: probabilities to 6 places
+        rounded = {c: round(p, 6) for c, p in stored.probabilities.items()}
+        assert copy == replace(stored, probabilities=rounded)
+        assert find_verdict_by_content(store.conn, "abc", "m2", Path("/x/s2/copy.jpg")) is None
     finally:
         store.close()
 
@@ -147,3 +145,74 @@ def test_writer_thread_and_readonly_reader(settings: Settings) -> None:
         store.close()
     assert len(csv_rows(settings.store.results_csv)) == 50
     assert not [t for t in threading.enumerate() if t.name == "semwatch-writer"]
+
+
+def test_a_failure_keeps_the_samples_expected_class(settings: Settings) -> None:
+    """A result brings its sample's expected class; a failure brings none and keeps the stored one,
+    unless a result in the same batch brought one."""
+    store = open_store(settings)
+    try:
+        a, b, c, d = (FileKey(f"/x/s/{n}.jpg", 1, 1) for n in "abcd")
+        store.apply([Pending(a, utc_now()), Result(a, "ha", "s", verdict(a.path), "m", expected="622")])
+        store.apply([Pending(b, utc_now()), Failed(b, 3, "truncated", sample_id="s")])
+        row = store.conn.execute("SELECT expected, verdict, n_images, n_counted FROM samples").fetchone()
+        assert tuple(row) == ("622", "pass", 2, 1)
+        store.apply([Pending(c, utc_now()), Pending(d, utc_now()),
+                     Result(c, "hc", "s", verdict(c.path), "m", expected=None),
+                     Failed(d, 3, "truncated", sample_id="s")])
+        row = store.conn.execute("SELECT expected, verdict, n_images, n_counted FROM samples").fetchone()
+        assert tuple(row) == (None, "unknown", 4, 2)
+    finally:
+        store.close()
+
+
+class FullDisk:
+    """A real Store whose next `apply_failures` applies and `csv_failures` CSV writes fail as a full
+    disk does (the seam `writer.Ledger`)."""
+
+    def __init__(self, store: Store, apply_failures: int, csv_failures: int) -> None:
+        self.store, self.apply_failures, self.csv_failures = store, apply_failures, csv_failures
+        self.applied = 0
+
+    def check_identity(self) -> None:
+        self.store.check_identity()
+
+    def apply(self, messages: Iterable[Message]) -> list[int]:
+        if self.apply_failures:
+            self.apply_failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        self.applied += 1
+        return self.store.apply(messages)
+
+    def write_csv_lines(self, row_ids: Sequence[int]) -> None:
+        if self.csv_failures:
+            self.csv_failures -= 1
+            raise OSError(28, "No space left on device")
+        self.store.write_csv_lines(row_ids)
+
+    def mark_csv_written(self, row_ids: Sequence[int]) -> None:
+        self.store.mark_csv_written(row_ids)
+
+
+def test_writer_keeps_a_batch_through_transient_errors(settings: Settings) -> None:
+    """The batch is applied once and its CSV lines written once, however often a step fails; the
+    reader waiting on `Started.done` is released only when it is committed."""
+    store = open_store(settings)
+    flaky = FullDisk(store, apply_failures=2, csv_failures=1)
+    writer = Writer(flaky, max_backoff=0.05)
+    key, started = FileKey("/x/a.jpg", 1, 1), threading.Event()
+    try:
+        writer.start()
+        writer.put(Pending(key, utc_now()))
+        writer.put(Started(key, started))
+        writer.put(Result(key, "h", ".", verdict(key.path), "m"))
+        assert started.wait(10)
+        writer.stop()
+        writer.join(10)
+        assert not writer.is_alive() and writer.error is None and writer.degraded is None
+        assert flaky.applied == 1 and flaky.apply_failures == flaky.csv_failures == 0
+        row = store.conn.execute("SELECT status, attempts, csv_written FROM images").fetchone()
+        assert tuple(row) == ("ok", 1, 1)
+    finally:
+        store.close()
+    assert [r["path"] for r in csv_rows(settings.store.results_csv)] == [key.path]
