@@ -98,7 +98,7 @@ def test_start_schedules_in_zone_catches_up_and_stops(settings: Settings) -> Non
         local = nxt.astimezone(sched.zone)
         assert (local.hour, local.minute) == (23, 55) and nxt > datetime.now(UTC)
     finally:
-        sched.shutdown()
+        sched.stop()
     assert sched.next_run() is None
 
 
@@ -111,10 +111,10 @@ def test_nightly_job_writes_the_day_even_when_empty(settings: Settings) -> None:
     assert paths is not None and paths.day == date(2026, 11, 24) and paths.n_images == 0
 
 
-def test_shutdown_does_not_wait_for_ever_on_a_hung_report(settings: Settings, monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_stop_does_not_wait_for_ever_on_a_hung_report(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     """A report that never finishes (whatever the cause) must not keep SIGTERM from stopping the
-    daemon: shutdown returns within its timeout, says so, and the report thread is a daemon thread
+    daemon: stop returns within its timeout, says so, and the report thread is a daemon thread
     (the interpreter does not join it at exit)."""
     s, _ = _with_yesterdays_images(settings)
     entered, release = threading.Event(), threading.Event()
@@ -132,7 +132,8 @@ def test_shutdown_does_not_wait_for_ever_on_a_hung_report(settings: Settings, mo
         assert worker.daemon
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="semwatch.scheduler"):
-            assert sched.shutdown() is False
+            sched.stop()
+        assert sched.running == "catch-up"  # left running
         assert time.monotonic() - t0 < 5
         assert "still running" in caplog.text and "catch-up" in caplog.text
     finally:
@@ -141,8 +142,8 @@ def test_shutdown_does_not_wait_for_ever_on_a_hung_report(settings: Settings, mo
     assert not worker.is_alive()
 
 
-def test_shutdown_waits_for_a_report_that_finishes(settings: Settings,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_waits_for_a_report_that_finishes(settings: Settings,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     s, _ = _with_yesterdays_images(settings)
     entered, done = threading.Event(), threading.Event()
 
@@ -155,11 +156,12 @@ def test_shutdown_waits_for_a_report_that_finishes(settings: Settings,
     sched = ReportScheduler(s, stop_timeout=30)
     sched.start()
     assert entered.wait(30)
-    assert sched.shutdown() is True and done.is_set()
+    sched.stop()
+    assert done.is_set() and sched.running is None
 
 
 def test_process_exits_with_a_hung_report(settings: Settings, tmp_path: Path) -> None:
-    """The real claim behind SIGTERM: after `shutdown`, the interpreter exits although the report
+    """The real claim behind SIGTERM: after `stop`, the interpreter exits although the report
     thread is still blocked (apscheduler's pool threads, like all `concurrent.futures` threads,
     would be joined at exit and keep it alive for ever)."""
     s, _ = _with_yesterdays_images(settings)
@@ -178,7 +180,8 @@ def test_process_exits_with_a_hung_report(settings: Settings, tmp_path: Path) ->
         sched = scheduler.ReportScheduler(load_settings({str(config)!r}, environ={{}}), stop_timeout=0.5)
         sched.start()
         assert entered.wait(30)
-        print("left running" if sched.shutdown() is False else "finished", flush=True)
+        sched.stop()
+        print("left running" if sched.running else "finished", flush=True)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

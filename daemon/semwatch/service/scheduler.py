@@ -12,7 +12,8 @@ One worker thread of our own writes reports, so two never race. apscheduler's jo
 work: a report reads files from the untrusted export folder and could in the worst case hang, and
 apscheduler's pool threads (like every `concurrent.futures` thread) are joined at interpreter exit,
 so a hung report there would keep the daemon from ever exiting on SIGTERM. Our worker is a daemon
-thread, and `shutdown` waits for it only a bounded time.
+thread, and `stop` waits for it only a bounded time. `start`/`stop` make it one of the daemon's
+attachments (`service.daemon.Attachment`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import threading
 import time as clock_time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from semwatch.config import Settings
 from semwatch.report.daily import ReportPaths, day_has_images, report_folder, write_report
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
 
 log = logging.getLogger("semwatch.scheduler")
 
@@ -47,7 +51,7 @@ class ReportScheduler:
         # Half the daemon's stop budget: the pipeline and the database writer need the rest.
         self.stop_timeout = (settings.watch.stop_timeout_seconds / 2 if stop_timeout is None
                              else stop_timeout)
-        self._scheduler: Any = None
+        self._scheduler: BackgroundScheduler | None = None
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[str, Callable[[], object]] | None] = queue.SimpleQueue()
         self._queued: set[str] = set()
@@ -166,8 +170,8 @@ class ReportScheduler:
         job = self._scheduler.get_job(NIGHTLY_JOB) if self._scheduler is not None else None
         return job.next_run_time if job is not None else None
 
-    def shutdown(self, timeout: float | None = None) -> bool:
-        """Stop within `timeout` seconds (default `stop_timeout`); True if no report was left running.
+    def stop(self) -> None:
+        """Stop within `stop_timeout` seconds; `running` still names a report left running.
 
         A report being written gets that long to finish. One still running after it (a slow
         Grad-CAM on the CPU, or a hang nothing should cause) is left to the daemon thread and dies
@@ -179,13 +183,10 @@ class ReportScheduler:
             self._scheduler = None
         worker, self._worker = self._worker, None
         if worker is None:
-            return True
+            return
         self._jobs.put(None)
-        limit = self.stop_timeout if timeout is None else timeout
         started = clock_time.monotonic()
-        worker.join(limit)
+        worker.join(self.stop_timeout)
         if worker.is_alive():
             log.warning("report job %s still running after %.1f s; not waiting for it (the next start "
                         "catches the day up)", self.running or "?", clock_time.monotonic() - started)
-            return False
-        return True
