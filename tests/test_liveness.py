@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from semwatch.config import Settings
+from semwatch.liveness import Liveness
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.daemon import _stuck_threshold
-from semwatch.liveness import Liveness
+from semwatch.service.inbox import Inbox
 from semwatch.service.logs import PER_FILE, BurstLimiter
 from semwatch.service.pipeline import Pipeline
 from semwatch.service.stability import Candidate
 from semwatch.store import db
-from semwatch.store.ledger import Store, Writer
+from semwatch.store.ledger import Store
+from semwatch.store.writer import Writer
 from semwatch.values import FileKey
 
 
@@ -109,8 +111,8 @@ def test_hung_read_is_abandoned_and_recorded(settings: Settings, tiny_model: Pat
     liveness = Liveness()
     writer = Writer(store, stage=liveness.stage("writer"))
     writer.start()
-    pipeline = Pipeline(settings, classifier, writer, folder, read=read, database=settings.store.database,
-                        liveness=liveness)
+    pipeline = Pipeline(settings, classifier, writer, folder, inbox=Inbox(), read=read,
+                        database=settings.store.database, liveness=liveness)
     pipeline.start()
     conn = db.connect(settings.store.database, readonly=True)
     try:

@@ -1,8 +1,8 @@
 """Liveness: each stage of the daemon says when it is busy and when it moves.
 
 A thread that is alive but blocked (on a hung share, a device file, a full disk's lock) looks
-healthy to `Thread.is_alive()`. So every stage (watcher, each reader, inference, writer,
-scheduler) owns a `Stage`: it calls `busy(detail)` when it starts a piece of work, `beat()` when
+healthy to `Thread.is_alive()`. So every stage (watcher, each reader, inference, writer) owns
+a `Stage`: it calls `busy(detail)` when it starts a piece of work, `beat()` when
 that work moves, `idle()` when it waits for more. A stage that is busy and has not moved for the
 threshold is stuck; the service then stops feeding the systemd watchdog and says which stage
 and what it was doing.

@@ -13,28 +13,48 @@ twice a second): exit 1. SIGTERM/SIGINT: stop taking files, finish work in fligh
 stop_timeout_seconds`), exit 0; a second signal exits at once (nothing is lost: queued files stay
 `pending` and are processed at the next start). A dead watcher, writer or inference thread exits
 1 so systemd restarts the service.
+
+Threads and who owns what: the watcher thread owns the settle gate and reads the one `Inbox`
+(inotify hints; the pipeline's Finished/Retry/Changed); reader threads and the inference thread
+belong to the `Pipeline` (its job and prepared queues); the writer thread owns the database
+connection (its message queue). This thread installs the signal handlers, pings systemd and
+watches the others. Attachments (the live view, the nightly report scheduler) are started once
+the daemon is ready and stopped first; the live view comes from above (`view`), since the
+service layer does not know the views.
 """
 
 from __future__ import annotations
 
-import argparse
+import ctypes
 import dataclasses
 import logging
 import os
 import signal
-import sys
+import sqlite3
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
-from semwatch.liveness import Liveness
+from semwatch.liveness import Liveness, Stuck
+from semwatch.reading.micrograph import read_micrograph
+from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
+from semwatch.service.pipeline import Pipeline
+from semwatch.service.scheduler import ReportScheduler
 from semwatch.service.sdnotify import Notifier
+from semwatch.service.watcher import Watcher, resolve_mode
 from semwatch.store import db
+from semwatch.store.ledger import LedgerState, Store, load_ledger
+from semwatch.store.messages import DaemonStatus, Gone, exit_message
+from semwatch.store.writer import Writer
+
+if TYPE_CHECKING:
+    from semwatch.model.classify import Classifier
 
 log = logging.getLogger("semwatch")
 
@@ -42,7 +62,26 @@ STATUS_SECONDS = 1.0
 TRIM_SECONDS = 30.0  # hand freed heap memory back to the system this often
 
 
-# --- the service -----------------------------------------------------------------------------------
+class Attachment(Protocol):
+    """Something that runs beside the daemon (the live view, the nightly report scheduler): started
+    once the daemon is ready, stopped first when it stops (within a bounded time)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ViewFactory = Callable[[Settings], Attachment]
+
+_Handler = Callable[[int, FrameType | None], object] | int | None
+
+
+def run_daemon(settings: Settings, *, folder: Path | None = None, view: ViewFactory | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the exit status (`ExitStatus`). `folder` replaces
+    `[watch] folder`; `view` builds the live view (None: plain log lines)."""
+    if folder is not None:
+        settings = settings.replace(watch=dataclasses.replace(settings.watch, folder=folder.absolute()))
+    return Service(settings, view=view).run()
 
 
 class _Signals:
@@ -50,7 +89,7 @@ class _Signals:
 
     def __init__(self) -> None:
         self.stop = threading.Event()
-        self.previous: dict[int, Any] = {}
+        self.previous: dict[int, _Handler] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,19 +106,21 @@ class _Signals:
         self.stop.set()
 
 
-def watch_command(args: argparse.Namespace, settings: Settings) -> int:
-    folder_arg = getattr(args, "folder", None)
-    if folder_arg is not None:
-        watch = dataclasses.replace(settings.watch, folder=Path(folder_arg).absolute())
-        settings = settings.replace(watch=watch)
-    plain = bool(getattr(args, "plain", False)) or not sys.stdout.isatty()
-    return Service(settings, plain=plain).run()
+@dataclasses.dataclass
+class _Parts:
+    """What one run started, for the shutdown to stop in order (absent parts never started)."""
+
+    store: Store
+    writer: Writer
+    pipeline: Pipeline | None = None
+    watcher: Watcher | None = None
+    attachments: list[Attachment] = dataclasses.field(default_factory=list)
 
 
 class Service:
-    def __init__(self, settings: Settings, *, plain: bool = True) -> None:
+    def __init__(self, settings: Settings, *, view: ViewFactory | None = None) -> None:
         self.settings = settings
-        self.plain = plain
+        self.view = view
         self.folder = Path(os.path.abspath(settings.watch.folder))  # noqa: PTH100 - keep symlinks as named
         self.notifier = Notifier()
         self.signals = _Signals()
@@ -91,8 +132,6 @@ class Service:
         self._stuck_logged: set[str] = set()
 
     def run(self) -> int:
-        from semwatch.service.watcher import resolve_mode
-
         settings = self.settings
         if not self.folder.is_dir():
             what = "is not a folder" if self.folder.exists() else "does not exist"
@@ -111,77 +150,82 @@ class Service:
             os.close(lock_fd)
 
     def _run_locked(self, mode: str, fstype: str) -> int:
-        from semwatch.service.pipeline import Pipeline
-        from semwatch.service.watcher import Watcher
-        from semwatch.store.ledger import Gone, Writer, load_ledger
-
-        settings = self.settings
         self.signals.install()
         try:
             classifier = self._load_classifier()
-            read = _reader()
-            store = _open_store(settings)
+            store = _open_store(self.settings)
         except BaseException:
             self.signals.restore()
             raise
-        writer = Writer(store, stage=self.liveness.stage("writer"))
-        pipeline: Pipeline | None = None
-        watcher: Watcher | None = None
-        extras: list[Any] = []
+        parts = _Parts(store, Writer(store, stage=self.liveness.stage("writer")))
         code: int = ExitStatus.OK
         try:
-            manifest: dict[str, Any] = dict(getattr(classifier, "manifest", {}) or {})
-            store.register_model(classifier.model_id, manifest.get("name"), list(classifier.classes),
-                                 manifest.get("created_at"), manifest.get("metrics"), settings.model.path)
-            store.start_daemon(device=classifier.device, model_id=classifier.model_id,
-                               watch_folder=self.folder, watch_mode=mode)
-            repaired = store.reconcile_csv()
-            if repaired:
-                log.warning("results CSV: appended %d line(s) missing after an unclean stop", repaired)
-            ledger = load_ledger(store.conn)
-            writer.start()
-            pipeline = Pipeline(settings, classifier, writer, self.folder, read=read,
-                                database=settings.store.database, liveness=self.liveness)
-            watcher = Watcher(settings.watch, self.folder, mode=mode, done=ledger.done,
-                              pending=ledger.pending, submit=pipeline.submit,
-                              on_gone=lambda key: writer.put(Gone(key)), on_refused=writer.put,
-                              stage=self.liveness.stage("watcher"))
-            pipeline.watcher = watcher
-            pipeline.start()
-            watcher.start()
+            ledger = self._prepare_store(store, classifier, mode)
+            pipeline, watcher = self._start_threads(parts, classifier, ledger, mode)
             log.info("watching %s (%s on %s), model %s on %s, database %s", self.folder, mode, fstype,
-                     classifier.model_id, classifier.device, settings.store.database)
-            while not watcher.wait_started(0.5):
-                if self.signals.stop.is_set():
-                    break
-            if watcher.error is not None:
-                raise watcher.error
-            if not self.signals.stop.is_set():
+                     classifier.model_id, classifier.device, self.settings.store.database)
+            if self._wait_started(watcher):
                 self.notifier.notify("READY=1", f"STATUS=watching {self.folder}")
-                extras = self._start_extras()
-                code = self._loop(writer, pipeline, watcher)
+                parts.attachments = self._start_attachments()
+                code = self._loop(parts.writer, pipeline, watcher)
         finally:
             self.notifier.notify("STOPPING=1", "STATUS=stopping")
-            code = self._shutdown(writer, pipeline, watcher, store, extras, code)
+            code = self._shutdown(parts, code)
             self.signals.restore()
             self.notifier.close()
         return code
 
-    def _load_classifier(self) -> Any:
-        try:
-            from semwatch.model.classify import Classifier
-        except ImportError as exc:  # pragma: no cover - the classifier module is part of the package
-            raise UserError(f"classifier unavailable: {exc}", ExitStatus.INPUT_FAILED) from None
+    def _load_classifier(self) -> Classifier:
+        from semwatch.model.classify import Classifier  # torch: loaded only by the daemon itself
+
         try:
             return Classifier.load(self.settings.model.path, self.settings)
+        except ConfigError:
+            raise
         except UserError as exc:
             # The model is configuration: exit 78 so systemd does not restart into the same error.
-            message = str(exc)
-            raise ConfigError(message if message.startswith("[") else f"[model] path: {message}") from None
+            raise ConfigError(f"[model] path: {exc}") from None
 
-    def _loop(self, writer: Any, pipeline: Any, watcher: Any) -> int:
-        from semwatch.store.ledger import DaemonStatus
+    def _prepare_store(self, store: Store, classifier: Classifier, mode: str) -> LedgerState:
+        """Record the model and this daemon, repair the CSV after an unclean stop, read the ledger."""
+        manifest = classifier.manifest
+        store.register_model(classifier.model_id, manifest.name or None, classifier.classes,
+                             manifest.created_at or None, manifest.metrics, self.settings.model.path)
+        store.start_daemon(device=classifier.device, model_id=classifier.model_id,
+                           watch_folder=self.folder, watch_mode=mode)
+        repaired = store.reconcile_csv()
+        if repaired:
+            log.warning("results CSV: appended %d line(s) missing after an unclean stop", repaired)
+        return load_ledger(store.conn)
 
+    def _start_threads(self, parts: _Parts, classifier: Classifier, ledger: LedgerState,
+                       mode: str) -> tuple[Pipeline, Watcher]:
+        """writer → pipeline → watcher, each recorded in `parts` as it starts; one inbox between
+        the pipeline and the watcher."""
+        settings, writer = self.settings, parts.writer
+        inbox = Inbox()
+        writer.start()
+        pipeline = parts.pipeline = Pipeline(settings, classifier, writer, self.folder, inbox=inbox,
+                                             read=read_micrograph, database=settings.store.database,
+                                             liveness=self.liveness)
+        watcher = parts.watcher = Watcher(settings.watch, self.folder, mode=mode, inbox=inbox,
+                                          done=ledger.done, pending=ledger.pending, submit=pipeline.submit,
+                                          on_gone=lambda key: writer.put(Gone(key)), on_refused=writer.put,
+                                          stage=self.liveness.stage("watcher"))
+        pipeline.start()
+        watcher.start()
+        return pipeline, watcher
+
+    def _wait_started(self, watcher: Watcher) -> bool:
+        """Whether the watcher finished its first scan before a signal came; its error if it died."""
+        while not watcher.wait_started(0.5):
+            if self.signals.stop.is_set():
+                return False
+        if watcher.error is not None:
+            raise watcher.error
+        return not self.signals.stop.is_set()
+
+    def _loop(self, writer: Writer, pipeline: Pipeline, watcher: Watcher) -> int:
         last_trim = time.monotonic()
         while not self.signals.stop.wait(STATUS_SECONDS):
             if time.monotonic() - last_trim >= TRIM_SECONDS:
@@ -195,26 +239,29 @@ class Service:
             if problem:
                 log.error("%s; exiting so that the service is restarted", problem)
                 return ExitStatus.INPUT_FAILED
-            queued, in_progress = pipeline.counts()
-            ips, tps = pipeline.rates.rates()
-            waiting = watcher.counts.waiting + queued
-            stuck = self._stuck()
-            message = writer.degraded and f"database not writable: {writer.degraded}"
-            if stuck:
-                message = "stuck: " + "; ".join(f"{s.stage} {s.doing} for {s.seconds:.0f} s" for s in stuck)
-            writer.put(DaemonStatus("running", waiting=waiting, in_progress=in_progress,
-                                    done=pipeline.done, failed=pipeline.failed, images_per_s=round(ips, 3),
-                                    tiles_per_s=round(tps, 2), message=message))
-            status = (f"STATUS={pipeline.done} done, {pipeline.failed} failed, {waiting} waiting, "
-                      f"{in_progress} in progress, {ips:.2f} images/s")
-            if stuck:
-                self.notifier.notify(f"STATUS={message}")  # no WATCHDOG=1: systemd will restart us
-            else:
-                self.notifier.notify("WATCHDOG=1", status)
+            self._report(writer, pipeline, watcher)
         log.info("stopping: finishing work in flight")
         return ExitStatus.OK
 
-    def _stuck(self) -> list[Any]:
+    def _report(self, writer: Writer, pipeline: Pipeline, watcher: Watcher) -> None:
+        """The `daemon` row and systemd's STATUS=; WATCHDOG=1 only while no stage is stuck."""
+        queued, in_progress = pipeline.counts()
+        ips, tps = pipeline.rates.rates()
+        waiting = watcher.counts.waiting + queued
+        stuck = self._stuck()
+        message = writer.degraded and f"database not writable: {writer.degraded}"
+        if stuck:
+            message = "stuck: " + "; ".join(f"{s.stage} {s.doing} for {s.seconds:.0f} s" for s in stuck)
+        writer.put(DaemonStatus("running", waiting=waiting, in_progress=in_progress,
+                                done=pipeline.done, failed=pipeline.failed, images_per_s=round(ips, 3),
+                                tiles_per_s=round(tps, 2), message=message))
+        if stuck:
+            self.notifier.notify(f"STATUS={message}")  # no WATCHDOG=1: systemd will restart us
+        else:
+            self.notifier.notify("WATCHDOG=1", f"STATUS={pipeline.done} done, {pipeline.failed} failed, "
+                                 f"{waiting} waiting, {in_progress} in progress, {ips:.2f} images/s")
+
+    def _stuck(self) -> list[Stuck]:
         """Busy stages that have not moved within the threshold; each is logged once per episode."""
         stuck = self.liveness.stuck(self.stuck_after)
         names = {s.stage for s in stuck}
@@ -228,7 +275,7 @@ class Service:
         return stuck
 
     @staticmethod
-    def _problem(writer: Any, pipeline: Any, watcher: Any) -> str | None:
+    def _problem(writer: Writer, pipeline: Pipeline, watcher: Watcher) -> str | None:
         if watcher.error is not None or not watcher.is_alive():
             return f"the watcher died ({watcher.error})"
         if writer.error is not None or not writer.is_alive():
@@ -237,45 +284,38 @@ class Service:
             return f"the processing pipeline died ({pipeline.error})"
         return None
 
-    def _start_extras(self) -> list[Any]:
-        extras: list[Any] = []
-        if not self.plain:
-            try:
-                from semwatch.views.live import LiveView
-
-                live = LiveView(self.settings)
-                live.start()
-                extras.append(live)
-            except ImportError:
-                log.info("live view not available (semwatch.live missing); plain log lines")
-            except Exception as exc:
-                log.warning("live view failed to start: %s; plain log lines", exc)
+    def _start_attachments(self) -> list[Attachment]:
+        """The live view (when the caller gave one) and the report scheduler (when enabled); one
+        that fails to start costs only itself."""
+        factories: list[tuple[ViewFactory, str]] = []
+        if self.view is not None:
+            factories.append((self.view, "live view failed to start: %s; plain log lines"))
         if self.settings.report.enabled:
+            factories.append((ReportScheduler, "report scheduler failed to start: %s"))
+        started: list[Attachment] = []
+        for factory, failed in factories:
             try:
-                from semwatch.service.scheduler import ReportScheduler
-
-                scheduler = ReportScheduler(self.settings)
-                scheduler.start()
-                extras.append(scheduler)
-            except ImportError:
-                log.info("nightly reports not available (semwatch.scheduler missing)")
+                attachment = factory(self.settings)
+                attachment.start()
             except Exception as exc:
-                log.warning("report scheduler failed to start: %s", exc)
-        return extras
+                log.warning(failed, exc)
+                continue
+            started.append(attachment)
+        return started
 
-    def _shutdown(self, writer: Any, pipeline: Any, watcher: Any, store: Any, extras: list[Any],
-                  code: int) -> int:
-        from semwatch.store.ledger import DaemonStatus, exit_message
-
+    def _shutdown(self, parts: _Parts, code: int) -> int:
+        """Attachments, watcher, pipeline, then the writer last (it records the stop), all within
+        `[watch] stop_timeout_seconds`."""
         deadline = time.monotonic() + self.settings.watch.stop_timeout_seconds
-        for extra in reversed(extras):
+        for attachment in reversed(parts.attachments):
             try:
-                (extra.shutdown if hasattr(extra, "shutdown") else extra.stop)()
+                attachment.stop()
             except Exception as exc:
-                log.warning("stopping %s: %s", type(extra).__name__, exc)
-        if watcher is not None:
-            watcher.stop()
-            watcher.join(max(0.1, deadline - time.monotonic()))
+                log.warning("stopping %s: %s", type(attachment).__name__, exc)
+        if parts.watcher is not None:
+            parts.watcher.stop()
+            parts.watcher.join(max(0.1, deadline - time.monotonic()))
+        pipeline, writer = parts.pipeline, parts.writer
         if pipeline is not None and not pipeline.stop(max(0.1, deadline - time.monotonic())):
             log.warning("work still in flight after %.0f s; it stays pending for the next start",
                         self.settings.watch.stop_timeout_seconds)
@@ -289,7 +329,7 @@ class Service:
                 log.error("database writer did not finish in time")
                 code = code or ExitStatus.INPUT_FAILED
         if not writer.is_alive():
-            store.close()
+            parts.store.close()
         summary = self.limiter.roll(force=True)
         if summary:
             log.warning("%s", summary)
@@ -303,10 +343,8 @@ class _Malloc:
     daemon's memory flat (measured in benchmarks/daemon_bench.py). No-op on other C libraries."""
 
     def __init__(self) -> None:
-        self.libc: Any = None
+        self.libc: ctypes.CDLL | None = None
         try:
-            import ctypes
-
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(-8, 2)  # M_ARENA_MAX = 2, before the worker threads start
             self.libc = libc
@@ -318,12 +356,8 @@ class _Malloc:
             self.libc.malloc_trim(0)
 
 
-def _open_store(settings: Settings) -> Any:
+def _open_store(settings: Settings) -> Store:
     """The database and CSV, checked up front: an unusable one is a configuration error (78)."""
-    import sqlite3
-
-    from semwatch.store.ledger import Store
-
     csv_path = settings.store.results_csv
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,13 +373,7 @@ def _open_store(settings: Settings) -> Any:
         raise ConfigError(f"[store] database cannot be used: {settings.store.database}: {exc}") from None
 
 
-def _reader() -> Any:
-    from semwatch.reading.micrograph import read_micrograph
-
-    return read_micrograph
-
-
-def _stuck_threshold(stuck_seconds: float, environ: Any) -> float:
+def _stuck_threshold(stuck_seconds: float, environ: Mapping[str, str]) -> float:
     """`[watch] stuck_seconds`, or systemd's WatchdogSec if shorter (a stage stuck longer than the
     watchdog allows is the same as dead). Leaves a few seconds so the ping stops before the kill."""
     try:

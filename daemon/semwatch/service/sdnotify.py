@@ -1,8 +1,8 @@
 """sd_notify(3) without libsystemd: one datagram to `$NOTIFY_SOCKET` per state change.
 
 READY=1 once the model is loaded and the watcher runs, STATUS=... for `systemctl status`,
-WATCHDOG=1 while the watcher and the writer are alive, STOPPING=1 on the way out. Outside
-systemd (`NOTIFY_SOCKET` unset) every call is a no-op.
+WATCHDOG=1 while every thread is alive and no busy stage is stuck (the service decides),
+STOPPING=1 on the way out. Outside systemd (`NOTIFY_SOCKET` unset) every call is a no-op.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
 
 log = logging.getLogger("semwatch.sdnotify")
 
 
 class Notifier:
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET", "")
         self.address: str | bytes | None = None

@@ -42,7 +42,7 @@ from semwatch.service.inbox import (
 )
 from semwatch.service.logs import PER_FILE
 from semwatch.service.stability import Candidate, SettleGate, stat_path
-from semwatch.store.ledger import Refused
+from semwatch.store.messages import Refused
 from semwatch.values import FileKey, utc_from_epoch
 
 if TYPE_CHECKING:
