@@ -29,9 +29,6 @@ from semwatch.config import SampleSettings
 from semwatch.safefs import path_from_text, path_text, text_safe
 from semwatch.store import db
 from semwatch.store import results_csv as live_csv
-
-# Re-exported for the modules that import them from here; their new homes are `messages`,
-# `schema` and `writer` (import from there: these names go once nobody imports them from here).
 from semwatch.store.messages import (
     Attempt,
     DaemonStatus,
@@ -42,17 +39,15 @@ from semwatch.store.messages import (
     Refused,
     Result,
     Started,
-    exit_message,
+    exit_message,  # re-exported for views/live.py until it imports it from messages
 )
 from semwatch.store.samples import TouchedSamples, update_samples
-from semwatch.store.schema import SCHEMA_VERSION, create_schema
-from semwatch.store.writer import Writer
+from semwatch.store.schema import create_schema  # also re-exported for tests/test_live.py until it moves
 from semwatch.values import FileKey, ImageVerdict, utc_now
 
 __all__ = [
-    "SCHEMA_VERSION", "Attempt", "DaemonStatus", "DatabaseReplaced", "Failed", "Gone", "LedgerState",
-    "Message", "Pending", "Refused", "Result", "Started", "Store", "Writer", "create_schema",
-    "exit_message", "find_result_by_content", "find_verdict_by_content", "load_ledger",
+    "DatabaseReplaced", "LedgerState", "Store", "create_schema", "exit_message", "find_verdict_by_content",
+    "load_ledger",
 ]
 
 @dataclass(frozen=True)
@@ -76,18 +71,16 @@ def load_ledger(conn: sqlite3.Connection) -> LedgerState:
     return LedgerState(done, pending)
 
 
-_BY_CONTENT = (
-    "SELECT status, predicted_class, composition, state, confidence, tile_agreement, n_tiles, "
-    "probabilities, reasons FROM images WHERE sha256 = ? AND model_id = ? "
-    "AND status IN ('ok', 'unknown', 'rejected') ORDER BY id DESC LIMIT 1"
-)
-
-
 def find_verdict_by_content(conn: sqlite3.Connection, sha256: str, model_id: str,
                             path: Path) -> ImageVerdict | None:
     """The verdict of a finished (not failed) version with the same content by the same model, as
     `path`'s verdict (a copy need not be classified again); None if there is none."""
-    row = conn.execute(_BY_CONTENT, (sha256, model_id)).fetchone()
+    row = conn.execute(
+        "SELECT status, predicted_class, composition, state, confidence, tile_agreement, n_tiles, "
+        "probabilities, reasons FROM images WHERE sha256 = ? AND model_id = ? "
+        "AND status IN ('ok', 'unknown', 'rejected') ORDER BY id DESC LIMIT 1",
+        (sha256, model_id),
+    ).fetchone()
     if row is None:
         return None
     return ImageVerdict(
@@ -97,13 +90,6 @@ def find_verdict_by_content(conn: sqlite3.Connection, sha256: str, model_id: str
         probabilities=json.loads(row["probabilities"]) if row["probabilities"] else {},
         reasons=tuple(json.loads(row["reasons"])) if row["reasons"] else (), model_id=model_id,
     )
-
-
-def find_result_by_content(conn: sqlite3.Connection, sha256: str, model_id: str) -> dict[str, object] | None:
-    """The columns of `find_verdict_by_content`'s row (the pipeline's old call: it goes once the
-    pipeline takes the verdict instead)."""
-    row = conn.execute(_BY_CONTENT, (sha256, model_id)).fetchone()
-    return dict(row) if row is not None else None
 
 
 class DatabaseReplaced(RuntimeError):
