@@ -7,6 +7,7 @@ lost and nothing is counted twice (database and CSV).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from semwatch.config import Settings, load_settings
+from semwatch.errors import ExitStatus
+from semwatch.service.daemon import run_daemon
 from semwatch.store import db
 
 pytestmark = pytest.mark.slow
@@ -356,3 +361,92 @@ def test_folder_vanishes_while_running(daemon_factory: Callable[..., Daemon], nc
     rc, _ = d.stop()
     assert rc == 0
     d.assert_exactly_once()
+
+
+class RecordingView:
+    """Stands in for the live view: an `Attachment` that records what the daemon does with it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+@pytest.fixture
+def semwatch_logger() -> Iterator[None]:
+    """The daemon sets up the `semwatch` logger for itself; put it back for the tests after."""
+    logger = logging.getLogger("semwatch")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+def test_run_daemon_in_process_with_a_view(tmp_path: Path, tiny_model: Path, ncm_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch, semwatch_logger: None) -> None:
+    """`run_daemon` as the CLI calls it: `folder` replaces `[watch] folder`, the view is built from
+    the settings once the daemon is ready and stopped when SIGTERM stops the daemon (exit 0)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    folder = tmp_path / "given"
+    folder.mkdir()
+    settings = load_settings(None, environ={}, overrides={
+        "watch": {"folder": str(tmp_path / "configured"), "settle_seconds": 0.2},
+        "store": {"database": str(tmp_path / "semwatch.db"), "results_csv": str(tmp_path / "results.csv")},
+        "model": {"path": str(tiny_model), "device": "cpu"},
+        "report": {"enabled": False},
+    })
+    views: list[RecordingView] = []
+    problems: list[str] = []
+
+    def view(s: Settings) -> RecordingView:
+        views.append(RecordingView(s))
+        return views[-1]
+
+    def drive() -> None:
+        """Feed one image once the view runs, wait for its row, then SIGTERM (unless it ended)."""
+        try:
+            deadline = time.monotonic() + 120
+            while not (views and views[0].calls == ["start"]):
+                assert not ended.is_set() and time.monotonic() < deadline, "the view was never started"
+                time.sleep(0.05)
+            image = copy_image(ncm_images(ncm_dir, "523", 1)[0], folder / "a.jpg")
+            while not _finished(settings.store.database, image):
+                assert not ended.is_set() and time.monotonic() < deadline, "the image was not processed"
+                time.sleep(0.1)
+        except AssertionError as exc:
+            problems.append(str(exc))
+        finally:
+            if not ended.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    ended = threading.Event()
+    driver = threading.Thread(target=drive)
+    # A SIGTERM that comes after the daemon restored this handler must not end the test run.
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    driver.start()
+    try:
+        code = run_daemon(settings, folder=folder, view=view)
+    finally:
+        ended.set()
+        driver.join(30)
+        signal.signal(signal.SIGTERM, previous)
+    assert problems == []
+    assert code == ExitStatus.OK
+    assert len(views) == 1 and views[0].calls == ["start", "stop"]
+    assert views[0].settings.watch.folder == folder
+
+
+def _finished(database: Path, image: Path) -> bool:
+    if not database.exists():
+        return False
+    conn = db.connect(database, readonly=True)
+    try:
+        row = conn.execute("SELECT status FROM images WHERE path = ? AND current = 1",
+                           (str(image),)).fetchone()
+    finally:
+        conn.close()
+    return row is not None and row["status"] != "pending"
