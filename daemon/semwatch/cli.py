@@ -13,7 +13,6 @@ tests run commands in-process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,14 +68,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 def cmd_watch(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     from semwatch.service.daemon import ViewFactory, run_daemon
 
-    if args.folder is not None:
-        settings = settings.replace(watch=dataclasses.replace(settings.watch, folder=args.folder.absolute()))
     view: ViewFactory | None = None
     if not args.plain and out.is_terminal:
         from semwatch.views.live import LiveView
 
         view = LiveView
-    return run_daemon(settings, view=view)
+    return run_daemon(settings, folder=args.folder, view=view)  # --folder replaces [watch] folder
 
 
 def cmd_top(args: argparse.Namespace, settings: Settings, out: Output) -> int:
