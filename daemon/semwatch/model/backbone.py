@@ -146,10 +146,15 @@ class Novelty(nn.Module):
         _, s, vh = torch.linalg.svd(resid, full_matrices=False)
         comps = vh[:k]
         sd = s[:k] / max(1.0, float(len(feats) - 1)) ** 0.5
+        # Fewer training tiles than components (a small data set): the missing directions stay zero
+        # (they add nothing to any distance) with unit scale.
+        got = len(comps)
         self.mean.copy_(mean)
-        self.components.copy_(comps)
-        self.scale.copy_(sd.clamp_min(float(sd.max()) * 1e-3 + 1e-12))
-        self.class_means.copy_((cm @ comps.T) / self.scale)
+        self.components.zero_()
+        self.components[:got].copy_(comps)
+        self.scale.fill_(1.0)
+        self.scale[:got].copy_(sd.clamp_min(float(sd.max()) * 1e-3 + 1e-12))
+        self.class_means.copy_((cm @ self.components.T) / self.scale)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         z = ((feats - self.mean) @ self.components.T) / self.scale
