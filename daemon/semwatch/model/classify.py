@@ -1,50 +1,32 @@
-"""Batched inference and aggregation: micrograph → tiles → tile probabilities → ImageVerdict.
+"""Inference and aggregation: micrograph → tiles → tile probabilities → ImageVerdict.
 
 `prepare` (CPU, thread-safe) and `verdict` are pure functions of the manifest and settings;
-`predict` runs the network and is called from one inference thread.
+`predict` runs the network and is called from one inference thread. Batching across images is
+`engine.predict_images`, the same for `semwatch classify`, evaluate, bench and the daemon.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
-from semwatch.model.artifact import load_artifact, model_id
+from semwatch.model.artifact import Manifest, load_artifact
 from semwatch.model.backbone import TileNet
+from semwatch.model.engine import PreparedImage, TileOutput, predict_images
 from semwatch.model.runtime import autocast_for, describe_device, select_device
-from semwatch.reading.tiles import Scale, cut_tiles, scale_for
-from semwatch.values import ClassInfo, ImageVerdict, Micrograph, MicrographError, Quality
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    path: Path
-    tiles: np.ndarray  # (N, 3, tile_px, tile_px) float32
-    positions: list[tuple[int, int]]
-    n_candidates: int
-    scale: Scale
-    scale_ok: bool
-    resampled_shape: tuple[int, int]
-    quality: Quality | None = None
-
-
-@dataclass(frozen=True)
-class TileOutput:
-    probabilities: np.ndarray  # (N, C) calibrated per-tile class probabilities
-    novelty: np.ndarray  # (N,) distance to the training features (higher = more foreign)
-
+from semwatch.output import Output
+from semwatch.reading.tiles import cut_tiles, scale_for
+from semwatch.safefs import UNCONFINED, Confinement, path_text
+from semwatch.values import ClassInfo, ImageVerdict, Micrograph, MicrographError
 
 # The dihedral views of a (N, C, H, W) batch, in the order `test_time_views` takes them; each prefix
 # is a group (2: the tile and its mirror image; 4: with both flipped, i.e. turned 180°; 8: all).
@@ -63,7 +45,7 @@ VIEWS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
 @dataclass
 class Classifier:
     net: TileNet
-    manifest: dict[str, Any]
+    manifest: Manifest
     settings: Settings
     torch_device: torch.device
     model_id: str
@@ -74,14 +56,14 @@ class Classifier:
     @classmethod
     def load(cls, model_dir: Path, settings: Settings) -> Classifier:
         state, manifest = load_artifact(Path(model_dir))
-        classes = [str(c) for c in manifest["classes"]]
+        classes = list(manifest.classes)
         try:
             net = TileNet(
-                manifest["architecture"],
-                int(manifest["tile_px"]),
+                manifest.architecture,
+                manifest.tile_px,
                 len(classes),
-                hidden=int(manifest["head_hidden"]),
-                novelty_k=int(manifest["novelty_k"]),
+                hidden=manifest.head_hidden,
+                novelty_k=manifest.novelty_k,
                 pretrained=False,
             )
             net.load_state_dict(state, strict=True)
@@ -92,23 +74,31 @@ class Classifier:
             torch.set_num_threads(settings.model.cpu_threads)
         device = select_device(settings.model.device)
         net = net.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
-        info = [ClassInfo(c["name"], c.get("composition"), c.get("state")) for c in manifest["class_info"]]
         return cls(
-            net, manifest, settings, device, model_id(manifest), describe_device(device), classes, info
+            net,
+            manifest,
+            settings,
+            device,
+            manifest.model_id,
+            describe_device(device),
+            classes,
+            list(manifest.class_info),
         )
 
-    # --- the three stages ------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.settings.model.batch_size
 
     @property
     def unknown_threshold(self) -> float:
         configured = self.settings.model.unknown_threshold
-        return float(configured) if configured >= 0 else float(self.manifest["unknown_threshold"])
+        return float(configured) if configured >= 0 else float(self.manifest.unknown_threshold)
+
+    # --- the three stages ------------------------------------------------------------------
 
     def prepare(self, micrograph: Micrograph) -> PreparedImage:
         m = self.manifest
-        scale = scale_for(
-            micrograph.metadata, m.get("reference_pixel_size_nm"), m.get("reference_magnification")
-        )
+        scale = scale_for(micrograph.metadata, m.reference_pixel_size_nm, m.reference_magnification)
         limit = self.settings.tiling.max_scale_ratio
         ratio = max(scale.factor, 1.0 / scale.factor)
         scale_ok = ratio <= limit
@@ -118,13 +108,13 @@ class Classifier:
         ts = cut_tiles(
             micrograph.pixels,
             factor=factor,
-            tile_physical_px=int(m["tile_physical_px"]),
-            tile_px=int(m["tile_px"]),
+            tile_physical_px=m.tile_physical_px,
+            tile_px=m.tile_px,
             overlap=t.overlap,
             max_tiles=t.max_tiles,
             std_min=t.tile_std_min,
             saturated_max=t.tile_saturated_max,
-            intensity=str(m["intensity"]),
+            intensity=m.intensity,
         )
         return PreparedImage(
             micrograph.path,
@@ -138,7 +128,7 @@ class Classifier:
         )
 
     def predict(self, tiles: np.ndarray) -> TileOutput:
-        """Per-tile probabilities and novelty.
+        """Per-tile probabilities and novelty for one batch (`engine.predict_images` makes batches).
 
         Each tile is first seen as it is. Those whose confidence is below `[model] test_time_below`
         are then also seen in the other `test_time_views` - 1 flips/rotations, and get the geometric
@@ -146,12 +136,11 @@ class Classifier:
         equally valid look at it. Novelty stays that of the tile as it is, the quantity its threshold
         was calibrated on (averaged over views it fell, and a foreign image slipped under it). Tile
         errors are nearly all among the unsure tiles, so this buys most of what looking at every
-        tile 8 times does at a fraction of the cost (held-out NCM tiles: about 0.975 right with one
-        view, 0.99 with the 9 % below 0.99 seen 8 times).
+        tile 8 times does at a fraction of the cost (measured: benchmarks/results/HISTORY.md).
         """
         n_classes = len(self.classes)
         if len(tiles) == 0:
-            return TileOutput(np.zeros((0, n_classes), np.float32), np.zeros((0,), np.float32))
+            return TileOutput.empty(n_classes)
         m = self.settings.model
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.torch_device)
         with torch.inference_mode(), self._autocast():
@@ -175,7 +164,7 @@ class Classifier:
         logits, novelty, _ = self.net(x.contiguous(memory_format=torch.channels_last))
         return torch.log_softmax(logits.float(), dim=1), novelty.float()
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast_for(self.torch_device, self.settings)
 
     def verdict(self, prepared: PreparedImage, output: TileOutput) -> ImageVerdict:
@@ -193,7 +182,21 @@ class Classifier:
     # --- conveniences ------------------------------------------------------------------------
 
     def classify_paths(self, paths: Sequence[Path]) -> list[ImageVerdict | MicrographError]:
-        return [r for _, r in stream(self, paths, self.settings)]
+        return [o.result for o in outcomes(self, paths)]
+
+    def explain(self, micrograph: Micrograph) -> np.ndarray:
+        """(H, W, 3) uint8 RGB: the micrograph with the Grad-CAM map of the class it is given."""
+        from semwatch.model.gradcam import overlay, tile_cams
+
+        prepared = self.prepare(micrograph)
+        if len(prepared.tiles) == 0:
+            return overlay(micrograph.pixels, np.zeros((0, 1, 1), np.float32), [], (0, 0), 0)
+        verdict = self.verdict(prepared, predict_images(self, [prepared])[0])
+        target = int(np.argmax([verdict.probabilities[c] for c in self.classes]))
+        cams = tile_cams(self.net, self.torch_device, prepared.tiles, target)
+        # positions are at the network's scale, where a tile is tile_px wide
+        return overlay(micrograph.pixels, cams, prepared.positions, prepared.resampled_shape,
+                       self.manifest.tile_px)
 
 
 def aggregate(
@@ -297,43 +300,36 @@ class Outcome:
     output: TileOutput | None = None
 
 
-def _read_and_prepare(
-    classifier: Classifier, path: Path, settings: Settings, transform: Transform | None
+def read_and_prepare(
+    classifier: Classifier,
+    path: Path,
+    *,
+    transform: Transform | None = None,
+    confine: Confinement = UNCONFINED,
 ) -> PreparedImage | MicrographError:
+    """`read_micrograph` then `prepare` (what a daemon reader does), the error as a value."""
     from semwatch.reading.micrograph import read_micrograph
 
     try:
-        micrograph = read_micrograph(path, settings)
+        micrograph = read_micrograph(path, classifier.settings, confine=confine)
         return classifier.prepare(transform(micrograph) if transform else micrograph)
     except MicrographError as exc:
         return exc
 
 
-def stream(
-    classifier: Classifier,
-    paths: Iterable[Path],
-    settings: Settings,
-    *,
-    workers: int | None = None,
-    prefetch: int = 8,
-) -> Iterator[tuple[Path, ImageVerdict | MicrographError]]:
-    """Yield (path, verdict or error) in input order; batches are filled across images."""
-    for o in outcomes(classifier, paths, settings, workers=workers, prefetch=prefetch):
-        yield o.path, o.result
-
-
 def outcomes(
     classifier: Classifier,
     paths: Iterable[Path],
-    settings: Settings,
     *,
     workers: int | None = None,
     prefetch: int = 8,
     transform: Transform | None = None,
 ) -> Iterator[Outcome]:
-    """Like `stream`, with each image's tile outputs; `transform` alters each micrograph first."""
+    """Each image's verdict (or error) and tile outputs, in input order. Images are read and tiled
+    on `workers` threads while the network runs; taken in order until their tiles fill a batch,
+    they go through `predict_images` together. `transform` alters each micrograph first."""
+    settings = classifier.settings
     workers = workers or max(1, settings.watch.reader_threads)
-    batch_size = settings.model.batch_size
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semwatch-prepare") as pool:
         pending: list[tuple[Path, Future[PreparedImage | MicrographError]]] = []
         it = iter(paths)
@@ -344,14 +340,14 @@ def outcomes(
                     p = Path(next(it))
                 except StopIteration:
                     return
-                pending.append((p, pool.submit(_read_and_prepare, classifier, p, settings, transform)))
+                pending.append((p, pool.submit(read_and_prepare, classifier, p, transform=transform)))
 
         top_up()
         while pending:
             # Take images in order until a batch is full (at least one image per round).
             group: list[tuple[Path, PreparedImage | MicrographError]] = []
             tiles = 0
-            while pending and (not group or tiles < batch_size):
+            while pending and (not group or tiles < classifier.batch_size):
                 p, fut = pending.pop(0)
                 item = fut.result()
                 group.append((p, item))
@@ -364,86 +360,62 @@ def _run_group(
     classifier: Classifier, group: list[tuple[Path, PreparedImage | MicrographError]]
 ) -> Iterator[Outcome]:
     prepared = [item for _, item in group if isinstance(item, PreparedImage)]
-    parts = [p.tiles for p in prepared if len(p.tiles)]
-    size = classifier.settings.model.batch_size
-    whole = classifier.predict(np.zeros((0, 3, 1, 1), np.float32))
-    if parts:
-        tiles = np.concatenate(parts)
-        # Balanced chunks of about `size` (a group may overshoot it by part of one image).
-        chunks = max(1, round(len(tiles) / size))
-        step = -(-len(tiles) // chunks)
-        outs = [classifier.predict(tiles[i : i + step]) for i in range(0, len(tiles), step)]
-        whole = TileOutput(
-            np.concatenate([o.probabilities for o in outs]), np.concatenate([o.novelty for o in outs])
-        )
-    start = 0
+    outputs = iter(predict_images(classifier, prepared))
     for path, item in group:
         if isinstance(item, MicrographError):
             yield Outcome(path, item)
             continue
-        n = len(item.tiles)
-        out = TileOutput(whole.probabilities[start : start + n], whole.novelty[start : start + n])
-        start += n
+        out = next(outputs)
         yield Outcome(path, classifier.verdict(item, out), out)
 
 
 # --- command -------------------------------------------------------------------------------------
 
 
-def classify_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`semwatch classify FILE...`: one line per file, or one JSON object per line with `--json`.
-
-    File names and errors are untrusted: JSON carries paths in `safefs.path_text` form (valid UTF-8
-    for any name), and the plain lines show everything through `safefs.printable`."""
-    from semwatch.safefs import path_text, printable, text_safe
-
-    model_dir = Path(args.model) if args.model else settings.model.path
-    classifier = Classifier.load(model_dir, settings)
-    explain_dir: Path | None = args.explain
+def classify_files(
+    paths: list[Path], settings: Settings, *, model_dir: Path | None, explain_dir: Path | None, out: Output
+) -> int:
+    """`semwatch classify FILE...`: one line per file, or one JSON object per line with `--json`;
+    with `explain_dir`, a Grad-CAM overlay per classified file there. File names and errors are
+    untrusted: JSON carries paths in `safefs.path_text` form, plain lines show them `printable`."""
+    classifier = Classifier.load(model_dir or settings.model.path, settings)
     if explain_dir is not None:
         explain_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path, result in stream(classifier, [Path(f) for f in args.files], settings):
-        name = path_text(path)
-        if isinstance(result, MicrographError):
+    for o in outcomes(classifier, paths):
+        name = path_text(o.path)
+        if isinstance(o.result, MicrographError):
             failed += 1
-            if args.json:
-                _emit({"path": name, "error": text_safe(str(result))})
+            if out.json:
+                out.emit({"path": name, "error": str(o.result)})
             else:
-                print(f"semwatch: {printable(name)}: {printable(text_safe(str(result)))}", file=sys.stderr)
+                out.say(f"{name}: {o.result}")
             continue
-        record = result.to_json()
-        record["path"] = name
+        result = o.result
+        record: dict[str, object] = {**result.to_json(), "path": name}
         if explain_dir is not None:
-            record["explanation"] = path_text(_explain(classifier, path, explain_dir, settings))
-        if args.json:
-            _emit(record)
+            record["explanation"] = path_text(_explain(classifier, o.path, explain_dir))
+        if out.json:
+            out.emit(record)
         else:
             label = result.predicted_class or "-"
             why = f"  ({'; '.join(result.reasons)})" if result.reasons else ""
-            print(printable(text_safe(
+            out.line(
                 f"{name}: {result.status} {label} conf {result.confidence:.3f} "
                 f"agree {result.tile_agreement:.2f} tiles {result.n_tiles}{why}"
-            )))
-    return 1 if failed else 0
+            )
+    return ExitStatus.INPUT_FAILED if failed else ExitStatus.OK
 
 
-def _explain(classifier: Classifier, path: Path, out_dir: Path, settings: Settings) -> Path:
+def _explain(classifier: Classifier, path: Path, out_dir: Path) -> Path:
     import cv2
 
-    from semwatch.model.gradcam import explain_image
     from semwatch.reading.micrograph import read_micrograph
 
-    overlay = explain_image(classifier, read_micrograph(path, settings))
+    overlay = classifier.explain(read_micrograph(path, classifier.settings))
     target = out_dir / f"{path.stem}.gradcam.png"
     ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover - encoding an RGB uint8 array does not fail
         raise UserError(f"cannot encode the Grad-CAM overlay for {path}", ExitStatus.INPUT_FAILED)
     target.write_bytes(buf.tobytes())
     return target
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    from semwatch.output import json_line
-
-    print(json_line(obj), flush=True)

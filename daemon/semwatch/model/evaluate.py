@@ -7,10 +7,7 @@ image's brightness/contrast/gamma at random (seeded) before it is tiled.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from semwatch.config import Settings
-from semwatch.errors import UserError
+from semwatch.errors import ExitStatus, UserError
 from semwatch.model.augment import intensity_jitter
 from semwatch.model.classify import Classifier, Outcome, outcomes
 from semwatch.model.train import discover
+from semwatch.output import Output
+from semwatch.safefs import path_text
 from semwatch.values import ClassInfo, ImageVerdict, Micrograph, MicrographError, parse_class
 
 ECE_BINS = 15
@@ -84,7 +83,7 @@ def evaluate_model(
         for im in images
     }
     if split != "all":
-        chosen = set(classifier.manifest.get("split", {}).get(split, []))
+        chosen = set(classifier.manifest.split.get(split, ()))
         if not chosen:
             raise UserError(f"{model_dir}: the model records no '{split}' split")
         images = [im for im in images if im.rel in chosen]
@@ -96,9 +95,7 @@ def evaluate_model(
         raise UserError(f"{data_dir}: classes the model does not know: {', '.join(foreign)}")
     truth_of = {im.path: index[folder_classes[im.rel].name] for im in images}
     transform = jitter_transform(seed) if intensity_jitter else None
-    results: list[Outcome] = list(
-        outcomes(classifier, [im.path for im in images], settings, transform=transform)
-    )
+    results: list[Outcome] = list(outcomes(classifier, [im.path for im in images], transform=transform))
     report = summarise(results, truth_of, classifier)
     report.update(
         split=split, intensity_jitter=intensity_jitter, model_id=classifier.model_id, device=classifier.device
@@ -121,7 +118,7 @@ def summarise(results: list[Outcome], truth_of: dict[Path, int], classifier: Cla
     failed: list[dict[str, str]] = []
     for o in results:
         if isinstance(o.result, MicrographError):
-            failed.append({"path": str(o.path), "error": str(o.result)})
+            failed.append({"path": path_text(o.path), "error": str(o.result)})
             continue
         verdict: ImageVerdict = o.result
         truth = truth_of[o.path]
@@ -225,33 +222,44 @@ def write_figures(
     reliability_png = out_dir / "reliability.png"
     fig.savefig(reliability_png, dpi=120)
     plt.close(fig)
-    return {"confusion": str(confusion_png), "reliability": str(reliability_png)}
+    return {"confusion": path_text(confusion_png), "reliability": path_text(reliability_png)}
 
 
-def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
-    model_dir = Path(args.model)
+def evaluate_folder(
+    data_dir: Path,
+    settings: Settings,
+    *,
+    model_dir: Path,
+    out_dir: Path | None,
+    intensity_jitter: bool,
+    split: str,
+    seed: int,
+    out: Output,
+) -> int:
+    """`semwatch evaluate`: the report as one JSON object (`--json`) or one summary line; the
+    images that could not be read on stderr (and exit status 1)."""
     report = evaluate_model(
-        Path(args.data_dir),
+        data_dir,
         model_dir,
         settings,
-        split=args.split,
-        intensity_jitter=args.intensity_jitter,
-        seed=args.seed,
-        out_dir=args.out,
+        split=split,
+        intensity_jitter=intensity_jitter,
+        seed=seed,
+        out_dir=out_dir,
     )
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     for f in public["failed"]:
-        print(f"semwatch: {f['path']}: {f['error']}", file=sys.stderr)
-    if args.json:
-        sys.stdout.write(json.dumps(public) + "\n")
+        out.say(f"{f['path']}: {f['error']}")
+    if out.json:
+        out.emit(public)
     else:
         p = public
-        print(
+        out.line(
             f"{p['n_images']} images, {p['n_tiles']} tiles: image accuracy {p['image_accuracy']:.4f}, "
             f"tile accuracy {p['tile_accuracy']:.4f}, composition {p['composition_accuracy']:.4f}, "
             f"state {p['state_accuracy']:.4f}, macro F1 {p['macro_f1']:.4f}, ECE {p['ece']:.4f}, "
             f"unknown {p['unknown_rate']:.4f}"
         )
         for name, path in public.get("figures", {}).items():
-            print(f"{name}: {path}")
-    return 1 if public["failed"] else 0
+            out.line(f"{name}: {path}")
+    return ExitStatus.INPUT_FAILED if public["failed"] else ExitStatus.OK

@@ -4,27 +4,25 @@ For each tile, the gradient of the image's predicted class score with respect to
 convolutional feature map (captured with a forward hook) weights that map's channels; the
 positive part, upsampled, is where the network looked. Tiles are stitched back onto the
 micrograph (averaged where they overlap) and drawn over it with a colour map.
+
+This module needs only the network and its device; which class to explain and which tiles come
+from the classifier (`Classifier.explain`). Gradients run in float32, without autocast: the maps
+are small and a half-precision backward pass would only add noise to them.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
-from semwatch.values import Micrograph
-
-if TYPE_CHECKING:
-    from semwatch.model.classify import Classifier
+from semwatch.model.backbone import TileNet
 
 GRADCAM_BATCH = 8
 
 
-def tile_cams(classifier: Classifier, tiles: np.ndarray, target: int) -> np.ndarray:
+def tile_cams(net: TileNet, device: torch.device, tiles: np.ndarray, target: int) -> np.ndarray:
     """(N, h, w) Grad-CAM maps in [0, inf) for class `target`, one per tile."""
-    net = classifier.net
     captured: list[torch.Tensor] = []
 
     def keep(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -38,9 +36,7 @@ def tile_cams(classifier: Classifier, tiles: np.ndarray, target: int) -> np.ndar
     try:
         for s in range(0, len(tiles), GRADCAM_BATCH):
             captured.clear()
-            x = torch.from_numpy(np.ascontiguousarray(tiles[s : s + GRADCAM_BATCH])).to(
-                classifier.torch_device
-            )
+            x = torch.from_numpy(np.ascontiguousarray(tiles[s : s + GRADCAM_BATCH])).to(device)
             with torch.enable_grad():
                 logits, _, _ = net(x)
                 net.zero_grad(set_to_none=True)
@@ -58,24 +54,29 @@ def tile_cams(classifier: Classifier, tiles: np.ndarray, target: int) -> np.ndar
     return np.concatenate(maps) if maps else np.zeros((0, 1, 1), np.float32)
 
 
-def explain_image(classifier: Classifier, micrograph: Micrograph) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: the micrograph (data bar removed) with its Grad-CAM heat map."""
-    prepared = classifier.prepare(micrograph)
-    grey = np.clip(micrograph.pixels, 0.0, 1.0)
+def overlay(
+    pixels: np.ndarray,
+    cams: np.ndarray,
+    positions: list[tuple[int, int]],
+    resampled_shape: tuple[int, int],
+    tile_px: int,
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: grey `pixels` with the tiles' maps stitched and drawn over them.
+
+    `positions` are the tiles' corners in the image resampled to the network's scale
+    (`resampled_shape`), where each tile is `tile_px` wide; no tiles, the plain image."""
+    grey = np.clip(pixels, 0.0, 1.0)
     base = cv2.cvtColor((grey * 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
-    if len(prepared.tiles) == 0:
+    if len(cams) == 0:
         return base
-    output = classifier.predict(prepared.tiles)
-    verdict = classifier.verdict(prepared, output)
-    target = int(np.argmax([verdict.probabilities[c] for c in classifier.classes]))
-    cams = tile_cams(classifier, prepared.tiles, target)
-    size = int(classifier.manifest["tile_px"])  # positions are at the network's scale
-    rh, rw = prepared.resampled_shape
+    rh, rw = resampled_shape
     heat = np.zeros((rh, rw), np.float32)
     weight = np.zeros((rh, rw), np.float32)
-    for (y, x), cam in zip(prepared.positions, cams, strict=True):
-        heat[y : y + size, x : x + size] += cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
-        weight[y : y + size, x : x + size] += 1.0
+    for (y, x), cam in zip(positions, cams, strict=True):
+        heat[y : y + tile_px, x : x + tile_px] += cv2.resize(
+            cam, (tile_px, tile_px), interpolation=cv2.INTER_LINEAR
+        )
+        weight[y : y + tile_px, x : x + tile_px] += 1.0
     heat = np.divide(heat, weight, out=np.zeros_like(heat), where=weight > 0)
     heat = np.asarray(
         cv2.resize(heat, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR), np.float32

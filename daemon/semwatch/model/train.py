@@ -1,6 +1,6 @@
 """`semwatch train DATA_DIR --out MODEL_DIR`: one folder per class → a verified model artifact.
 
-Recipe (CPU-friendly, < 30 min for ~700 images on 2 cores): the ImageNet backbone stays frozen;
+Recipe (CPU-friendly; timings in benchmarks/results/HISTORY.md): the ImageNet backbone stays frozen;
 its multi-level pooled features are computed once per (tile, augmentation) and a small head is
 trained on them with early stopping on validation. Tiles are intensity-equalised, so a session's
 brightness/contrast/gamma cannot be learnt; augmentation adds blur, noise, flips and rotations.
@@ -11,19 +11,17 @@ The split is by image, stratified and seeded, and is recorded in the manifest.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,12 +30,18 @@ from torch import nn
 from semwatch import __version__
 from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
-from semwatch.model.artifact import save_artifact
+from semwatch.model.artifact import Json, Manifest, save_artifact
 from semwatch.model.augment import augment_tile, geometric
 from semwatch.model.backbone import TileNet, architecture
 from semwatch.model.runtime import autocast_for, cpu_bfloat16, select_device
+from semwatch.output import Output
 from semwatch.reading.tiles import cut_tiles, fit, resample, scale_for, tile_usable, to_network
+from semwatch.safefs import path_text, write_atomic
 from semwatch.values import ClassInfo, Micrograph, MicrographError, parse_class
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
 HEAD_HIDDEN = 512
@@ -55,26 +59,36 @@ class LabelledImage:
 @dataclass
 class TrainResult:
     model_dir: Path
-    model_id: str
-    classes: list[str]
+    manifest: Manifest
     n_train: int
     n_val: int
     n_test: int
-    validation: dict[str, Any]
     wall_s: float
     skipped: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.classes)
+
+    @property
+    def validation(self) -> dict[str, Json]:
+        return dict(self.manifest.validation)
+
+    def to_json(self) -> dict[str, Json]:
         return {
-            "model_dir": str(self.model_dir),
+            "model_dir": path_text(self.model_dir),
             "model_id": self.model_id,
-            "classes": self.classes,
+            "classes": list[Json](self.manifest.classes),
             "n_train": self.n_train,
             "n_val": self.n_val,
             "n_test": self.n_test,
             "validation": self.validation,
             "wall_s": round(self.wall_s, 1),
-            "skipped": self.skipped,
+            "skipped": list(self.skipped),
         }
 
 
@@ -125,7 +139,8 @@ def fingerprint(images: Sequence[LabelledImage]) -> str:
     """sha256 over (relative path, content hash) of every image: the same data, the same print."""
     digest = hashlib.sha256()
     for im in sorted(images, key=lambda i: i.rel):
-        h = hashlib.sha256(im.path.read_bytes()).hexdigest()
+        with im.path.open("rb") as fh:
+            h = hashlib.file_digest(fh, "sha256").hexdigest()
         digest.update(f"{im.rel}\0{h}\n".encode())
     return digest.hexdigest()
 
@@ -371,7 +386,7 @@ def image_novelty(scores: torch.Tensor, image_of: torch.Tensor, n_images: int) -
     return out
 
 
-def validation_metrics(net: TileNet, val: FeatureSet, threshold: float, min_conf: float) -> dict[str, Any]:
+def validation_metrics(net: TileNet, val: FeatureSet, threshold: float, min_conf: float) -> dict[str, Json]:
     if not len(val.feats):
         return {"n_images": 0}
     n_images = len(val.image_labels)
@@ -412,89 +427,11 @@ def _reference_scale(items: list[LabelledImage], settings: Settings) -> tuple[fl
     return (float(np.median(sizes)) if sizes else None, float(np.median(mags)) if mags else None)
 
 
-class Progress:
-    """A rich progress bar with ETA on a terminal; occasional plain lines otherwise; nothing if off."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.done = 0
-        self.label = label
-        self._bar: Any = None
-        self._task: Any = None
-        self._last = 0.0
-        self._start = time.monotonic()
-
-    def __enter__(self) -> Progress:
-        if self.enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(self.label, total=self.total)
-        return self
-
-    def describe(self, label: str) -> None:
-        self.label = label
-        if self._bar is not None:
-            self._bar.update(self._task, description=label)
-
-    def tick(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.advance(self._task, n)
-        elif self.enabled and (time.monotonic() - self._last > 15 or self.done == self.total):
-            self._last = time.monotonic()
-            elapsed = self._last - self._start
-            eta = elapsed / max(self.done, 1) * (self.total - self.done)
-            print(
-                f"semwatch train: {self.label} {self.done}/{self.total} images, ETA {eta:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def train_model(
-    data_dir: Path,
-    out_dir: Path,
-    settings: Settings,
-    *,
-    max_images_per_class: int | None = None,
-    epochs: int | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train on `data_dir` (one folder per class) and write the artifact to `out_dir`."""
-    started = time.monotonic()
-    t, tiling = settings.train, settings.tiling
-    try:
-        architecture(settings.model.architecture)
-    except ValueError as exc:
-        raise ConfigError(f"[model] architecture: {exc}") from None
-    torch.manual_seed(t.seed)
-    classes, images = discover(data_dir, t.class_map)
-    if max_images_per_class is not None:
-        rng = np.random.default_rng(t.seed)
-        kept: list[LabelledImage] = []
-        for c in range(len(classes)):
-            members = [im for im in images if im.label == c]
-            order = sorted(rng.permutation(len(members))[:max_images_per_class])
-            kept += [members[i] for i in order]
-        images = kept
-    split = split_images(images, len(classes), t.val_fraction, t.test_fraction, t.seed)
-    ref_nm, ref_mag = _reference_scale(split["train"], settings)
-    recipe = Recipe(
+def _recipe(settings: Settings, train: list[LabelledImage]) -> Recipe:
+    """How tiles are cut for this model: the settings' grid at the training images' median scale."""
+    tiling = settings.tiling
+    ref_nm, ref_mag = _reference_scale(train, settings)
+    return Recipe(
         tiling.tile_px,
         tiling.tile_physical_px,
         tiling.overlap,
@@ -505,143 +442,290 @@ def train_model(
         ref_nm,
         ref_mag,
     )
-    device = select_device(settings.model.device)
-    if settings.model.cpu_threads > 0:
-        torch.set_num_threads(settings.model.cpu_threads)
-    net = TileNet(
-        settings.model.architecture,
-        tiling.tile_px,
-        len(classes),
-        hidden=HEAD_HIDDEN,
-        novelty_k=NOVELTY_K,
-        pretrained=True,
-    )
-    net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+
+
+def _subsample(
+    images: list[LabelledImage], n_classes: int, per_class: int | None, seed: int
+) -> list[LabelledImage]:
+    """At most `per_class` images of each class, chosen at random (seeded), in their original order."""
+    if per_class is None:
+        return images
+    rng = np.random.default_rng(seed)
+    kept: list[LabelledImage] = []
+    for c in range(n_classes):
+        members = [im for im in images if im.label == c]
+        order = sorted(rng.permutation(len(members))[:per_class])
+        kept += [members[i] for i in order]
+    return kept
+
+
+class Progress:
+    """A rich progress bar with ETA on a terminal; occasional plain lines otherwise; nothing if off."""
+
+    def __init__(self, out: Output | None, total: int, label: str) -> None:
+        self.out = out
+        self.total = total
+        self.done = 0
+        self.label = label
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def __enter__(self) -> Progress:
+        isatty = getattr(self.out.stderr, "isatty", None) if self.out is not None else None
+        if self.out is not None and isatty is not None and isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.out.stderr),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        return self
+
+    def describe(self, label: str) -> None:
+        self.label = label
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, description=label)
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task, n)
+        elif self.out is not None and (time.monotonic() - self._last > 15 or self.done == self.total):
+            self._last = time.monotonic()
+            elapsed = self._last - self._start
+            eta = elapsed / max(self.done, 1) * (self.total - self.done)
+            self.out.say(f"train: {self.label} {self.done}/{self.total} images, ETA {eta:.0f} s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@dataclass
+class Features:
+    """The cached backbone features of the training and validation images."""
+
+    train: FeatureSet
+    val: FeatureSet
+    skipped: list[str]  # "<folder>/<file>: why" for images that could not be read
+
+
+def _features(
+    net: TileNet,
+    split: dict[str, list[LabelledImage]],
+    recipe: Recipe,
+    settings: Settings,
+    device: torch.device,
+    out: Output | None,
+) -> Features:
+    """Training images as random augmented crops, validation images as the grid inference cuts."""
+    t = settings.train
     skipped: list[str] = []
 
     def train_tiles(i: int, m: Micrograph) -> np.ndarray:
         rng = np.random.default_rng([t.seed, i])
         return training_tiles(m, recipe, t.tiles_per_image, t.augment_copies, rng)
 
-    with Progress(progress, len(split["train"]) + len(split["val"]), "features (train)") as bar:
-        train_fs = extract_features(net, split["train"], train_tiles, settings, device, bar.tick, skipped)
+    with Progress(out, len(split["train"]) + len(split["val"]), "features (train)") as bar:
+        train = extract_features(net, split["train"], train_tiles, settings, device, bar.tick, skipped)
         bar.describe("features (val)")
-        val_fs = extract_features(
+        val = extract_features(
             net, split["val"], lambda _i, m: grid_tiles(m, recipe), settings, device, bar.tick, skipped
         )
-    if not len(train_fs.feats):
-        raise UserError(
-            f"{data_dir}: no usable training tiles (all images unreadable or blank)", ExitStatus.INPUT_FAILED
-        )
-    net.backbone.to("cpu")
-    ran, val_loss = train_head(net, train_fs, val_fs, len(classes), settings, epochs or t.epochs)
-    temperature, temperature_basis = calibrate_temperature(net, val_fs)
-    net.novelty.fit(train_fs.feats, train_fs.labels, len(classes))
-    with torch.no_grad():
-        val_scores = image_novelty(net.novelty(val_fs.feats), val_fs.image_of, len(split["val"]))
-        train_scores = net.novelty(train_fs.feats)
-    finite = val_scores[np.isfinite(val_scores)]
-    basis = finite if len(finite) else train_scores.numpy()
-    threshold = float(np.quantile(basis, t.unknown_quantile)) * t.unknown_margin
-    validation = validation_metrics(net, val_fs, threshold, settings.model.min_confidence)
+    return Features(train, val, skipped)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What fitting the head, its temperature and the novelty score produced."""
+
+    epochs_run: int
+    unknown_threshold: float
+    temperature: float
+    validation: dict[str, Json]
+
+
+def fit_head_and_novelty(net: TileNet, features: Features, n_classes: int, settings: Settings,
+                         epochs: int) -> Fit:
+    """Train the head, calibrate its temperature, fit the novelty score and its threshold, and
+    measure the result on the validation images."""
+    train, val = features.train, features.val
+    ran, val_loss = train_head(net, train, val, n_classes, settings, epochs)
+    temperature, temperature_basis = calibrate_temperature(net, val)
+    net.novelty.fit(train.feats, train.labels, n_classes)
+    threshold = novelty_threshold(net, features, settings)
+    validation = validation_metrics(net, val, threshold, settings.model.min_confidence)
     validation.update(val_loss=round(val_loss, 5), temperature=round(temperature, 4),
                       temperature_basis=temperature_basis, epochs_run=ran)
-    manifest: dict[str, Any] = {
-        "name": out_dir.name,
-        "classes": [c.name for c in classes],
-        "class_info": [{"name": c.name, "composition": c.composition, "state": c.state} for c in classes],
-        "architecture": settings.model.architecture,
-        "tile_px": tiling.tile_px,
-        "tile_physical_px": tiling.tile_physical_px,
-        "overlap": tiling.overlap,
-        "intensity": tiling.intensity,
-        "normalisation": {
+    return Fit(ran, threshold, temperature, validation)
+
+
+def novelty_threshold(net: TileNet, features: Features, settings: Settings) -> float:
+    """`[train] unknown_quantile` of the validation images' novelty (the training tiles' where no
+    validation image has tiles), times `unknown_margin`."""
+    t = settings.train
+    val = features.val
+    with torch.no_grad():
+        val_scores = image_novelty(net.novelty(val.feats), val.image_of, len(val.image_labels))
+        train_scores = net.novelty(features.train.feats)
+    finite = val_scores[np.isfinite(val_scores)]
+    basis = finite if len(finite) else train_scores.numpy()
+    return float(np.quantile(basis, t.unknown_quantile)) * t.unknown_margin
+
+
+def _precision(device: torch.device, settings: Settings) -> str:
+    if device.type == "cuda" and settings.model.mixed_precision:
+        return "float16"
+    if device.type == "cpu" and cpu_bfloat16(settings):
+        return "bfloat16"
+    return "float32"
+
+
+def describe_model(
+    out_dir: Path,
+    data_dir: Path,
+    settings: Settings,
+    classes: list[ClassInfo],
+    images: list[LabelledImage],
+    split: dict[str, list[LabelledImage]],
+    recipe: Recipe,
+    features: Features,
+    fit: Fit,
+    device: torch.device,
+    wall_s: float,
+) -> Manifest:
+    """The manifest of a model just fitted (its checksums are added by `save_artifact`)."""
+    t, tiling = settings.train, settings.tiling
+    return Manifest(
+        name=out_dir.name,
+        classes=tuple(c.name for c in classes),
+        class_info=tuple(classes),
+        architecture=settings.model.architecture,
+        tile_px=tiling.tile_px,
+        tile_physical_px=tiling.tile_physical_px,
+        overlap=tiling.overlap,
+        intensity=tiling.intensity,
+        normalisation={
             "intensity": tiling.intensity,
             "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225],
             "channels": "grey repeated x3",
         },
-        "reference_pixel_size_nm": ref_nm,
-        "reference_magnification": ref_mag,
-        "head_hidden": HEAD_HIDDEN,
-        "novelty_k": NOVELTY_K,
-        "unknown_threshold": round(threshold, 5),
-        "unknown_calibration": {
+        reference_pixel_size_nm=recipe.ref_pixel_nm,
+        reference_magnification=recipe.ref_magnification,
+        head_hidden=HEAD_HIDDEN,
+        novelty_k=NOVELTY_K,
+        unknown_threshold=round(fit.unknown_threshold, 5),
+        unknown_calibration={
             "quantile": t.unknown_quantile,
             "margin": t.unknown_margin,
             "statistic": "median tile Mahalanobis distance (whitened PCA) to nearest class",
         },
-        "temperature": round(temperature, 5),
-        "training": {
-            "data_dir": str(data_dir.resolve()),
+        temperature=round(fit.temperature, 5),
+        training={
+            "data_dir": path_text(data_dir.resolve()),
             "data_fingerprint": fingerprint(images),
             "n_images": len(images),
-            "n_train_tiles": len(train_fs.feats),
+            "n_train_tiles": len(features.train.feats),
             "seed": t.seed,
-            "epochs_run": ran,
+            "epochs_run": fit.epochs_run,
             "tiles_per_image": t.tiles_per_image,
             "augment_copies": t.augment_copies,
             "device": str(device),
-            "precision": "float16"
-            if device.type == "cuda" and settings.model.mixed_precision
-            else "bfloat16"
-            if device.type == "cpu" and cpu_bfloat16(settings)
-            else "float32",
-            "wall_s": round(time.monotonic() - started, 1),
-            "skipped": skipped,
+            "precision": _precision(device, settings),
+            "wall_s": round(wall_s, 1),
+            "skipped": list(features.skipped),
         },
-        "validation": validation,
-        "metrics": {"validation": validation},
-        "split": {k: sorted(im.rel for im in v) for k, v in split.items()},
-        "semwatch_version": __version__,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    state = dict(net.state_dict())
-    mid = save_artifact(out_dir, state, manifest)
-    return TrainResult(
-        out_dir,
-        mid,
-        manifest["classes"],
-        len(split["train"]),
-        len(split["val"]),
-        len(split["test"]),
-        validation,
-        time.monotonic() - started,
-        skipped,
+        # The same figures under two keys: `validation` is what the first models had, `metrics` is
+        # what the daemon registers with the model (room for more than validation).
+        validation=fit.validation,
+        metrics={"validation": fit.validation},
+        split={k: tuple(sorted(im.rel for im in v)) for k, v in split.items()},
+        semwatch_version=__version__,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 
-def train_command(args: argparse.Namespace, settings: Settings) -> int:
-    if args.epochs is not None and args.epochs <= 0:
-        raise UserError("--epochs must be > 0")
-    if args.max_images_per_class is not None and args.max_images_per_class <= 0:
-        raise UserError("--max-images-per-class must be > 0")
-    result = train_model(
-        Path(args.data_dir),
-        Path(args.out),
-        settings,
-        max_images_per_class=args.max_images_per_class,
-        epochs=args.epochs,
-        progress=True,
-    )
-    if args.split_out is not None:
-        manifest = json.loads((Path(args.out) / "manifest.json").read_text(encoding="utf-8"))
-        Path(args.split_out).write_text(json.dumps(manifest["split"], indent=2) + "\n", encoding="utf-8")
-    if args.json:
-        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+def train_model(
+    data_dir: Path,
+    out_dir: Path,
+    settings: Settings,
+    *,
+    max_images_per_class: int | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+    out: Output | None = None,
+) -> TrainResult:
+    """Train on `data_dir` (one folder per class) and write the artifact to `out_dir`; progress on
+    `out`'s stderr (the process's by default) unless `progress` is off."""
+    started = time.monotonic()
+    t = settings.train
+    try:
+        architecture(settings.model.architecture)
+    except ValueError as exc:
+        raise ConfigError(f"[model] architecture: {exc}") from None
+    torch.manual_seed(t.seed)
+    classes, images = discover(data_dir, t.class_map)
+    images = _subsample(images, len(classes), max_images_per_class, t.seed)
+    split = split_images(images, len(classes), t.val_fraction, t.test_fraction, t.seed)
+    recipe = _recipe(settings, split["train"])
+    device = select_device(settings.model.device)
+    if settings.model.cpu_threads > 0:
+        torch.set_num_threads(settings.model.cpu_threads)
+    net = TileNet(settings.model.architecture, settings.tiling.tile_px, len(classes), hidden=HEAD_HIDDEN,
+                  novelty_k=NOVELTY_K, pretrained=True)
+    net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    features = _features(net, split, recipe, settings, device, (out or Output()) if progress else None)
+    if not len(features.train.feats):
+        raise UserError(
+            f"{data_dir}: no usable training tiles (all images unreadable or blank)", ExitStatus.INPUT_FAILED
+        )
+    net.backbone.to("cpu")
+    fit = fit_head_and_novelty(net, features, len(classes), settings, epochs or t.epochs)
+    manifest = describe_model(out_dir, data_dir, settings, classes, images, split, recipe, features, fit,
+                              device, time.monotonic() - started)
+    saved = save_artifact(out_dir, dict(net.state_dict()), manifest)
+    return TrainResult(out_dir, saved, len(split["train"]), len(split["val"]), len(split["test"]),
+                       time.monotonic() - started, features.skipped)
+
+
+def train_folder(
+    data_dir: Path,
+    settings: Settings,
+    *,
+    out_dir: Path,
+    epochs: int | None,
+    max_images_per_class: int | None,
+    split_out: Path | None,
+    out: Output,
+) -> int:
+    """`semwatch train`: train, optionally write the split as JSON to `split_out`, report the model
+    (one JSON object with `--json`); images that could not be read are named on stderr (exit 1)."""
+    result = train_model(data_dir, out_dir, settings, max_images_per_class=max_images_per_class,
+                         epochs=epochs, progress=True, out=out)
+    if split_out is not None:
+        split = {k: list(v) for k, v in result.manifest.split.items()}
+        write_atomic(split_out, (json.dumps(split, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    if out.json:
+        out.emit(result.to_json())
     else:
         v = result.validation
-        print(
-            f"model {result.model_id} written to {result.model_dir} in {result.wall_s:.0f} s: "
+        out.line(
+            f"model {result.model_id} written to {path_text(result.model_dir)} in {result.wall_s:.0f} s: "
             f"{len(result.classes)} classes, {result.n_train}/{result.n_val}/{result.n_test} images "
             f"train/val/test; validation image accuracy {v.get('image_accuracy', 'n/a')}, "
             f"tile accuracy {v.get('tile_accuracy', 'n/a')}"
         )
     for line in result.skipped:
-        print(f"semwatch: skipped {line}", file=sys.stderr)
-    return 1 if result.skipped else 0
-
-
-def iter_split(manifest: dict[str, Any], which: str) -> Iterator[str]:
-    """Relative paths ("<folder>/<file>") of one split recorded in a manifest."""
-    yield from manifest.get("split", {}).get(which, [])
+        out.say(f"skipped {line}")
+    return ExitStatus.INPUT_FAILED if result.skipped else ExitStatus.OK

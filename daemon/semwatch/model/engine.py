@@ -1,0 +1,100 @@
+"""The batching engine: the tiles of several images → the network in batches → each image's outputs.
+
+`predict_images` is the one path from prepared images to tile outputs; `semwatch classify`,
+`evaluate`, `bench` and the daemon's inference thread all call it, so a benchmark measures what the
+daemon runs. The tiles of all images are concatenated and cut into balanced chunks of about
+`[model] batch_size` (a group of images rarely adds up to a multiple of the batch size: fixed
+slices would end each group with a small, slow pass; balanced chunks are never more than half a
+batch larger), then the outputs are split back per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from semwatch.reading.tiles import Scale
+from semwatch.values import Quality
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One micrograph cut into network-ready tiles at the model's scale (`Classifier.prepare`)."""
+
+    path: Path
+    tiles: np.ndarray  # (N, 3, tile_px, tile_px) float32
+    positions: list[tuple[int, int]]
+    n_candidates: int
+    scale: Scale
+    scale_ok: bool
+    resampled_shape: tuple[int, int]
+    quality: Quality | None = None
+
+
+@dataclass(frozen=True)
+class TileOutput:
+    """What the network says about N tiles; concatenates and slices like the tiles themselves."""
+
+    probabilities: np.ndarray  # (N, C) calibrated per-tile class probabilities
+    novelty: np.ndarray  # (N,) distance to the training features (higher = more foreign)
+
+    @classmethod
+    def empty(cls, n_classes: int) -> TileOutput:
+        return cls(np.zeros((0, n_classes), np.float32), np.zeros((0,), np.float32))
+
+    @classmethod
+    def concat(cls, outputs: Sequence[TileOutput]) -> TileOutput:
+        """The outputs one after the other (at least one: an empty list has no class count)."""
+        if len(outputs) == 1:
+            return outputs[0]
+        return cls(
+            np.concatenate([o.probabilities for o in outputs]), np.concatenate([o.novelty for o in outputs])
+        )
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, rows: slice) -> TileOutput:
+        return TileOutput(self.probabilities[rows], self.novelty[rows])
+
+
+class Predictor(Protocol):
+    """What the engine needs of a classifier: its batch size, its classes and the network."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def classes(self) -> list[str]: ...
+
+    def predict(self, tiles: np.ndarray) -> TileOutput: ...
+
+
+def chunks(n_tiles: int, batch_size: int) -> list[slice]:
+    """Slices of `n_tiles` rows into the number of batches nearest to `n_tiles / batch_size`, of
+    lengths that differ by one at most (none for no rows)."""
+    if n_tiles <= 0:
+        return []
+    count = max(1, round(n_tiles / batch_size))
+    return [slice(i * n_tiles // count, (i + 1) * n_tiles // count) for i in range(count)]
+
+
+def predict_images(predictor: Predictor, images: Sequence[PreparedImage]) -> list[TileOutput]:
+    """One `TileOutput` per image, in order (an empty one for an image without usable tiles)."""
+    parts = [im.tiles for im in images if len(im.tiles)]
+    if not parts:
+        return [TileOutput.empty(len(predictor.classes)) for _ in images]
+    tiles = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    whole = TileOutput.concat(
+        [predictor.predict(tiles[rows]) for rows in chunks(len(tiles), predictor.batch_size)]
+    )
+    outputs: list[TileOutput] = []
+    start = 0
+    for im in images:
+        outputs.append(whole[start : start + len(im.tiles)])
+        start += len(im.tiles)
+    return outputs
