@@ -1,10 +1,13 @@
-"""Classifier contract, aggregation rules and `semwatch classify` on real and broken files."""
+"""Classifier contract, the batching engine, aggregation rules and `semwatch classify` on real and
+broken files; the daemon's pipeline gives the verdicts `classify` gives."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
-import subprocess
-import sys
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import Cli
 from semwatch.config import Settings, load_settings
-from semwatch.model.classify import Classifier, PreparedImage, TileOutput, aggregate
+from semwatch.model.classify import Classifier, aggregate, classify_files
+from semwatch.model.engine import PreparedImage, TileOutput, chunks, predict_images
+from semwatch.output import Output
 from semwatch.reading.tiles import Scale
 from semwatch.values import ClassInfo, ImageVerdict, MicrographError, parse_class
 
@@ -95,7 +101,7 @@ def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, setti
     clf = Classifier.load(tiny_model, settings)
     image = next(iter(sorted((ncm_dir / "523").glob("*.jpg"))))
     prep = clf.prepare(read_micrograph(image, settings))
-    px = clf.manifest["tile_px"]
+    px = clf.manifest.tile_px
     assert prep.tiles.dtype == np.float32 and prep.tiles.shape[1:] == (3, px, px)
     n = tiles_per_ncm_image  # the specimen area at the reference scale, covered by an overlapping grid
     assert len(prep.tiles) == n >= 2
@@ -112,7 +118,7 @@ def test_contract_prepare_predict_verdict(tiny_model: Path, ncm_dir: Path, setti
 
 
 def test_classify_cli_real_vendor_and_broken_files(
-    tiny_model: Path, ncm_dir: Path, vendor_dir: Path, tmp_path: Path, tiles_per_ncm_image: int
+    cli: Cli, tiny_model: Path, ncm_dir: Path, vendor_dir: Path, tmp_path: Path, tiles_per_ncm_image: int
 ) -> None:
     ncm = sorted((ncm_dir / "811_cycled").glob("*.jpg"))[0]
     fei = vendor_dir / "fei" / "Untreated_ME_5KV_1200x_ETD_16bit.tif"
@@ -122,32 +128,13 @@ def test_classify_cli_real_vendor_and_broken_files(
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((960, 1280), 128, np.uint8))
     missing = tmp_path / "missing.tif"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "semwatch",
-            "classify",
-            str(ncm),
-            str(fei),
-            str(zeiss),
-            str(broken),
-            str(blank),
-            str(missing),
-            "--model",
-            str(tiny_model),
-            "--json",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    files = (ncm, fei, zeiss, broken, blank, missing)
+    run = cli("classify", *files, "--model", tiny_model, "--json")
+    assert run.code == 1, run.err
+    assert run.err == ""  # with --json the errors are records on stdout
+    lines = [json.loads(line) for line in run.out.splitlines()]
     by_path = {Path(line["path"]).name: line for line in lines}
-    assert list(by_path) == [p.name for p in (ncm, fei, zeiss, broken, blank, missing)]
+    assert list(by_path) == [p.name for p in files]
     for name in (ncm.name, fei.name, zeiss.name):
         line = by_path[name]
         for key in (
@@ -165,13 +152,17 @@ def test_classify_cli_real_vendor_and_broken_files(
         assert line["status"] in ("ok", "unknown", "rejected")
     assert by_path[ncm.name]["n_tiles"] == tiles_per_ncm_image
     assert set(by_path[broken.name]) == {"path", "error"} and set(by_path[missing.name]) == {"path", "error"}
-    assert by_path[blank.name]["status"] == "rejected"
+    assert by_path[blank.name]["status"] == "rejected" and by_path[blank.name]["n_tiles"] == 0
+
+    plain = cli("classify", ncm, missing, "--model", tiny_model)
+    assert plain.code == 1
+    assert plain.out.startswith(f"{ncm}: ") and f"tiles {tiles_per_ncm_image}" in plain.out
+    assert plain.err.startswith(f"semwatch: {missing}: ") and len(plain.err.splitlines()) == 1
 
 
 def test_classify_paths_and_explain(
-    tiny_model: Path, ncm_dir: Path, settings: Settings, tmp_path: Path
+    cli: Cli, tiny_model: Path, ncm_dir: Path, settings: Settings, tmp_path: Path
 ) -> None:
-    from semwatch.model.gradcam import explain_image
     from semwatch.reading.micrograph import read_micrograph
 
     clf = Classifier.load(tiny_model, settings)
@@ -179,30 +170,14 @@ def test_classify_paths_and_explain(
     results = clf.classify_paths([image, tmp_path / "nope.jpg"])
     assert isinstance(results[0], ImageVerdict) and isinstance(results[1], MicrographError)
     micrograph = read_micrograph(image, settings)
-    overlay = explain_image(clf, micrograph)
+    overlay = clf.explain(micrograph)
     assert overlay.dtype == np.uint8 and overlay.shape == (*micrograph.pixels.shape, 3)
     assert float(overlay.std()) > 0
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "semwatch",
-            "classify",
-            str(image),
-            "--model",
-            str(tiny_model),
-            "--explain",
-            str(tmp_path / "cams"),
-            "--json",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    written = Path(json.loads(proc.stdout)["explanation"])
+    run = cli("classify", image, "--model", tiny_model, "--explain", tmp_path / "cams", "--json")
+    assert run.code == 0, run.err
+    written = Path(json.loads(run.out)["explanation"])
     assert written.is_file() and cv2.imread(str(written)).shape[:2] == micrograph.pixels.shape
+    assert np.array_equal(cv2.cvtColor(cv2.imread(str(written)), cv2.COLOR_BGR2RGB), overlay)
 
 
 def _viewing(model: Path, views: int, below: float) -> Classifier:
@@ -257,3 +232,138 @@ def test_only_unsure_tiles_get_more_views(tiny_model: Path, ncm_dir: Path) -> No
     assert 0 < unsure.sum() < len(unsure)
     assert np.allclose(mixed[~unsure], one[~unsure], atol=1e-5)
     assert np.allclose(mixed[unsure], every[unsure], atol=1e-5)
+
+
+# --- the batching engine --------------------------------------------------------------------------
+
+
+def test_tile_outputs_concatenate_and_slice() -> None:
+    a = TileOutput(np.full((2, 4), 0.25, np.float32), np.array([1.0, 2.0], np.float32))
+    b = TileOutput(np.eye(4, dtype=np.float32)[:3], np.array([3.0, 4.0, 5.0], np.float32))
+    both = TileOutput.concat([a, b])
+    assert len(both) == 5 and both.probabilities.shape == (5, 4)
+    assert both.novelty.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert np.array_equal(both[2:5].probabilities, b.probabilities)
+    assert np.array_equal(both[0:2].novelty, a.novelty)
+    assert both[3:3].probabilities.shape == (0, 4) and len(both[3:3]) == 0
+    assert TileOutput.empty(4).probabilities.shape == (0, 4)
+
+
+def test_chunks_are_balanced_and_cover_every_tile() -> None:
+    assert chunks(0, 32) == []
+    assert chunks(10, 32) == [slice(0, 10)]
+    assert chunks(48, 32) == [slice(0, 24), slice(24, 48)]  # not 32 + a pass of 16
+    for n, size in ((300, 32), (33, 32), (1000, 7), (5, 1)):
+        parts = chunks(n, size)
+        covered = [i for p in parts for i in range(p.start, p.stop)]
+        assert covered == list(range(n))
+        lengths = [p.stop - p.start for p in parts]
+        assert max(lengths) - min(lengths) <= 1 and max(lengths) <= 1.5 * size + 1
+
+
+class Recording:
+    """A predictor that records the batches it is given (its answer: the tile's first pixel)."""
+
+    batch_size = 3
+
+    def __init__(self) -> None:
+        self.classes = ["a", "b"]
+        self.batches: list[int] = []
+
+    def predict(self, tiles: np.ndarray) -> TileOutput:
+        self.batches.append(len(tiles))
+        first = tiles[:, 0, 0, 0]
+        return TileOutput(np.stack([first, 1 - first], axis=1), first.copy())
+
+
+def test_predict_images_batches_across_images_and_splits_back() -> None:
+    sizes = [3, 0, 5, 2, 0]
+    images = [dataclasses.replace(prepared(n), tiles=np.full((n, 3, 8, 8), i / 10, np.float32))
+              for i, n in enumerate(sizes)]
+    engine = Recording()
+    outputs = predict_images(engine, images)
+    assert [len(o) for o in outputs] == sizes
+    assert engine.batches == [3, 3, 4]  # 10 tiles in balanced batches, across image boundaries
+    for i, out in enumerate(outputs):
+        assert out.probabilities.shape == (sizes[i], 2)
+        assert np.allclose(out.novelty, i / 10)  # each image gets its own tiles' outputs back
+    engine.batches.clear()
+    none = predict_images(engine, [prepared(0), prepared(0)])
+    assert engine.batches == [] and [o.probabilities.shape for o in none] == [(0, 2), (0, 2)]
+
+
+def test_the_daemon_pipeline_and_classify_give_the_same_verdicts(
+    tiny_model: Path, ncm_dir: Path, vendor_dir: Path, settings: Settings, tmp_path: Path
+) -> None:
+    """The same images through `semwatch classify` and through the daemon's pipeline (readers,
+    dynamic batches, the SQLite ledger): the same verdicts, because both run the same engine. On
+    the CPU in float32 the network's answer barely depends on which tiles share its batch."""
+    from semwatch.liveness import Liveness
+    from semwatch.reading.micrograph import read_micrograph
+    from semwatch.service.inbox import Finished, Inbox
+    from semwatch.service.pipeline import Pipeline
+    from semwatch.service.stability import Candidate
+    from semwatch.store import db
+    from semwatch.store.ledger import Store
+    from semwatch.store.writer import Writer
+    from semwatch.values import FileKey
+
+    model = dataclasses.replace(settings.model, cpu_precision="float32", batch_size=16)
+    settings = settings.replace(model=model)
+    folder = settings.watch.folder
+    folder.mkdir(parents=True)
+    sources = [sorted((ncm_dir / c).glob("*.jpg"))[0] for c in ("333", "523_cycled", "622_formation", "811")]
+    sources.append(vendor_dir / "fei" / "Untreated_ME_5KV_1200x_ETD_16bit.tif")
+    paths = [folder / f"{i}{src.suffix}" for i, src in enumerate(sources)]
+    for src, dst in zip(sources, paths, strict=True):
+        shutil.copyfile(src, dst)
+    blank = folder / "blank.png"  # no usable tiles: an empty output in the middle of a batch
+    cv2.imwrite(str(blank), np.full((960, 1280), 128, np.uint8))
+    paths.insert(2, blank)
+
+    buf = io.StringIO()
+    assert classify_files(paths, settings, model_dir=tiny_model, explain_dir=None,
+                          out=Output(json=True, stdout=buf)) == 0
+    by_classify = {line["path"]: line for line in map(json.loads, buf.getvalue().splitlines())}
+
+    classifier = Classifier.load(tiny_model, settings)
+    store = Store(settings.store.database, settings.store.results_csv)
+    liveness = Liveness()
+    writer = Writer(store, stage=liveness.stage("writer"))
+    writer.start()
+    inbox = Inbox()
+    pipeline = Pipeline(settings, classifier, writer, folder, inbox=inbox, read=read_micrograph,
+                        database=settings.store.database, liveness=liveness)
+    pipeline.start()
+    try:
+        keys = set()
+        for p in paths:
+            key = FileKey.of(str(p), p.stat())
+            keys.add(key)
+            pipeline.submit(Candidate(key, time.time(), time.monotonic(), time.monotonic()))
+        finished = set()
+        deadline = time.monotonic() + 120
+        while finished != keys:
+            message = inbox.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert isinstance(message, Finished), message  # nothing failed, changed or retried
+            finished.add(message.key)
+    finally:
+        assert pipeline.stop(30)
+        writer.stop()
+        writer.join(10)
+        store.close()
+    conn = db.connect(settings.store.database, readonly=True)
+    try:
+        rows = {r["path"]: dict(r) for r in conn.execute("SELECT * FROM images")}
+    finally:
+        conn.close()
+    assert set(rows) == set(by_classify) == {str(p) for p in paths}
+    for path, mine in by_classify.items():
+        row = rows[path]
+        for key in ("status", "predicted_class", "composition", "state", "n_tiles", "model_id"):
+            assert row[key] == mine[key], (path, key)
+        assert row["confidence"] == pytest.approx(mine["confidence"], abs=1e-5)
+        assert row["tile_agreement"] == pytest.approx(mine["tile_agreement"], abs=1e-6)
+        probs = json.loads(row["probabilities"])
+        assert probs == pytest.approx(mine["probabilities"], abs=1e-5)
+        assert (json.loads(row["reasons"]) if row["reasons"] else []) == mine["reasons"]

@@ -2,8 +2,8 @@
 
     watcher ──submit──▶ jobs ──▶ reader threads (hash, decode, tile) ──▶ prepared
         ▲                                                                  │
-        └──── finished / retry / changed ◀── inference thread (dynamic batches, latency cap)
-                                                   │
+        └── inbox: Finished / Retry / Changed ◀── inference thread (dynamic batches, latency cap,
+                                                   │                 `engine.predict_images`)
                                                    ▼
                                        writer thread (SQLite + CSV)
 
@@ -30,31 +30,23 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Protocol
 
 from semwatch.config import Settings
+from semwatch.liveness import Liveness, Stage
+from semwatch.model.engine import Predictor, PreparedImage, TileOutput, predict_images
 from semwatch.reading.sample import expected_class, sample_key
 from semwatch.safefs import Confinement, RefusedFile, open_regular
-from semwatch.liveness import Liveness, Stage
+from semwatch.service.inbox import Changed, Finished, Inbox, Retry
 from semwatch.service.logs import PER_FILE
 from semwatch.service.stability import Candidate, stat_path
 from semwatch.store import db
-from semwatch.store.ledger import (
-    Attempt,
-    Failed,
-    Gone,
-    Pending,
-    Result,
-    Started,
-    Writer,
-    find_result_by_content,
-)
-from semwatch.values import FileKey, ImageVerdict, MicrographError
+from semwatch.store.ledger import find_verdict_by_content
+from semwatch.store.messages import Attempt, Failed, Gone, Pending, Result, Started
+from semwatch.store.writer import Writer
+from semwatch.values import FileKey, ImageVerdict, Micrograph, MicrographError
 
 log = logging.getLogger("semwatch.pipeline")
 
@@ -62,19 +54,21 @@ HASH_CHUNK = 1 << 20
 RECENT_RESULTS = 512  # in-memory cache of verdicts by content hash (the database backs it up)
 
 
-class ClassifierLike(Protocol):
-    model_id: str
-    device: str
+class ClassifierLike(Predictor, Protocol):
+    """What the pipeline needs of `model.classify.Classifier` (tests may pass their own)."""
 
-    def prepare(self, micrograph: Any) -> Any: ...
+    @property
+    def model_id(self) -> str: ...
 
-    def predict(self, tiles: np.ndarray) -> Any: ...
+    def prepare(self, micrograph: Micrograph) -> PreparedImage: ...
 
-    def verdict(self, prepared: Any, output: Any) -> ImageVerdict: ...
+    def verdict(self, prepared: PreparedImage, output: TileOutput) -> ImageVerdict: ...
 
 
 class Reader(Protocol):
-    def __call__(self, path: Path, settings: Settings, *, confine: Confinement) -> Any: ...
+    """`reading.micrograph.read_micrograph`, or a test's stand-in for it."""
+
+    def __call__(self, path: Path, settings: Settings, *, confine: Confinement) -> Micrograph: ...
 
 
 # Read failures that may pass on their own (a copy still in progress, a share that hiccups): these
@@ -115,7 +109,7 @@ class Prepared:
     sha256: str
     sample_id: str
     expected: str | None
-    prepared: Any
+    prepared: PreparedImage
     n_tiles: int
 
 
@@ -139,42 +133,21 @@ class Rates:
         return len(self.events) / span, sum(t for _, t in self.events) / span
 
 
-# --- tile outputs: concatenation and slicing of whatever array fields the classifier returns ----
-
-
-def _array_fields(output: Any) -> list[str]:
-    if dataclasses.is_dataclass(output):
-        return [f.name for f in dataclasses.fields(output) if isinstance(getattr(output, f.name), np.ndarray)]
-    return []
-
-
-def concat_outputs(outputs: Sequence[Any]) -> Any:
-    if len(outputs) == 1:
-        return outputs[0]
-    names = _array_fields(outputs[0])
-    joined = {n: np.concatenate([getattr(o, n) for o in outputs]) for n in names}
-    return dataclasses.replace(outputs[0], **joined)
-
-
-def slice_output(output: Any, start: int, stop: int) -> Any:
-    names = _array_fields(output)
-    return dataclasses.replace(output, **{n: getattr(output, n)[start:stop] for n in names})
-
-
 class Pipeline:
-    """Reader threads, one inference thread; results go to the writer, outcomes back to the watcher."""
+    """Reader threads, one inference thread; results go to the writer, what became of each file
+    to the watcher's `inbox`."""
 
     def __init__(self, settings: Settings, classifier: ClassifierLike, writer: Writer, watch_folder: Path,
-                 *, read: Reader, database: Path, liveness: Liveness | None = None) -> None:
+                 *, inbox: Inbox, read: Reader, database: Path, liveness: Liveness | None = None) -> None:
         self.settings = settings
         self.classifier = classifier
         self.writer = writer
         self.watch_folder = watch_folder
+        self.inbox = inbox
         self.read = read
         self.database = database
         self.liveness = liveness or Liveness()
         self.confine = Confinement(watch_folder, settings.watch.follow_symlinks)
-        self.watcher: Any = None  # set by the service before start(): finished / retry / changed
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.prepared: queue.Queue[Prepared] = queue.Queue(maxsize=max(4, 2 * settings.watch.reader_threads))
         self.stopping = threading.Event()
@@ -274,8 +247,7 @@ class Pipeline:
                 self.timed_out += 1
             if slot.sha256 is not None:
                 self._release(slot.sha256, retry_followers=True)
-            if self.watcher is not None:
-                self.watcher.finished(job.key)
+            self.inbox.put(Finished(job.key))
             if not self.stopping.is_set():
                 self._start_reader()
         if stuck > 2 * self.settings.watch.reader_threads:
@@ -375,9 +347,8 @@ class Pipeline:
                 if cached is None:
                     self._leaders[sha] = []
             if cached is None:
-                row = find_result_by_content(conn, sha, self.classifier.model_id)
-                if row is not None:
-                    cached = _verdict_from_row(path, row, self.classifier.model_id)
+                cached = find_verdict_by_content(conn, sha, self.classifier.model_id, path)
+                if cached is not None:
                     with self._lock:
                         followers = self._leaders.pop(sha, [])
                     self._emit_copies(cached, sha, followers)
@@ -416,7 +387,12 @@ class Pipeline:
 
     def _sha256(self, path: Path, slot: ReaderSlot) -> str:
         """The file's SHA-256, read through the safe open with the size limit; each chunk is
-        progress for the liveness signal."""
+        progress for the liveness signal.
+
+        Chunked by hand, not `hashlib.file_digest`: each chunk beats the reader's liveness stage
+        (a big file on a slow share is not a stuck reader), checks whether the reader was
+        abandoned, and counts bytes against `[reading] max_file_mb` (a file that grows while it is
+        hashed is refused at the limit instead of read to its end)."""
         max_bytes = int(self.settings.reading.max_file_mb * 1024 * 1024)
         fd, _ = open_regular(path, confine=self.confine, max_bytes=max_bytes)
         h = hashlib.sha256()
@@ -447,8 +423,7 @@ class Pipeline:
     def _gone(self, job: Job) -> None:
         """Drop the version's pending row; the watcher looks at the path again."""
         self.writer.put(Gone(job.key))
-        if self.watcher is not None:
-            self.watcher.changed(job.key)
+        self.inbox.put(Changed(job.key))
 
     def _failure(self, job: Job, error: str, sha: str | None, sample_id: str | None,
                  slot: ReaderSlot | None = None, *, transient: bool | None = None) -> None:
@@ -465,8 +440,7 @@ class Pipeline:
         log.warning("cannot read %s: %s; retry %d/%d in %.1f s", job.key.path, error, attempts,
                     self.settings.watch.max_attempts - 1, delay, extra=PER_FILE)
         self.writer.put(Attempt(job.key, attempts, error))
-        if self.watcher is not None:
-            self.watcher.retry(job.key, attempts, delay)
+        self.inbox.put(Retry(job.key, attempts, delay))
 
     def _final_failure(self, job: Job, error: str, sha: str | None, sample_id: str | None, *,
                        attempts: int | None = None) -> None:
@@ -475,8 +449,7 @@ class Pipeline:
         self.writer.put(Failed(job.key, attempts, error, sha, sample_id))
         with self._lock:
             self.failed += 1
-        if self.watcher is not None:
-            self.watcher.finished(job.key)
+        self.inbox.put(Finished(job.key))
 
     def _release(self, sha: str, *, retry_followers: bool, error: str | None = None) -> None:
         """The leader for `sha` gave up: its followers are read on their own, or (`error`: the
@@ -537,7 +510,7 @@ class Pipeline:
 
     def _run_batch(self, batch: list[Prepared]) -> None:
         try:
-            outputs = self._predict([b for b in batch if b.n_tiles > 0])
+            outputs = predict_images(self.classifier, [item.prepared for item in batch])
         except Exception as exc:
             log.exception("inference failed for a batch of %d image(s)", len(batch))
             for item in batch:
@@ -547,16 +520,7 @@ class Pipeline:
             with self._lock:
                 self.in_inference -= len(batch)
             return
-        empty = None
-        start = 0
-        for item in batch:
-            if item.n_tiles > 0:
-                out = slice_output(outputs, start, start + item.n_tiles)
-                start += item.n_tiles
-            else:
-                if empty is None:
-                    empty = self._empty_output(outputs)
-                out = empty
+        for item, out in zip(batch, outputs, strict=True):
             try:
                 verdict = self.classifier.verdict(item.prepared, out)
             except Exception as exc:
@@ -576,21 +540,6 @@ class Pipeline:
         with self._lock:
             self.in_inference -= len(batch)
 
-    def _predict(self, items: list[Prepared]) -> Any:
-        if not items:
-            return None
-        parts = [i.prepared.tiles for i in items]
-        tiles = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        size = self.settings.model.batch_size
-        outs = [self.classifier.predict(tiles[i : i + size]) for i in range(0, len(tiles), size)]
-        return concat_outputs(outs)
-
-    def _empty_output(self, outputs: Any) -> Any:
-        if outputs is not None:
-            return slice_output(outputs, 0, 0)
-        shape = (0, 3, self.settings.tiling.tile_px, self.settings.tiling.tile_px)
-        return self.classifier.predict(np.zeros(shape, np.float32))
-
     # --- results ----------------------------------------------------------------------------
 
     def _emit(self, job: Job, sha: str, sample_id: str, expected: str | None, verdict: ImageVerdict,
@@ -602,8 +551,7 @@ class Pipeline:
         log.info("%s: %s %s conf %.2f (%d tiles) [%s]", job.key.path, verdict.status,
                  verdict.predicted_class or "-", verdict.confidence, verdict.n_tiles, sample_id,
                  extra=PER_FILE)
-        if self.watcher is not None:
-            self.watcher.finished(job.key)
+        self.inbox.put(Finished(job.key))
 
     def _emit_copies(self, verdict: ImageVerdict, sha: str,
                      followers: list[tuple[Job, str, str | None]]) -> None:
@@ -621,18 +569,6 @@ def _exists(path: Path) -> bool:
 
 def _with_path(verdict: ImageVerdict, path: Path) -> ImageVerdict:
     return dataclasses.replace(verdict, path=path)
-
-
-def _verdict_from_row(path: Path, row: dict[str, Any], model_id: str) -> ImageVerdict:
-    import json
-
-    return ImageVerdict(
-        path=path, status=row["status"], predicted_class=row["predicted_class"],
-        composition=row["composition"], state=row["state"], confidence=float(row["confidence"] or 0.0),
-        tile_agreement=float(row["tile_agreement"] or 0.0), n_tiles=int(row["n_tiles"] or 0),
-        probabilities=json.loads(row["probabilities"]) if row["probabilities"] else {},
-        reasons=tuple(json.loads(row["reasons"])) if row["reasons"] else (), model_id=model_id,
-    )
 
 
 def _utc(epoch: float) -> str:
