@@ -24,9 +24,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from semwatch.model.classify import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "daemon"))
@@ -112,7 +115,8 @@ def throughput(model: Path, sources: list[Path], work: Path, images: int,
     """Bare model and daemon, alternating on fresh image sets (the machine's load varies; the
     daemon reuses results for identical contents, so every round uses other images).
 
-    Bare: `Classifier.classify_paths` (parallel read + prepare, batched predict) after loading.
+    Bare: `Classifier.classify_paths` (parallel read + prepare, the daemon's batching engine) after
+    loading.
     Daemon: already running with the model loaded; the clock starts when the round's files are
     dropped into its folder (old mtimes: no settle wait) and stops when the last result is in the
     database, so it includes event handling, hashing, SQLite, CSV and sample updates.
@@ -153,23 +157,21 @@ def throughput(model: Path, sources: list[Path], work: Path, images: int,
     return out
 
 
-def _network_only(clf: Any, paths: list[Path]) -> float:
-    """Images/s of the network alone (tiles prepared beforehand, untimed), run in a worker thread
-    like the daemon's inference thread: the upper bound for any pipeline around it."""
+def _network_only(clf: Classifier, paths: list[Path]) -> float:
+    """Images/s of the network alone through the daemon's batching engine (tiles prepared
+    beforehand, untimed), run in a worker thread like the daemon's inference thread: the upper
+    bound for any pipeline around it."""
     import threading
 
-    import numpy as np
-
+    from semwatch.model.engine import predict_images
     from semwatch.reading.micrograph import read_micrograph
 
-    tiles = np.concatenate([clf.prepare(read_micrograph(p, clf.settings)).tiles for p in paths])
-    size = clf.settings.model.batch_size
+    prepared = [clf.prepare(read_micrograph(p, clf.settings)) for p in paths]
     took: list[float] = []
 
     def run() -> None:
         t0 = time.monotonic()
-        for i in range(0, len(tiles), size):
-            clf.predict(tiles[i : i + size])
+        predict_images(clf, prepared)
         took.append(time.monotonic() - t0)
 
     t = threading.Thread(target=run)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "unknown_rate": round(sum(v.get("status") == "unknown" for v in verdicts) / max(1, len(verdicts)), 4),
         "verdicts": verdicts,
     }
-    summary["bench"] = run_bench(ncm, args.out, settings, max_images=args.bench_images)
+    summary["bench"] = run_bench(ncm, args.out, settings, max_images=args.bench_images).to_json()
     text = json.dumps(summary, indent=2)
     (args.out / "benchmark.json").write_text(text + "\n", encoding="utf-8")
     print(text)
