@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, jitter in (("test", False), ("test_jitter", True)):
         t0 = time.monotonic()
-        report = evaluate_model(ncm, args.out, settings, split="test", intensity_jitter=jitter, seed=7)
+        evaluation = evaluate_model(ncm, args.out, settings, split="test", intensity_jitter=jitter, seed=7)
+        report = evaluation.to_json()
         summary[name] = {k: report[k] for k in KEYS} | {
             "confusion": report["confusion"],
             "wall_s": round(time.monotonic() - t0, 1),

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -24,6 +24,69 @@ from semwatch.safefs import path_text
 from semwatch.values import ClassInfo, ImageVerdict, Micrograph, MicrographError, parse_class
 
 ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    n: int  # images of this class that were scored
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's figures on a labelled folder; `to_json` is the `--json` report."""
+
+    n_images: int  # read and given a verdict
+    n_scored: int  # of those, with tiles (the others cannot be scored)
+    n_failed: int  # could not be read
+    n_tiles: int
+    image_accuracy: float
+    tile_accuracy: float
+    composition_accuracy: float
+    state_accuracy: float
+    macro_f1: float
+    ece: float
+    unknown_rate: float
+    rejected_rate: float
+    per_class: dict[str, ClassScore]
+    labels: list[str]
+    confusion: list[list[int]]  # [true][predicted] image counts
+    failed: list[tuple[str, str]]  # (path in `path_text` form, why)
+    confidence: list[float]  # per scored image, for the reliability figure
+    correct: list[bool]
+    split: str = "all"
+    intensity_jitter: bool = False
+    model_id: str = ""
+    device: str = ""
+    figures: dict[str, str] = field(default_factory=dict)  # name -> PNG path, when written
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "n_images": self.n_images,
+            "n_scored": self.n_scored,
+            "n_failed": self.n_failed,
+            "n_tiles": self.n_tiles,
+            "image_accuracy": self.image_accuracy,
+            "tile_accuracy": self.tile_accuracy,
+            "composition_accuracy": self.composition_accuracy,
+            "state_accuracy": self.state_accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+            "unknown_rate": self.unknown_rate,
+            "rejected_rate": self.rejected_rate,
+            "per_class": {c: dataclasses.asdict(score) for c, score in self.per_class.items()},
+            "confusion": {"labels": self.labels, "matrix": self.confusion},
+            "failed": [{"path": path, "error": error} for path, error in self.failed],
+            "split": self.split,
+            "intensity_jitter": self.intensity_jitter,
+            "model_id": self.model_id,
+            "device": self.device,
+        }
+        if self.figures:
+            out["figures"] = self.figures
+        return out
 
 
 def jitter_transform(seed: int) -> Callable[[Micrograph], Micrograph]:
@@ -75,7 +138,7 @@ def evaluate_model(
     intensity_jitter: bool = False,
     seed: int = 0,
     out_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> Evaluation:
     classifier = Classifier.load(model_dir, settings)
     _, images = discover(Path(data_dir), settings.train.class_map)
     folder_classes = {
@@ -96,16 +159,19 @@ def evaluate_model(
     truth_of = {im.path: index[folder_classes[im.rel].name] for im in images}
     transform = jitter_transform(seed) if intensity_jitter else None
     results: list[Outcome] = list(outcomes(classifier, [im.path for im in images], transform=transform))
-    report = summarise(results, truth_of, classifier)
-    report.update(
-        split=split, intensity_jitter=intensity_jitter, model_id=classifier.model_id, device=classifier.device
+    report = dataclasses.replace(
+        summarise(results, truth_of, classifier),
+        split=split,
+        intensity_jitter=intensity_jitter,
+        model_id=classifier.model_id,
+        device=classifier.device,
     )
     if out_dir is not None:
-        report["figures"] = write_figures(report, results, truth_of, out_dir)
+        report = dataclasses.replace(report, figures=write_figures(report, out_dir))
     return report
 
 
-def summarise(results: list[Outcome], truth_of: dict[Path, int], classifier: Classifier) -> dict[str, Any]:
+def summarise(results: list[Outcome], truth_of: dict[Path, int], classifier: Classifier) -> Evaluation:
     classes, info = classifier.classes, classifier.class_info
     n_classes = len(classes)
     confusion = np.zeros((n_classes, n_classes), int)
@@ -115,10 +181,10 @@ def summarise(results: list[Outcome], truth_of: dict[Path, int], classifier: Cla
     state_ok: list[bool] = []
     tile_hits = tile_total = 0
     statuses: list[str] = []
-    failed: list[dict[str, str]] = []
+    failed: list[tuple[str, str]] = []
     for o in results:
         if isinstance(o.result, MicrographError):
-            failed.append({"path": path_text(o.path), "error": str(o.result)})
+            failed.append((path_text(o.path), str(o.result)))
             continue
         verdict: ImageVerdict = o.result
         truth = truth_of[o.path]
@@ -134,7 +200,7 @@ def summarise(results: list[Outcome], truth_of: dict[Path, int], classifier: Cla
         state_ok.append(_marginal(probs, info, "state") == info[truth].state)
         tile_hits += int((o.output.probabilities.argmax(axis=1) == truth).sum())
         tile_total += len(o.output.probabilities)
-    per_class: dict[str, dict[str, Any]] = {}
+    per_class: dict[str, ClassScore] = {}
     f1s = []
     for i, c in enumerate(classes):
         tp = float(confusion[i, i])
@@ -144,45 +210,40 @@ def summarise(results: list[Outcome], truth_of: dict[Path, int], classifier: Cla
         n = int(confusion[i, :].sum())
         if n:
             f1s.append(f1)
-        per_class[c] = {
-            "n": n,
-            "precision": round(precision, 4),
-            "recall": round(recall, 4),
-            "f1": round(f1, 4),
-        }
+        per_class[c] = ClassScore(n, round(precision, 4), round(recall, 4), round(f1, 4))
     n_scored = len(correct)
-    return {
-        "n_images": len(statuses),
-        "n_scored": n_scored,
-        "n_failed": len(failed),
-        "n_tiles": tile_total,
-        "image_accuracy": round(float(np.mean(correct)), 4) if n_scored else 0.0,
-        "tile_accuracy": round(tile_hits / tile_total, 4) if tile_total else 0.0,
-        "composition_accuracy": round(float(np.mean(comp_ok)), 4) if n_scored else 0.0,
-        "state_accuracy": round(float(np.mean(state_ok)), 4) if n_scored else 0.0,
-        "macro_f1": round(float(np.mean(f1s)), 4) if f1s else 0.0,
-        "ece": round(expected_calibration_error(np.array(conf), np.array(correct, float)), 4),
-        "unknown_rate": round(statuses.count("unknown") / len(statuses), 4) if statuses else 0.0,
-        "rejected_rate": round(statuses.count("rejected") / len(statuses), 4) if statuses else 0.0,
-        "per_class": per_class,
-        "confusion": {"labels": classes, "matrix": confusion.tolist()},
-        "failed": failed,
-        "_confidence": conf,
-        "_correct": correct,
-    }
+    return Evaluation(
+        n_images=len(statuses),
+        n_scored=n_scored,
+        n_failed=len(failed),
+        n_tiles=tile_total,
+        image_accuracy=round(float(np.mean(correct)), 4) if n_scored else 0.0,
+        tile_accuracy=round(tile_hits / tile_total, 4) if tile_total else 0.0,
+        composition_accuracy=round(float(np.mean(comp_ok)), 4) if n_scored else 0.0,
+        state_accuracy=round(float(np.mean(state_ok)), 4) if n_scored else 0.0,
+        macro_f1=round(float(np.mean(f1s)), 4) if f1s else 0.0,
+        ece=round(expected_calibration_error(np.array(conf), np.array(correct, float)), 4),
+        unknown_rate=round(statuses.count("unknown") / len(statuses), 4) if statuses else 0.0,
+        rejected_rate=round(statuses.count("rejected") / len(statuses), 4) if statuses else 0.0,
+        per_class=per_class,
+        labels=list(classes),
+        confusion=confusion.tolist(),
+        failed=failed,
+        confidence=conf,
+        correct=correct,
+    )
 
 
-def write_figures(
-    report: dict[str, Any], results: list[Outcome], truth_of: dict[Path, int], out_dir: Path
-) -> dict[str, str]:
+def write_figures(report: Evaluation, out_dir: Path) -> dict[str, str]:
+    """The confusion matrix and the reliability diagram as PNGs in `out_dir`; their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = report["confusion"]["labels"]
-    matrix = np.array(report["confusion"]["matrix"])
+    labels = report.labels
+    matrix = np.array(report.confusion)
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
@@ -200,14 +261,14 @@ def write_figures(
                 fontsize=7,
                 color="white" if v > matrix.max() / 2 else "black",
             )
-    ax.set_title(f"image accuracy {report['image_accuracy']:.3f}")
+    ax.set_title(f"image accuracy {report.image_accuracy:.3f}")
     fig.tight_layout()
     confusion_png = out_dir / "confusion.png"
     fig.savefig(confusion_png, dpi=120)
     plt.close(fig)
 
-    conf = np.array(report["_confidence"])
-    correct = np.array(report["_correct"], float)
+    conf = np.array(report.confidence)
+    correct = np.array(report.correct, float)
     edges = np.linspace(0, 1, ECE_BINS + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1]), 0, ECE_BINS - 1) if len(conf) else np.array([], int)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -217,7 +278,7 @@ def write_figures(
     ax.bar(centres, np.nan_to_num(acc), width=1 / ECE_BINS, edgecolor="k", alpha=0.7)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {report['ece']:.3f})")
+    ax.set_title(f"reliability (ECE {report.ece:.3f})")
     fig.tight_layout()
     reliability_png = out_dir / "reliability.png"
     fig.savefig(reliability_png, dpi=120)
@@ -247,19 +308,18 @@ def evaluate_folder(
         seed=seed,
         out_dir=out_dir,
     )
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    for f in public["failed"]:
-        out.say(f"{f['path']}: {f['error']}")
+    for path, error in report.failed:
+        out.say(f"{path}: {error}")
     if out.json:
-        out.emit(public)
+        out.emit(report.to_json())
     else:
-        p = public
+        r = report
         out.line(
-            f"{p['n_images']} images, {p['n_tiles']} tiles: image accuracy {p['image_accuracy']:.4f}, "
-            f"tile accuracy {p['tile_accuracy']:.4f}, composition {p['composition_accuracy']:.4f}, "
-            f"state {p['state_accuracy']:.4f}, macro F1 {p['macro_f1']:.4f}, ECE {p['ece']:.4f}, "
-            f"unknown {p['unknown_rate']:.4f}"
+            f"{r.n_images} images, {r.n_tiles} tiles: image accuracy {r.image_accuracy:.4f}, "
+            f"tile accuracy {r.tile_accuracy:.4f}, composition {r.composition_accuracy:.4f}, "
+            f"state {r.state_accuracy:.4f}, macro F1 {r.macro_f1:.4f}, ECE {r.ece:.4f}, "
+            f"unknown {r.unknown_rate:.4f}"
         )
-        for name, path in public.get("figures", {}).items():
+        for name, path in r.figures.items():
             out.line(f"{name}: {path}")
-    return ExitStatus.INPUT_FAILED if public["failed"] else ExitStatus.OK
+    return ExitStatus.INPUT_FAILED if report.failed else ExitStatus.OK

@@ -4,7 +4,6 @@ CPU that does it natively) and its name for logs and reports."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 
@@ -33,7 +32,7 @@ def cpu_bfloat16(settings: Settings) -> bool:
     return choice == "bfloat16"
 
 
-def autocast_for(device: torch.device, settings: Settings) -> contextlib.AbstractContextManager[Any]:
+def autocast_for(device: torch.device, settings: Settings) -> contextlib.AbstractContextManager[object]:
     """float16 autocast on CUDA (if mixed_precision), bfloat16 on a capable CPU, else nothing."""
     if device.type == "cuda":
         if settings.model.mixed_precision:
