@@ -23,7 +23,7 @@ def test_bench_json(
     cli: Cli, tiny_model: Path, ncm_dir: Path, tmp_path: Path, tiles_per_ncm_image: int
 ) -> None:
     # One view per tile: the tiny model is unsure of every tile, and 8 views each only cost time here.
-    (tmp_path / "config.toml").write_text("[model]\ntest_time_views = 1\n")
+    (tmp_path / "config.toml").write_text('[model]\ntest_time_views = 1\ndevice = "cpu"\n')
     run = cli("bench", ncm_dir, "--model", tiny_model, "--max-images", "4", "--rounds", "2", "--json")
     assert run.code == 0, run.err
     r = json.loads(run.out)

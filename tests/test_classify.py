@@ -173,6 +173,7 @@ def test_classify_paths_and_explain(
     overlay = clf.explain(micrograph)
     assert overlay.dtype == np.uint8 and overlay.shape == (*micrograph.pixels.shape, 3)
     assert float(overlay.std()) > 0
+    (tmp_path / "config.toml").write_text('[model]\ndevice = "cpu"\n')  # as `settings`: the same overlay
     run = cli("classify", image, "--model", tiny_model, "--explain", tmp_path / "cams", "--json")
     assert run.code == 0, run.err
     written = Path(json.loads(run.out)["explanation"])
