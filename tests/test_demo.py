@@ -13,13 +13,13 @@ import pytest
 
 from semwatch.config import Settings, load_settings
 from semwatch.errors import ExitStatus
+from semwatch.model.artifact import Manifest, save_artifact
 from semwatch.views.demo import (
     Drop,
-    ModelFacts,
     Verdict,
     choose_images,
     held_out,
-    model_facts,
+    read_model,
     summarise,
     trained_on,
     write_config,
@@ -87,22 +87,36 @@ def test_summary_against_true_labels(tmp_path: Path) -> None:
     assert s.sample_verdicts == {"pass": 1, "fail": 1}
 
 
-def test_model_facts_and_trained_on(ncm_dir: Path, tmp_path: Path) -> None:
+def _manifest(split: dict[str, list[str]], data_dir: str) -> Manifest:
+    return Manifest(classes=("622", "811_cycled"), class_info=(), architecture="test", tile_px=224,
+                    tile_physical_px=224, intensity="equalize", head_hidden=8, novelty_k=4,
+                    unknown_threshold=1.0, training={"data_dir": data_dir, "n_images": 12},
+                    split={k: tuple(v) for k, v in split.items()})
+
+
+def test_trained_on(ncm_dir: Path, tmp_path: Path) -> None:
     """A model is reused for the demo's data when it was trained on that folder, or when every image
-    its split names is there; a folder without a readable manifest is no model."""
-    model = tmp_path / "model"
-    model.mkdir()
-    assert model_facts(model) is None
-    (model / "manifest.json").write_text("[]", encoding="utf-8")
-    assert model_facts(model) is None
+    its split names is there (the manifest may hold a path relative to where training ran)."""
     split = _split(ncm_dir)
-    (model / "manifest.json").write_text(
-        json.dumps({"split": split, "training": {"data_dir": "elsewhere", "n_images": 12}}), encoding="utf-8")
-    facts = model_facts(model)
-    assert facts == ModelFacts(data_dir="elsewhere", n_images=12, split=split)
-    assert trained_on(facts, ncm_dir)  # a relative data_dir: the split's images decide
-    assert not trained_on(facts, tmp_path)
-    assert trained_on(ModelFacts(data_dir=str(ncm_dir), n_images=None, split={}), ncm_dir)
+    assert trained_on(_manifest(split, "relative/ncm"), ncm_dir)
+    assert not trained_on(_manifest(split, "relative/ncm"), tmp_path)
+    assert trained_on(_manifest({}, str(ncm_dir)), ncm_dir)
+    assert not trained_on(_manifest({}, str(tmp_path)), ncm_dir)
+
+
+def test_unusable_model_folders_are_no_model(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    assert read_model(model) is None
+    model.mkdir()
+    assert read_model(model) is None
+    (model / "manifest.json").write_text("[]", encoding="utf-8")
+    assert read_model(model) is None
+    save_artifact(model, {}, _manifest({"test": ["622/a.jpg"]}, "/data/ncm"))
+    manifest = read_model(model)
+    assert manifest is not None and manifest.split == {"test": ("622/a.jpg",)}
+    path = model / "manifest.json"
+    path.write_text(path.read_text(encoding="utf-8").replace("/data/ncm", "/data/ncm2"), encoding="utf-8")
+    assert read_model(model) is None  # edited: its checksum no longer matches
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ from semwatch.output import Output
 from semwatch.store import db
 
 if TYPE_CHECKING:
+    from semwatch.model.artifact import Manifest
     from semwatch.report.daily import ReportPaths
 
 QUICK_IMAGES_PER_CLASS = 10
@@ -105,40 +106,23 @@ def _toml_str(path: Path | str) -> str:
 # --- model --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the demo needs from a model's manifest: where it was trained and its split."""
+def read_model(model_dir: Path) -> Manifest | None:
+    """The model's verified manifest, or None where there is no usable model (missing, corrupt, edited)."""
+    from semwatch.model.artifact import read_manifest
 
-    data_dir: str | None
-    n_images: int | None
-    split: dict[str, list[str]]
-
-
-def model_facts(model_dir: Path) -> ModelFacts | None:
-    """The manifest's training facts, or None where there is no readable manifest."""
     try:
-        data = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_manifest(model_dir)
+    except UserError:
         return None
-    if not isinstance(data, dict):
-        return None
-    raw_training, raw_split = data.get("training"), data.get("split")
-    training: dict[str, object] = raw_training if isinstance(raw_training, dict) else {}
-    split: dict[str, object] = raw_split if isinstance(raw_split, dict) else {}
-    n_images = training.get("n_images")
-    data_dir = training.get("data_dir")
-    return ModelFacts(data_dir=data_dir if isinstance(data_dir, str) else None,
-                      n_images=n_images if isinstance(n_images, int) else None,
-                      split={str(k): [str(r) for r in v] for k, v in split.items() if isinstance(v, list)})
 
 
-def trained_on(facts: ModelFacts, data_dir: Path) -> bool:
+def trained_on(manifest: Manifest, data_dir: Path) -> bool:
     """Whether the model was trained on `data_dir`: the same folder, or every image its split names is there
     (the manifest may hold a path relative to where training ran)."""
-    trained = facts.data_dir
-    if trained and Path(trained).is_absolute() and Path(trained).resolve() == data_dir.resolve():
+    trained, here = manifest.training.get("data_dir"), data_dir.resolve()
+    if isinstance(trained, str) and Path(trained).is_absolute() and Path(trained).resolve() == here:
         return True
-    rels = [rel for part in facts.split.values() for rel in part]
+    rels = [rel for part in manifest.split.values() for rel in part]
     return bool(rels) and all((data_dir / rel).is_file() for rel in rels)
 
 
@@ -152,9 +136,9 @@ def ensure_model(settings: Settings, data_dir: Path, workdir: Path, *, retrain: 
     """A model trained on `data_dir` with a recorded test split: reused if one exists, else quick-trained."""
     candidates = [] if retrain else [settings.model.path, workdir / "model"]
     for model_dir in candidates:
-        facts = model_facts(model_dir)
-        if facts is not None and trained_on(facts, data_dir):
-            n = "?" if facts.n_images is None else facts.n_images
+        manifest = read_model(model_dir)
+        if manifest is not None and trained_on(manifest, data_dir):
+            n = manifest.training.get("n_images", "?")
             say(f"[bold]Model:[/] reusing {model_dir} (trained on {n} images of {data_dir}).")
             return model_dir
     out = workdir / "model"
@@ -529,10 +513,10 @@ def run_demo(settings: Settings, *, data: Path | None, workdir: Path, images: in
         f"from {data_dir} will be written into it {interval:g} s apart.")
 
     model_dir = ensure_model(settings, data_dir, work.workdir, retrain=retrain, say=say)
-    facts = model_facts(model_dir)
-    if facts is None:
-        raise UserError(f"{model_dir}: no readable manifest.json", ExitStatus.INPUT_FAILED)
-    drops = choose_images(facts.split, data_dir, settings.train.class_map, work.incoming, images)
+    from semwatch.model.artifact import read_manifest
+
+    split = read_manifest(model_dir).split
+    drops = choose_images(split, data_dir, settings.train.class_map, work.incoming, images)
     if len(drops) < images:
         say(f"  (only {len(drops)} held-out images exist for this model; using all of them)")
     demo_settings = load_settings(write_config(settings, work.workdir, model_dir), environ={})
