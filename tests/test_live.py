@@ -88,7 +88,7 @@ def test_missing_and_uninitialised_database(settings: Settings) -> None:
 
 def test_empty_database_before_first_heartbeat(settings: Settings) -> None:
     from semwatch.store import db
-    from semwatch.store.ledger import create_schema
+    from semwatch.store.schema import create_schema
 
     conn = db.connect(settings.store.database)
     create_schema(conn)

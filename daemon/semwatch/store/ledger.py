@@ -39,14 +39,13 @@ from semwatch.store.messages import (
     Refused,
     Result,
     Started,
-    exit_message,  # re-exported for views/live.py until it imports it from messages
 )
 from semwatch.store.samples import TouchedSamples, update_samples
-from semwatch.store.schema import create_schema  # also re-exported for tests/test_live.py until it moves
+from semwatch.store.schema import create_schema
 from semwatch.values import FileKey, ImageVerdict, utc_now
 
 __all__ = [
-    "DatabaseReplaced", "LedgerState", "Store", "create_schema", "exit_message", "find_verdict_by_content",
+    "DatabaseReplaced", "LedgerState", "Store", "find_verdict_by_content",
     "load_ledger",
 ]
 

@@ -38,6 +38,7 @@ from rich.console import Console
 from semwatch.config import Settings, load_settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
+from semwatch.reading.sidecar import sidecar_path
 from semwatch.store import db
 
 if TYPE_CHECKING:
@@ -210,9 +211,9 @@ def write_like_an_instrument(drop: Drop) -> None:
     if not expected.exists():
         expected.write_text(drop.true_class + "\n", encoding="utf-8")
     pairs = [(drop.source, drop.target)]
-    sidecar = drop.source.with_name(drop.source.name + ".txt")
+    sidecar = Path(sidecar_path(str(drop.source)))
     if sidecar.is_file():
-        pairs.append((sidecar, drop.target.with_name(drop.target.name + ".txt")))
+        pairs.append((sidecar, Path(sidecar_path(str(drop.target)))))
     for src, dst in pairs:
         tmp = dst.with_name(f".{dst.name}.part")
         with src.open("rb") as fin, tmp.open("wb") as fout:

@@ -27,7 +27,7 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus
 from semwatch.output import Output
 from semwatch.safefs import printable, text_safe
-from semwatch.store.ledger import exit_message
+from semwatch.store.messages import exit_message
 from semwatch.store.snapshot import Snapshot, parse_utc, take_snapshot
 
 STATUS_STYLE = {"ok": "green", "unknown": "yellow", "rejected": "magenta", "failed": "bold red",
