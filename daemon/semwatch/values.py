@@ -4,7 +4,9 @@ path → Micrograph (pixels + Metadata + Quality) → tiles → probabilities �
 → SampleVerdict → store / CSV / report.
 
 They live together because every stage reads the one before it; each stage's code lives in
-its own module (micrograph.py, tiles.py, classify.py, samples.py, store.py ...).
+its own module (reading/micrograph.py, reading/tiles.py, model/engine.py, model/classify.py,
+store/samples.py, store/ledger.py ...). Also here: class names (`ClassInfo`), the ledger's key
+(`FileKey`) and the one timestamp format, which several layers share.
 """
 
 from __future__ import annotations
