@@ -130,7 +130,9 @@ def throughput(model: Path, sources: list[Path], work: Path, images: int,
     clf.classify_paths(pool[-4:])  # warm-up
     folder = work / "tp-in"
     folder.mkdir()
-    d = Daemon(work / "tp", model, folder)
+    # The round's files are links to the shared data, outside the watch folder: a daemon refuses
+    # those by default ([watch] follow_symlinks = "inside"), so the bench allows them.
+    d = Daemon(work / "tp", model, folder, follow_symlinks="always")
     out: list[dict[str, Any]] = []
     try:
         d.start()
@@ -147,6 +149,9 @@ def throughput(model: Path, sources: list[Path], work: Path, images: int,
                 (sub / f"{i:05d}.jpg").symlink_to(p)
             d.wait_count(f"path LIKE '{sub}/%' AND status != 'pending'", len(paths), 3600)
             daemon = len(paths) / (time.monotonic() - t0)
+            failed = d.count(f"path LIKE '{sub}/%' AND status = 'failed'")
+            if failed:
+                raise SystemExit(f"throughput round {r}: the daemon failed {failed} image(s); see {d.log}")
             out.append({"bench": "throughput_round", "round": r, "images": len(paths),
                         "bare_images_per_s": round(bare, 3), "daemon_images_per_s": round(daemon, 3),
                         "ratio": round(daemon / bare, 3), "network_only_images_per_s": round(network, 3),
@@ -212,7 +217,7 @@ def backlog(model: Path, sources: list[Path], work: Path, n: int) -> dict[str, A
         if i % 500 == 0:
             sub.mkdir(parents=True)
         (sub / f"img_{i:05d}.jpg").symlink_to(sources[i % len(sources)])
-    d = Daemon(work / "bl", model, folder)
+    d = Daemon(work / "bl", model, folder, follow_symlinks="always")  # links to the shared data
     try:
         d.start()
         ready = time.monotonic()
