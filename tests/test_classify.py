@@ -250,16 +250,16 @@ def test_tile_outputs_concatenate_and_slice() -> None:
     assert TileOutput.empty(4).probabilities.shape == (0, 4)
 
 
-def test_chunks_are_balanced_and_cover_every_tile() -> None:
+def test_chunks_are_full_batches_and_cover_every_tile() -> None:
     assert chunks(0, 32) == []
     assert chunks(10, 32) == [slice(0, 10)]
-    assert chunks(48, 32) == [slice(0, 24), slice(24, 48)]  # not 32 + a pass of 16
+    assert chunks(36, 32) == [slice(0, 32), slice(32, 36)]  # never a batch over batch_size
     for n, size in ((300, 32), (33, 32), (1000, 7), (5, 1)):
         parts = chunks(n, size)
         covered = [i for p in parts for i in range(p.start, p.stop)]
         assert covered == list(range(n))
         lengths = [p.stop - p.start for p in parts]
-        assert max(lengths) - min(lengths) <= 1 and max(lengths) <= 1.5 * size + 1
+        assert all(k == size for k in lengths[:-1]) and 0 < lengths[-1] <= size
 
 
 class Recording:
@@ -284,7 +284,7 @@ def test_predict_images_batches_across_images_and_splits_back() -> None:
     engine = Recording()
     outputs = predict_images(engine, images)
     assert [len(o) for o in outputs] == sizes
-    assert engine.batches == [3, 3, 4]  # 10 tiles in balanced batches, across image boundaries
+    assert engine.batches == [3, 3, 3, 1]  # 10 tiles in batches of 3, across image boundaries
     for i, out in enumerate(outputs):
         assert out.probabilities.shape == (sizes[i], 2)
         assert np.allclose(out.novelty, i / 10)  # each image gets its own tiles' outputs back

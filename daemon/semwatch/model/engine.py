@@ -2,10 +2,11 @@
 
 `predict_images` is the one path from prepared images to tile outputs; `semwatch classify`,
 `evaluate`, `bench` and the daemon's inference thread all call it, so a benchmark measures what the
-daemon runs. The tiles of all images are concatenated and cut into balanced chunks of about
-`[model] batch_size` (a group of images rarely adds up to a multiple of the batch size: fixed
-slices would end each group with a small, slow pass; balanced chunks are never more than half a
-batch larger), then the outputs are split back per image.
+daemon runs. The tiles of all images are concatenated and cut into batches of `[model] batch_size`
+(the last one smaller), then the outputs are split back per image. Fixed batches, not balanced ones:
+on the CPU the cost per tile grows with the batch, so 32 + 4 tiles run faster than 36 at once, and
+cutting a group into balanced chunks (36, or 33 + 33 + 30) made the daemon slower (measured in
+benchmarks/results/HISTORY.md).
 """
 
 from __future__ import annotations
@@ -75,12 +76,8 @@ class Predictor(Protocol):
 
 
 def chunks(n_tiles: int, batch_size: int) -> list[slice]:
-    """Slices of `n_tiles` rows into the number of batches nearest to `n_tiles / batch_size`, of
-    lengths that differ by one at most (none for no rows)."""
-    if n_tiles <= 0:
-        return []
-    count = max(1, round(n_tiles / batch_size))
-    return [slice(i * n_tiles // count, (i + 1) * n_tiles // count) for i in range(count)]
+    """Slices of `n_tiles` rows, `batch_size` each, the last one the rest (none for no rows)."""
+    return [slice(i, min(i + batch_size, n_tiles)) for i in range(0, n_tiles, batch_size)]
 
 
 def predict_images(predictor: Predictor, images: Sequence[PreparedImage]) -> list[TileOutput]:
