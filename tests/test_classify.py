@@ -18,7 +18,7 @@ import pytest
 from conftest import Cli
 from semwatch.config import Settings, load_settings
 from semwatch.model.classify import Classifier, aggregate, classify_files
-from semwatch.model.engine import PreparedImage, TileOutput, chunks, predict_images
+from semwatch.model.engine import PreparedImage, TileOutput, batch_groups, chunks, predict_images
 from semwatch.output import Output
 from semwatch.reading.tiles import Scale
 from semwatch.values import ClassInfo, ImageVerdict, MicrographError, parse_class
@@ -368,3 +368,10 @@ def test_the_daemon_pipeline_and_classify_give_the_same_verdicts(
         probs = json.loads(row["probabilities"])
         assert probs == pytest.approx(mine["probabilities"], abs=1e-5)
         assert (json.loads(row["reasons"]) if row["reasons"] else []) == mine["reasons"]
+
+
+def test_batch_groups_fill_a_batch_with_at_least_one_item_each() -> None:
+    groups = list(batch_groups([6] * 15, lambda n: n, 32))
+    assert groups == [[6] * 6, [6] * 6, [6] * 3]  # each group closes once its tiles reach 32
+    assert list(batch_groups([40, 0, 3], lambda n: n, 32)) == [[40], [0, 3]]
+    assert list(batch_groups([], lambda n: n, 32)) == []

@@ -21,7 +21,7 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import Manifest, load_artifact
 from semwatch.model.backbone import TileNet
-from semwatch.model.engine import PreparedImage, TileOutput, predict_images
+from semwatch.model.engine import PreparedImage, TileOutput, batch_groups, predict_images
 from semwatch.model.runtime import autocast_for, describe_device, select_device
 from semwatch.output import Output
 from semwatch.reading.tiles import cut_tiles, scale_for
@@ -342,18 +342,21 @@ def outcomes(
                     return
                 pending.append((p, pool.submit(read_and_prepare, classifier, p, transform=transform)))
 
-        top_up()
-        while pending:
-            # Take images in order until a batch is full (at least one image per round).
-            group: list[tuple[Path, PreparedImage | MicrographError]] = []
-            tiles = 0
-            while pending and (not group or tiles < classifier.batch_size):
+        def in_order() -> Iterator[tuple[Path, PreparedImage | MicrographError]]:
+            top_up()
+            while pending:
                 p, fut = pending.pop(0)
                 item = fut.result()
-                group.append((p, item))
-                tiles += len(item.tiles) if isinstance(item, PreparedImage) else 0
                 top_up()
+                yield p, item
+
+        for group in batch_groups(in_order(), _tiles_of, classifier.batch_size):
             yield from _run_group(classifier, group)
+
+
+def _tiles_of(entry: tuple[Path, PreparedImage | MicrographError]) -> int:
+    item = entry[1]
+    return len(item.tiles) if isinstance(item, PreparedImage) else 0
 
 
 def _run_group(

@@ -11,10 +11,10 @@ benchmarks/results/HISTORY.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -95,3 +95,24 @@ def predict_images(predictor: Predictor, images: Sequence[PreparedImage]) -> lis
         outputs.append(whole[start : start + len(im.tiles)])
         start += len(im.tiles)
     return outputs
+
+
+T = TypeVar("T")
+
+
+def batch_groups(items: Iterable[T], tiles_of: Callable[[T], int], batch_size: int) -> Iterator[list[T]]:
+    """`items` in order, grouped until their tiles fill a batch (at least one item per group), each
+    group yielded as soon as it is full: how `classify.outcomes` and `bench` cut a stream of images
+    into `predict_images` calls (the daemon's inference thread groups the same way, with a latency
+    cap)."""
+    group: list[T] = []
+    tiles = 0
+    for item in items:
+        group.append(item)
+        tiles += tiles_of(item)
+        if tiles >= batch_size:
+            yield group
+            group, tiles = [], 0
+    if group:
+        yield group
+

@@ -18,7 +18,7 @@ from pathlib import Path
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.classify import Classifier, outcomes, read_and_prepare
-from semwatch.model.engine import PreparedImage, predict_images
+from semwatch.model.engine import PreparedImage, batch_groups, predict_images
 from semwatch.model.train import IMAGE_SUFFIXES
 from semwatch.output import Output
 
@@ -141,7 +141,7 @@ def run_bench(
         read = [read_and_prepare(classifier, p) for p in chunk]
         prepared = [x for x in read if isinstance(x, PreparedImage)]
         t0 = time.perf_counter()
-        for group in _groups(prepared, classifier.batch_size):
+        for group in batch_groups(prepared, _tiles, classifier.batch_size):
             predict_images(classifier, group)
         round_model_s = time.perf_counter() - t0
         round_model_tiles = sum(len(x.tiles) for x in prepared)
@@ -188,16 +188,5 @@ def bench_folder(
     return ExitStatus.INPUT_FAILED if result.failed else ExitStatus.OK
 
 
-def _groups(images: Sequence[PreparedImage], batch_size: int) -> list[list[PreparedImage]]:
-    """Images in order until their tiles fill a batch (at least one image per group): the rule of
-    `classify.outcomes` and of the daemon's inference thread."""
-    groups: list[list[PreparedImage]] = []
-    tiles = batch_size
-    for image in images:
-        if tiles >= batch_size:
-            groups.append([])
-            tiles = 0
-        groups[-1].append(image)
-        tiles += len(image.tiles)
-    return groups
-
+def _tiles(image: PreparedImage) -> int:
+    return len(image.tiles)
