@@ -75,6 +75,9 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_ready: bool = True) -> None:
+        # A restart must wait for *its* READY=1, not find the previous process's one.
+        self.drain_notes()
+        self.notes.clear()
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, PYTHONUNBUFFERED="1")
         env.pop("JOURNAL_STREAM", None)
         with open(self.log, "ab") as log:
