@@ -11,12 +11,13 @@ install: $(STAMP)
 
 # Torch first: `torch==2.13.*` resolves to the local CPU wheel on these machines; on a GPU
 # workstation set TORCH_SPEC (or pre-install the CUDA build, see README). Then the package, whose
-# torch requirement admits the installed build so pip never replaces it.
+# torch requirement admits the installed build so pip never replaces it, with the optional Ray
+# engine so that its tests run (a user who does not need it installs plain `semwatch`).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray]"
 	touch $(STAMP)
 
 lint: install

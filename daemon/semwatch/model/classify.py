@@ -97,35 +97,7 @@ class Classifier:
     # --- the three stages ------------------------------------------------------------------
 
     def prepare(self, micrograph: Micrograph) -> PreparedImage:
-        m = self.manifest
-        scale = scale_for(micrograph.metadata, m.reference_pixel_size_nm, m.reference_magnification)
-        limit = self.settings.tiling.max_scale_ratio
-        ratio = max(scale.factor, 1.0 / scale.factor)
-        scale_ok = ratio <= limit
-        # Far outside the model's range: tile at the nearest allowed scale (the verdict says unknown).
-        factor = scale.factor if scale_ok else min(max(scale.factor, 1.0 / limit), limit)
-        t = self.settings.tiling
-        ts = cut_tiles(
-            micrograph.pixels,
-            factor=factor,
-            tile_physical_px=m.tile_physical_px,
-            tile_px=m.tile_px,
-            overlap=t.overlap,
-            max_tiles=t.max_tiles,
-            std_min=t.tile_std_min,
-            saturated_max=t.tile_saturated_max,
-            intensity=m.intensity,
-        )
-        return PreparedImage(
-            micrograph.path,
-            ts.tiles,
-            ts.positions,
-            ts.n_candidates,
-            scale,
-            scale_ok,
-            ts.resampled_shape,
-            micrograph.quality,
-        )
+        return prepare_micrograph(self.manifest, self.settings, micrograph)
 
     def predict(self, tiles: np.ndarray) -> TileOutput:
         """Per-tile probabilities and novelty for one batch (`engine.predict_images` makes batches).
@@ -197,6 +169,40 @@ class Classifier:
         # positions are at the network's scale, where a tile is tile_px wide
         return overlay(micrograph.pixels, cams, prepared.positions, prepared.resampled_shape,
                        self.manifest.tile_px)
+
+
+def prepare_micrograph(manifest: Manifest, settings: Settings, micrograph: Micrograph) -> PreparedImage:
+    """Cut a micrograph into network-ready tiles at the model's scale. Needs the manifest, not the
+    network: a reader process (a Ray reader task) prepares images without loading the weights."""
+    m = manifest
+    scale = scale_for(micrograph.metadata, m.reference_pixel_size_nm, m.reference_magnification)
+    limit = settings.tiling.max_scale_ratio
+    ratio = max(scale.factor, 1.0 / scale.factor)
+    scale_ok = ratio <= limit
+    # Far outside the model's range: tile at the nearest allowed scale (the verdict says unknown).
+    factor = scale.factor if scale_ok else min(max(scale.factor, 1.0 / limit), limit)
+    t = settings.tiling
+    ts = cut_tiles(
+        micrograph.pixels,
+        factor=factor,
+        tile_physical_px=m.tile_physical_px,
+        tile_px=m.tile_px,
+        overlap=t.overlap,
+        max_tiles=t.max_tiles,
+        std_min=t.tile_std_min,
+        saturated_max=t.tile_saturated_max,
+        intensity=m.intensity,
+    )
+    return PreparedImage(
+        micrograph.path,
+        ts.tiles,
+        ts.positions,
+        ts.n_candidates,
+        scale,
+        scale_ok,
+        ts.resampled_shape,
+        micrograph.quality,
+    )
 
 
 def aggregate(
