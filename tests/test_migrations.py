@@ -24,6 +24,11 @@ DATA = Path(__file__).parent / "data"
 DAY = date(2026, 3, 2)  # every timestamp of the v1 database is on this (UTC) day
 ODD_NAME = os.fsdecode(b"/export/lotA/caf\xe9-\xff.tif")  # not UTF-8: stored as \xNN text
 V1_TABLES = ("images", "samples", "models", "daemon")
+# The columns version 1 wrote (version 3 adds revision and supersedes, which old rows get as 0, NULL).
+V1_IMAGE_COLUMNS = (
+    "id, path, sha256, size_bytes, mtime_ns, status, sample_id, predicted_class, composition, state, "
+    "confidence, tile_agreement, n_tiles, error, model_id, detected_at, processed_at, probabilities, "
+    "reasons, attempts, current, csv_written")
 
 
 @pytest.fixture
@@ -44,7 +49,8 @@ def raw(path: Path) -> sqlite3.Connection:
 def rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
     conn = raw(path)
     try:
-        return {t: [tuple(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY rowid")] for t in V1_TABLES}
+        return {t: [tuple(r) for r in conn.execute(
+            f"SELECT {V1_IMAGE_COLUMNS if t == 'images' else '*'} FROM {t} ORDER BY rowid")] for t in V1_TABLES}
     finally:
         conn.close()
 
@@ -63,7 +69,7 @@ def schema_of(path: Path) -> tuple[int, set[tuple[str, str]]]:
 
 def test_the_fixture_is_a_version_1_database(v1: Settings) -> None:
     version, objects = schema_of(v1.store.database)
-    assert version == 1 and SCHEMA_VERSION == 2
+    assert version == 1 and SCHEMA_VERSION == 3
     assert "schema_migrations" not in {name for name, _ in objects}
     counts = {t: len(r) for t, r in rows(v1.store.database).items()}
     assert counts == {"images": 9, "samples": 3, "models": 1, "daemon": 1}
@@ -75,7 +81,9 @@ def test_v1_database_is_migrated_and_nothing_is_lost(v1: Settings) -> None:
     try:
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         log = store.conn.execute("SELECT version, semwatch_version FROM schema_migrations").fetchall()
-        assert [tuple(r) for r in log] == [(2, "0.1.0")]  # version 1's date was never written down
+        assert [tuple(r) for r in log] == [(2, "0.1.0"), (3, "0.1.0")]  # version 1's date was never written
+        extra = store.conn.execute("SELECT DISTINCT revision, supersedes FROM images").fetchall()
+        assert [tuple(r) for r in extra] == [(0, None)]  # every old row is its version's first result
         ledger = load_ledger(store.conn)
         assert ledger.pending == {"/export/lotC/later.tif": (3000, 9, 0)}
         assert ledger.done[ODD_NAME] == (1002, 3)  # the name that opens the file again
@@ -125,7 +133,7 @@ def test_migration_is_idempotent_and_matches_a_new_database(v1: Settings, tmp_pa
     store = Store(v1.store.database, v1.store.results_csv)
     try:
         assert create_schema(store.conn) == []  # nothing left to apply
-        assert store.conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+        assert store.conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 2
     finally:
         store.close()
     assert schema_of(v1.store.database) == first
@@ -134,7 +142,7 @@ def test_migration_is_idempotent_and_matches_a_new_database(v1: Settings, tmp_pa
     assert schema_of(fresh) == first  # a new database and a migrated one cannot drift apart
     conn = raw(fresh)
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [2]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [2, 3]
     finally:
         conn.close()
 

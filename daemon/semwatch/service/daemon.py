@@ -157,7 +157,7 @@ class Service:
         except BaseException:
             self.signals.restore()
             raise
-        parts = _Parts(store, Writer(store, stage=self.liveness.stage("writer")))
+        parts = _Parts(store, Writer(store, stage=self.liveness.stage("writer"), lock=store.write_lock))
         code: int = ExitStatus.OK
         try:
             ledger = self._prepare_store(store, classifier, mode)

@@ -86,3 +86,40 @@ def lock_database(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+class WriteLock:
+    """`<database>.write.lock`: held by whichever process writes the ledger, for one batch at a time
+    (its transaction, its results.csv lines and their `csv_written` marks, as one unit).
+
+    The daemon and `semwatch reprocess` may run together on one database. SQLite alone would
+    serialise their transactions, but not the CSV: a batch is committed, then appended to
+    results.csv, then marked written, and a second writer's start-up reconcile between those steps
+    would append the same lines again. So every writer takes this lock around each batch; a batch
+    takes milliseconds, so the other writer waits at most that long (or, while a full disk makes
+    the holder retry, until space returns). An flock: the kernel releases it when a holder dies,
+    even by kill -9, so a crash never leaves it held."""
+
+    def __init__(self, database: Path) -> None:
+        path = Path(database).with_name(Path(database).name + ".write.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.depth = 0
+
+    def __enter__(self) -> WriteLock:
+        if self.fd is None:
+            raise RuntimeError("the write lock is closed")
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -36,6 +36,7 @@ from semwatch.store.messages import (
     Gone,
     Message,
     Pending,
+    Reclassified,
     Refused,
     Result,
     Started,
@@ -111,6 +112,7 @@ class Store:
             self.conn.close()
             raise
         self.database = database
+        self.write_lock = db.WriteLock(database)  # taken by the writer around each batch
         self.csv_path = results_csv
         self.sample_settings = sample_settings or SampleSettings()
         if 1 in applied and results_csv is not None:  # a new database
@@ -118,6 +120,7 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+        self.write_lock.close()
 
     def check_identity(self) -> None:
         """Raise `DatabaseReplaced` if the file at the database's path is no longer the one open."""
@@ -192,6 +195,8 @@ class Store:
             if row_id is not None:
                 touched.result(path_text(msg.sample_id), msg.expected)
             return row_id
+        elif isinstance(msg, Reclassified):
+            return self._reclassified(msg, touched)
         elif isinstance(msg, Attempt):
             self.conn.execute(
                 "UPDATE images SET attempts = ?, error = ? WHERE path = ? AND size_bytes = ? "
@@ -214,7 +219,8 @@ class Store:
     def _ensure_row(self, key: FileKey, detected_at: str, attempts: int) -> int:
         """The id of `key`'s row, inserting it `pending` (and superseding other versions) if new."""
         row = self.conn.execute(
-            "SELECT id, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ?", _key(key),
+            "SELECT id, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ? "
+            "ORDER BY revision DESC LIMIT 1", _key(key),
         ).fetchone()
         path = path_text(key.path)
         if row is not None:
@@ -254,6 +260,36 @@ class Store:
         )
         return row
 
+    def _reclassified(self, msg: Reclassified, touched: TouchedSamples) -> int | None:
+        """A new current row with the new result; the superseded one stays, `current = 0`. Nothing
+        happens unless `msg.supersedes` is still the current, finished row of this very version
+        (the file may have changed, or another process re-classified it first)."""
+        old = self.conn.execute(
+            "SELECT id, path, size_bytes, mtime_ns, status, current, detected_at, sample_id, revision "
+            "FROM images WHERE id = ?", (msg.supersedes,)).fetchone()
+        if (old is None or not old["current"] or old["status"] == "pending"
+                or (old["path"], old["size_bytes"], old["mtime_ns"]) != _key(msg.key)):
+            return None
+        v = msg.verdict
+        self.conn.execute("UPDATE images SET current = 0 WHERE id = ?", (old["id"],))
+        cur = self.conn.execute(
+            "INSERT INTO images (path, size_bytes, mtime_ns, status, sha256, sample_id, predicted_class, "
+            "composition, state, confidence, tile_agreement, n_tiles, error, model_id, detected_at, "
+            "processed_at, probabilities, reasons, attempts, current, csv_written, revision, supersedes) "
+            "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 0, "
+            "max(revision) + 1, ? FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ?",
+            (*_key(msg.key), v.status, msg.sha256, path_text(msg.sample_id), v.predicted_class,
+             v.composition, v.state, float(v.confidence), float(v.tile_agreement), int(v.n_tiles),
+             msg.model_id, old["detected_at"], utc_now(),
+             json.dumps({k: round(float(p), 6) for k, p in v.probabilities.items()}),
+             json.dumps([text_safe(r) for r in v.reasons]), old["id"], *_key(msg.key)),
+        )
+        touched.result(path_text(msg.sample_id), msg.expected)
+        if old["sample_id"] is not None and old["sample_id"] != path_text(msg.sample_id):
+            touched.failure(old["sample_id"])  # its old sample loses the image: recompute it too
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
     def _failed(self, msg: Failed) -> int | None:
         row = self._row_for_final(msg.key)
         if row is None:
@@ -270,7 +306,8 @@ class Store:
         """The pending, current row of `key` (inserted if the Pending message was never written);
         None when the version is already finished or superseded by a newer one."""
         row = self.conn.execute(
-            "SELECT id, status, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ?",
+            "SELECT id, status, current FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ? "
+            "ORDER BY revision DESC LIMIT 1",
             _key(key),
         ).fetchone()
         if row is None:
@@ -318,12 +355,16 @@ class Store:
         Returns how many were appended."""
         if self.csv_path is None:
             return 0
-        in_file = live_csv.ids_in_file(self.csv_path)
+        with self.write_lock:  # no other process between its commit and its CSV marks
+            return self._reconcile_csv(self.csv_path)
+
+    def _reconcile_csv(self, csv_path: Path) -> int:
+        in_file = live_csv.ids_in_file(csv_path)
         unwritten = [int(r["id"]) for r in self.conn.execute(
             "SELECT id FROM images WHERE csv_written = 0 AND status != 'pending' ORDER BY id")]
         missing = [i for i in unwritten if i not in in_file]
         if missing:
-            live_csv.append(self.csv_path, live_csv.records(self.conn, missing))
+            live_csv.append(csv_path, live_csv.records(self.conn, missing))
         self.mark_csv_written(unwritten)
         return len(missing)
 

@@ -33,6 +33,21 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Reclassified:
+    """A finished version was classified again (by another model, or on request): the new result
+    supersedes row `supersedes`, which stays for audit with `current = 0`. Applied only while that
+    row is still the current one of this version, so a repeated or raced message changes nothing."""
+
+    key: FileKey
+    supersedes: int
+    sha256: str
+    sample_id: str
+    verdict: ImageVerdict
+    model_id: str
+    expected: str | None = None
+
+
+@dataclass(frozen=True)
 class Started:
     """A reader is about to read a version: count the attempt first, so that a file that kills the
     daemon while it is read is not retried forever across restarts. `done` is set once committed."""
@@ -95,7 +110,7 @@ class DaemonStatus:
     message: str | None = None
 
 
-Message = Pending | Started | Result | Attempt | Failed | Refused | Gone | DaemonStatus
+Message = Pending | Started | Result | Reclassified | Attempt | Failed | Refused | Gone | DaemonStatus
 
 
 def exit_message(code: int) -> str:

@@ -138,6 +138,76 @@ CREATE INDEX IF NOT EXISTS images_errors ON images (COALESCE(processed_at, detec
     WHERE error IS NOT NULL AND error != '';
 """
 
+# Version 3: re-classification (`semwatch reprocess`, issue 11). A version of a file may now have
+# several results, one per classification: the newest is current, the older ones stay (current = 0)
+# for audit. SQLite cannot drop the table constraint UNIQUE (path, size_bytes, mtime_ns), so the
+# table is rebuilt (the documented "12-step" rebuild, inside this step's transaction): the key gains
+# `revision` (0 for the first result of a version, +1 per re-classification), and `supersedes`
+# names the row a re-classification replaced. Its unique index is what makes a re-classification
+# exactly-once: a row can be superseded by one result only, whichever process writes it.
+# `reprocess_runs` remembers each run's selection, so that a run killed part-way resumes instead
+# of starting over. `images_current_model` serves the "outdated results" counts (current rows of
+# another model) read by `top`, the report and the metrics.
+_IMAGES_V1_COLUMNS = (
+    "id, path, sha256, size_bytes, mtime_ns, status, sample_id, predicted_class, composition, state, "
+    "confidence, tile_agreement, n_tiles, error, model_id, detected_at, processed_at, probabilities, "
+    "reasons, attempts, current, csv_written"
+)
+SCHEMA_V3 = f"""
+CREATE TABLE images_v3 (
+    id              INTEGER PRIMARY KEY,
+    path            TEXT    NOT NULL,
+    sha256          TEXT,
+    size_bytes      INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    status          TEXT    NOT NULL
+                    CHECK (status IN ('ok', 'unknown', 'rejected', 'failed', 'pending')),
+    sample_id       TEXT,
+    predicted_class TEXT,
+    composition     TEXT,
+    state           TEXT,
+    confidence      REAL,
+    tile_agreement  REAL,
+    n_tiles         INTEGER,
+    error           TEXT,
+    model_id        TEXT,
+    detected_at     TEXT    NOT NULL,
+    processed_at    TEXT,
+    probabilities   TEXT,
+    reasons         TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    current         INTEGER NOT NULL DEFAULT 1 CHECK (current IN (0, 1)),
+    csv_written     INTEGER NOT NULL DEFAULT 0,
+    revision        INTEGER NOT NULL DEFAULT 0,
+    supersedes      INTEGER,
+    UNIQUE (path, size_bytes, mtime_ns, revision)
+);
+INSERT INTO images_v3 ({_IMAGES_V1_COLUMNS}) SELECT {_IMAGES_V1_COLUMNS} FROM images;
+DROP TABLE images;
+ALTER TABLE images_v3 RENAME TO images;
+CREATE UNIQUE INDEX images_one_current ON images (path) WHERE current = 1;
+CREATE UNIQUE INDEX images_supersedes ON images (supersedes) WHERE supersedes IS NOT NULL;
+CREATE INDEX images_sha256 ON images (sha256);
+CREATE INDEX images_sample ON images (sample_id) WHERE current = 1;
+CREATE INDEX images_processed_at ON images (processed_at);
+CREATE INDEX images_status ON images (status);
+CREATE INDEX images_csv_unwritten ON images (id) WHERE csv_written = 0;
+CREATE INDEX images_errors ON images (COALESCE(processed_at, detected_at), id)
+    WHERE error IS NOT NULL AND error != '';
+CREATE INDEX images_current_model ON images (model_id) WHERE current = 1;
+
+CREATE TABLE reprocess_runs (
+    run_id      INTEGER PRIMARY KEY,
+    selection   TEXT NOT NULL,
+    model_id    TEXT NOT NULL,
+    engine      TEXT NOT NULL,
+    started_at  TEXT NOT NULL,
+    finished_at TEXT,
+    done        INTEGER NOT NULL DEFAULT 0,
+    failed      INTEGER NOT NULL DEFAULT 0
+);
+"""
+
 Migration = Callable[[sqlite3.Connection], None]
 
 
@@ -149,7 +219,7 @@ def _script(sql: str) -> Migration:
     return step
 
 
-MIGRATIONS: Sequence[Migration] = (_script(SCHEMA_V1), _script(SCHEMA_V2))
+MIGRATIONS: Sequence[Migration] = (_script(SCHEMA_V1), _script(SCHEMA_V2), _script(SCHEMA_V3))
 SCHEMA_VERSION = len(MIGRATIONS)
 LOGGED_FROM = 2  # the first version whose database has `schema_migrations`
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from semwatch.liveness import Stage
+from semwatch.store.db import WriteLock
 from semwatch.store.messages import Message, Started
 
 log = logging.getLogger("semwatch.store")
@@ -41,7 +42,7 @@ class Writer(threading.Thread):
     error being retried, if any (the daemon row shows it); `error` what ended the thread."""
 
     def __init__(self, store: Ledger, *, max_batch: int = 256, stage: Stage | None = None,
-                 max_backoff: float = 30.0) -> None:
+                 max_backoff: float = 30.0, lock: WriteLock | None = None) -> None:
         super().__init__(name="semwatch-writer", daemon=True)
         self.store = store
         self.queue: queue.Queue[Message | None] = queue.Queue()
@@ -50,6 +51,7 @@ class Writer(threading.Thread):
         self.stage = stage or Stage("writer")
         self.max_backoff = max_backoff
         self.degraded: str | None = None
+        self.lock = lock  # shared with other writing processes (`db.WriteLock`), per batch
 
     def put(self, msg: Message) -> None:
         self.queue.put(msg)
@@ -98,6 +100,13 @@ class Writer(threading.Thread):
         return batch, False
 
     def _write(self, batch: list[Message]) -> None:
+        if self.lock is None:
+            self._write_batch(batch)
+            return
+        with self.lock:  # held through retries: the batch's CSV lines are written by one process
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[Message]) -> None:
         delay, since, last_log = 0.5, time.monotonic(), 0.0
         finished: list[int] | None = None
         csv_written = False
