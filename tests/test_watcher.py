@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import Settings, WatchSettings
+from semwatch.reading.listing import NameFilter
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.inbox import Finished, Inbox, Retry
 from semwatch.service.stability import Candidate, SettleGate, looks_complete
-from semwatch.service.watcher import NameFilter, Watcher, filesystem_type, resolve_mode
+from semwatch.service.watcher import Watcher, filesystem_type, resolve_mode
 from semwatch.values import FileKey
 
 MOUNTINFO = """\

@@ -37,11 +37,12 @@ from typing import Protocol
 from semwatch.config import Settings
 from semwatch.liveness import Liveness, Stage
 from semwatch.model.engine import Predictor, PreparedImage, TileOutput, predict_images
+from semwatch.reading.listing import stat_path
 from semwatch.reading.sample import expected_class, sample_key
 from semwatch.safefs import Confinement, RefusedFile, open_regular
 from semwatch.service.inbox import Changed, Finished, Inbox, Retry
 from semwatch.service.logs import PER_FILE
-from semwatch.service.stability import Candidate, stat_path
+from semwatch.service.stability import Candidate
 from semwatch.store import db
 from semwatch.store.ledger import find_verdict_by_content
 from semwatch.store.messages import Attempt, Failed, Gone, Pending, Result, Started

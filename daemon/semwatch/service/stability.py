@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from semwatch.reading.listing import stat_path
 from semwatch.reading.sidecar import SIDECAR_IMAGE_SUFFIXES, image_of_sidecar, sidecar_path
 from semwatch.safefs import UNCONFINED, Confinement, open_regular
 from semwatch.values import FileKey
@@ -61,15 +62,6 @@ def looks_complete(path: str, st: os.stat_result, confine: Confinement = UNCONFI
     except OSError:
         return True  # let the reader say what is wrong with it
     return marker in tail
-
-
-def stat_path(path: str) -> os.stat_result:
-    """The stat that keys a file's version: the target's for a link (a change of the target is a
-    new version), the entry's own for a dangling link. Never opens anything (safe on FIFOs)."""
-    try:
-        return os.stat(path)  # noqa: PTH116 - str paths on the hot path
-    except FileNotFoundError:
-        return os.lstat(path)
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -12,20 +12,20 @@ thread and the pipeline talk to it only through its `Inbox` (typed messages, `se
 from __future__ import annotations
 
 import errno
-import fnmatch
 import logging
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, assert_never
 
 from semwatch.config import WatchSettings
 from semwatch.liveness import Stage
+from semwatch.reading.listing import NameFilter, TooLong, scan, stat_path
 from semwatch.reading.sidecar import image_of_sidecar
 from semwatch.safefs import PATH_MAX, Confinement
 from semwatch.service.inbox import (
@@ -41,7 +41,7 @@ from semwatch.service.inbox import (
     WatcherMessage,
 )
 from semwatch.service.logs import PER_FILE
-from semwatch.service.stability import Candidate, SettleGate, stat_path
+from semwatch.service.stability import Candidate, SettleGate
 from semwatch.store.messages import Refused
 from semwatch.values import FileKey, utc_from_epoch
 
@@ -105,92 +105,6 @@ def resolve_mode(mode: str, folder: Path, mountinfo: str | None = None) -> tuple
     if mode == "auto":
         return ("polling" if is_network_fs(fstype) else "inotify"), fstype
     return mode, fstype
-
-
-# --- which files ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NameFilter:
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-
-    @classmethod
-    def from_settings(cls, settings: WatchSettings) -> NameFilter:
-        return cls(tuple(p.lower() for p in settings.include), tuple(p.lower() for p in settings.exclude))
-
-    def wants(self, name: str) -> bool:
-        low = name.lower()
-        if any(fnmatch.fnmatchcase(low, p) for p in self.exclude):
-            return False
-        return any(fnmatch.fnmatchcase(low, p) for p in self.include)
-
-    def enters(self, dirname: str) -> bool:
-        """Sub-folders matching an exclude pattern (".*" hidden, temporary) are skipped."""
-        low = dirname.lower()
-        return not any(fnmatch.fnmatchcase(low, p) for p in self.exclude)
-
-
-@dataclass(frozen=True)
-class TooLong:
-    """A path the scan found that is too long to open (PATH_MAX): recorded failed, never read."""
-
-    path: str
-    st: os.stat_result
-
-
-def scan(folder: Path, names: NameFilter, recursive: bool,
-         too_long: list[TooLong] | None = None) -> Iterator[tuple[str, os.stat_result]]:
-    """Every wanted entry under `folder` that is not a folder (regular files, and also FIFOs,
-    devices and links, which the reader refuses with a recorded reason) with its stat. Iterative,
-    so any depth is fine; links to folders are never entered; unreadable sub-folders are skipped.
-    Wanted files whose path is too long to open are appended to `too_long`."""
-    stack = [str(folder)]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as it:
-                entries = list(it)
-        except OSError as exc:
-            if current == str(folder):
-                raise
-            log.debug("cannot list %s: %s", current, exc)
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive and names.enters(entry.name):
-                        if len(os.fsencode(entry.path)) >= PATH_MAX - 1:
-                            _too_deep(entry.path)
-                        else:
-                            stack.append(entry.path)
-                elif names.wants(entry.name):
-                    if len(os.fsencode(entry.path)) >= PATH_MAX and too_long is not None:
-                        too_long.append(TooLong(entry.path, _stat_in(current, entry.name)))
-                        continue
-                    yield entry.path, stat_path(entry.path)
-            except OSError:
-                continue
-
-
-_reported_deep: set[str] = set()
-
-
-def _too_deep(path: str) -> None:
-    """A folder whose path is too long to list: said once (a hostile tree must not flood the log)."""
-    if path not in _reported_deep and len(_reported_deep) < 1000:
-        _reported_deep.add(path)
-        log.warning("folder path too long to read (%d bytes, limit %d); its files are not processed: %s",
-                    len(os.fsencode(path)), PATH_MAX - 1, path[:200] + "...")
-
-
-def _stat_in(folder: str, name: str) -> os.stat_result:
-    """lstat of `name` inside `folder` through a folder descriptor (the full path is too long)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return os.stat(name, dir_fd=fd, follow_symlinks=False)
-    finally:
-        os.close(fd)
 
 
 # --- the observer (inotify) ------------------------------------------------------------------------
