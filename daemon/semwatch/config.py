@@ -287,6 +287,59 @@ class LoggingSettings:
         _positive("[logging] summary_seconds", self.summary_seconds)
 
 
+NotifyEvent = Literal["sample_fail", "sample_uncertain", "daemon_degraded", "unknown_spike", "report_ready"]
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    urls: tuple[str, ...] = ()
+    on: tuple[NotifyEvent, ...] = get_args(NotifyEvent)
+    poll_seconds: float = 1.0
+    sample_quiet_seconds: float = 5.0
+    unknown_window: int = 50
+    unknown_share: float = 0.3
+    dedup_seconds: float = 3600.0
+    timeout_seconds: float = 10.0
+    retries: int = 3
+    queue_size: int = 100
+
+    def validate(self) -> None:
+        for i, url in enumerate(self.urls):
+            if "://" not in url:  # apprise itself checks the rest when the daemon starts
+                raise ConfigError(f"[notify] urls[{i}] is not an apprise URL (scheme://...)")
+        _positive("[notify] poll_seconds", self.poll_seconds)
+        _non_negative("[notify] sample_quiet_seconds", self.sample_quiet_seconds)
+        _positive("[notify] unknown_window", self.unknown_window)
+        _fraction("[notify] unknown_share", self.unknown_share)
+        _non_negative("[notify] dedup_seconds", self.dedup_seconds)
+        _positive("[notify] timeout_seconds", self.timeout_seconds)
+        _non_negative("[notify] retries", self.retries)
+        _positive("[notify] queue_size", self.queue_size)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = ""
+
+    def validate(self) -> None:
+        if self.listen:
+            listen_address(self.listen)
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to serve on; None when metrics are off."""
+        return listen_address(self.listen) if self.listen else None
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" → (host, port); ConfigError naming `[metrics] listen` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[metrics] listen must be host:port (e.g. 127.0.0.1:9464), got {text!r}")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class Settings:
     data: DataSettings = field(default_factory=DataSettings)
@@ -301,6 +354,8 @@ class Settings:
     report: ReportSettings = field(default_factory=ReportSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # Where the settings came from (for messages); not a config key.
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 

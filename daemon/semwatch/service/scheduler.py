@@ -24,6 +24,7 @@ import threading
 import time as clock_time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
@@ -42,8 +43,10 @@ class ReportScheduler:
     """Writes the day's report at `[report] time` in `[report] timezone`; catches up at start."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None,
-                 stop_timeout: float | None = None) -> None:
+                 stop_timeout: float | None = None,
+                 on_written: Callable[[date, Path], None] | None = None) -> None:
         self.settings = settings
+        self.on_written = on_written  # told of each report written (the daemon's alerts)
         self.zone = ZoneInfo(settings.report.timezone)
         hour, minute = (int(p) for p in settings.report.time.split(":"))
         self.at = time(hour, minute)
@@ -111,10 +114,16 @@ class ReportScheduler:
     def _write(self, day: date) -> ReportPaths | None:
         with self._lock:
             try:
-                return write_report(self.settings, day)
+                paths = write_report(self.settings, day)
             except Exception as exc:  # a report must never take the daemon down
                 log.error("report for %s failed: %s", day, exc)
                 return None
+        if self.on_written is not None:
+            try:
+                self.on_written(day, paths.html)
+            except Exception as exc:  # an alert must never cost a report
+                log.warning("report for %s: alert failed: %s", day, exc)
+        return paths
 
     # --- the worker thread -------------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""What an alert says, and when: the events `service.notify` sends.
+
+`SamplePoller` reads the database read-only (its own connection, `poll` about once a second from
+the alert thread) rather than hooking the writer: the `samples` table is the truth about verdicts,
+whoever wrote it (this daemon, or another process such as a reprocessing run), and a poll keyed on
+`samples.updated_at` needs no new table and nothing from the writer's transaction. A sample is
+reported once its row has been quiet for `[notify] sample_quiet_seconds`, so a sample whose images
+are still arriving gets one message with its final count rather than one per image.
+
+`HealthTracker` turns the daemon's once-a-second view of its own health (`conditions`: a name per
+problem) into `daemon_degraded` events when a problem appears and recovery events when it goes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from semwatch.config import NotifySettings
+from semwatch.liveness import Stuck
+from semwatch.safefs import printable, text_safe
+
+MAX_PATHS = 5  # image paths named in a sample message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Event:
+    """One alert. `kind` is the `[notify] on` name that enables it; `key` identifies "the same
+    event" for the dedup window (a sample and its verdict, a condition, a report day)."""
+
+    kind: str
+    key: str
+    title: str
+    body: str
+
+
+def _clean(text: object) -> str:
+    """Untrusted text (sample ids, paths, error messages) for a chat message or an e-mail."""
+    return printable(text_safe(str(text)))
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    sample_id: str
+    verdict: str
+    expected: str | None
+    found: str | None
+    confidence: float
+    n_images: int
+    updated_at: str
+
+
+def sample_event(row: SampleRow, paths: Sequence[str], total: int) -> Event:
+    """A sample whose verdict is fail or uncertain: what was expected, what was found, where."""
+    sid = _clean(row.sample_id)
+    found = _clean(row.found or "-")
+    expected = _clean(row.expected or "-")
+    lines = [f"Sample {sid}: {row.verdict}",
+             f"expected {expected}, found {found} (confidence {row.confidence:.2f})",
+             f"{row.n_images} image(s)"]
+    if paths:
+        folder = os.path.commonpath(paths) if len(paths) > 1 else str(Path(paths[0]).parent)
+        lines.append(f"folder: {_clean(folder)}")
+        lines += [f"  {_clean(p)}" for p in paths]
+        if total > len(paths):
+            lines.append(f"  ... and {total - len(paths)} more")
+    return Event(f"sample_{row.verdict}", f"sample_{row.verdict}:{row.sample_id}",
+                 f"semwatch: sample {sid} {row.verdict.upper()} (expected {expected}, found {found})",
+                 "\n".join(lines))
+
+
+def report_event(day: str, path: Path) -> Event:
+    return Event("report_ready", f"report_ready:{day}", f"semwatch: report for {day} is ready",
+                 f"The report for {day} was written: {_clean(path)}")
+
+
+class SamplePoller:
+    """New fail/uncertain sample verdicts and unknown spikes, read from the database.
+
+    `watermark` is the newest `samples.updated_at` seen; `pending_since` the oldest one still
+    waiting for its quiet period (what a restart must read again, see `resume_from`)."""
+
+    def __init__(self, settings: NotifySettings, *, watermark: str, in_spike: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.watermark = watermark
+        self.in_spike = in_spike
+        self.clock = clock
+        self._at_mark: set[str] = set()  # samples seen with updated_at == watermark
+        self._pending: dict[str, tuple[SampleRow, float]] = {}
+        self._last_processed: str | None = None
+        wanted = set(settings.on)
+        self.verdicts = {v for v in ("fail", "uncertain") if f"sample_{v}" in wanted}
+        self.spikes = "unknown_spike" in wanted
+
+    @staticmethod
+    def newest(conn: sqlite3.Connection) -> str:
+        """Where a poller without a saved watermark starts: after what the database already holds
+        (enabling alerts on an old database does not replay its history)."""
+        row = conn.execute("SELECT max(updated_at) FROM samples").fetchone()
+        return str(row[0] or "")
+
+    def resume_from(self) -> str:
+        """The watermark to save: before any sample still in its quiet period."""
+        pending = [row.updated_at for row, _ in self._pending.values()]
+        return min([*pending, self.watermark]) if pending else self.watermark
+
+    def poll(self, conn: sqlite3.Connection) -> list[Event]:
+        """One round: the events due now."""
+        if self.verdicts:
+            self._read_samples(conn)
+        events = self._due_samples(conn)
+        if self.spikes:
+            events += self._unknown_spike(conn)
+        return events
+
+    def _read_samples(self, conn: sqlite3.Connection) -> None:
+        now = self.clock()
+        rows = conn.execute(
+            "SELECT sample_id, verdict, expected, predicted_class, confidence, n_images, updated_at "
+            "FROM samples WHERE updated_at >= ? ORDER BY updated_at", (self.watermark,)).fetchall()
+        for r in rows:
+            row = SampleRow(r[0], r[1], r[2], r[3], float(r[4] or 0.0), int(r[5] or 0), r[6])
+            if row.updated_at == self.watermark and row.sample_id in self._at_mark:
+                continue
+            if row.updated_at > self.watermark:
+                self.watermark, self._at_mark = row.updated_at, set()
+            self._at_mark.add(row.sample_id)
+            self._pending[row.sample_id] = (row, now)
+
+    def _due_samples(self, conn: sqlite3.Connection) -> list[Event]:
+        now = self.clock()
+        due = [sid for sid, (_, seen) in self._pending.items()
+               if now - seen >= self.settings.sample_quiet_seconds]
+        events = []
+        for sid in due:
+            row, _ = self._pending.pop(sid)
+            if row.verdict not in self.verdicts:
+                continue
+            paths = [r[0] for r in conn.execute(
+                "SELECT path FROM images WHERE sample_id = ? AND current = 1 ORDER BY path LIMIT ?",
+                (sid, MAX_PATHS))]
+            total = int(conn.execute("SELECT count(*) FROM images WHERE sample_id = ? AND current = 1",
+                                     (sid,)).fetchone()[0])
+            events.append(sample_event(row, paths, total))
+        return events
+
+    def _unknown_spike(self, conn: sqlite3.Connection) -> list[Event]:
+        newest = conn.execute("SELECT max(processed_at) FROM images").fetchone()[0]
+        if newest is None or newest == self._last_processed:
+            return []
+        self._last_processed = newest
+        window = self.settings.unknown_window
+        n, unknown = conn.execute(
+            "SELECT count(*), coalesce(sum(status = 'unknown'), 0) FROM (SELECT status FROM images "
+            "WHERE current = 1 AND processed_at IS NOT NULL AND status != 'pending' "
+            "ORDER BY processed_at DESC LIMIT ?)", (window,)).fetchone()
+        if n < window:
+            return []
+        share = unknown / n
+        if share < self.settings.unknown_share:
+            self.in_spike = False
+            return []
+        if self.in_spike:
+            return []
+        self.in_spike = True
+        return [Event("unknown_spike", f"unknown_spike:{newest}",
+                      f"semwatch: {share:.0%} of the last {n} images are unknown",
+                      f"{unknown} of the last {n} images were classified unknown (threshold "
+                      f"{self.settings.unknown_share:.0%}): a wrong specimen, a wrong magnification, "
+                      f"or a model that does not fit what is being imaged. Newest result at {newest}.")]
+
+
+def health_conditions(*, stuck: Iterable[Stuck], database: str | None, folder: Path,
+                      observer_restarts: int) -> dict[str, str]:
+    """The daemon's problems right now, by name (see `HealthTracker`)."""
+    conditions = {f"stuck:{s.stage}": f"stage {s.stage} has not moved for {s.seconds:.0f} s ({s.doing})"
+                  for s in stuck}
+    if database:
+        conditions["database"] = f"database not writable (disk full?): {database}"
+    if not folder.is_dir():
+        conditions["folder"] = f"watch folder gone: {folder}"
+    if observer_restarts:
+        conditions["observer"] = (f"the inotify observer died and was restarted {observer_restarts} "
+                                  "time(s) in the last 5 minutes")
+    return conditions
+
+
+class HealthTracker:
+    """Conditions that appear → `daemon_degraded`; conditions that clear → a recovery message
+    (also sent under `daemon_degraded`), only for problems that were reported."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.active: dict[str, str] = {}
+
+    def update(self, conditions: Mapping[str, str]) -> list[Event]:
+        events = []
+        for name, text in conditions.items():
+            if name not in self.active:
+                events.append(Event("daemon_degraded", f"daemon_degraded:{name}",
+                                    f"semwatch on {self.host}: degraded: {_clean(text)}", _clean(text)))
+        for name, text in self.active.items():
+            if name not in conditions:
+                events.append(Event("daemon_degraded", f"daemon_recovered:{name}",
+                                    f"semwatch on {self.host}: recovered", f"recovered: {_clean(text)}"))
+        self.active = dict(conditions)
+        return events
