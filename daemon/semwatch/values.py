@@ -27,6 +27,16 @@ class MicrographError(Exception):
     """A file that cannot be read as a micrograph; the message is one clear line."""
 
 
+# Read failures that may pass on their own (a copy still in progress, a share that hiccups): these
+# are retried; any other failure of a file that has stopped changing would fail the same way again.
+TRANSIENT_READ_ERRORS = ("truncated", "cannot read file", "permission denied", "not enough memory")
+
+
+def is_transient(error: str) -> bool:
+    """Whether a read error (a `MicrographError` message) may pass if the file is read again."""
+    return error.lower().startswith(TRANSIENT_READ_ERRORS)
+
+
 @dataclass(frozen=True)
 class Metadata:
     """What the instrument says about an image; None where it does not say."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import Manifest, load_artifact
 from semwatch.model.backbone import TileNet
-from semwatch.model.engine import PreparedImage, TileOutput, batch_groups, predict_images
+from semwatch.model.engine import PreparedImage, TileOutput, batch_groups, predict_images, prefetched
 from semwatch.model.runtime import autocast_for, describe_device, select_device
 from semwatch.output import Output
 from semwatch.reading.tiles import cut_tiles, scale_for
@@ -336,28 +335,13 @@ def outcomes(
     they go through `predict_images` together. `transform` alters each micrograph first."""
     settings = classifier.settings
     workers = workers or max(1, settings.watch.reader_threads)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semwatch-prepare") as pool:
-        pending: list[tuple[Path, Future[PreparedImage | MicrographError]]] = []
-        it = iter(paths)
 
-        def top_up() -> None:
-            while len(pending) < prefetch:
-                try:
-                    p = Path(next(it))
-                except StopIteration:
-                    return
-                pending.append((p, pool.submit(read_and_prepare, classifier, p, transform=transform)))
+    def prepare(path: Path) -> PreparedImage | MicrographError:
+        return read_and_prepare(classifier, path, transform=transform)
 
-        def in_order() -> Iterator[tuple[Path, PreparedImage | MicrographError]]:
-            top_up()
-            while pending:
-                p, fut = pending.pop(0)
-                item = fut.result()
-                top_up()
-                yield p, item
-
-        for group in batch_groups(in_order(), _tiles_of, classifier.batch_size):
-            yield from _run_group(classifier, group)
+    stream = prefetched(prepare, (Path(p) for p in paths), workers=workers, prefetch=prefetch)
+    for group in batch_groups(stream, _tiles_of, classifier.batch_size):
+        yield from _run_group(classifier, group)
 
 
 def _tiles_of(entry: tuple[Path, PreparedImage | MicrographError]) -> int:

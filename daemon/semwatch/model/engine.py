@@ -11,7 +11,10 @@ benchmarks/results/HISTORY.md).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -116,3 +119,45 @@ def batch_groups(items: Iterable[T], tiles_of: Callable[[T], int], batch_size: i
     if group:
         yield group
 
+
+
+R = TypeVar("R")
+
+
+def prefetched(fn: Callable[[T], R], items: Iterable[T], *, workers: int, prefetch: int,
+               timeout: float | None = None, on_timeout: Callable[[T], R] | None = None,
+               name: str = "semwatch-prepare") -> Iterator[tuple[T, R]]:
+    """`(item, fn(item))` in input order, `fn` running on `workers` threads at most `prefetch` items
+    ahead of the consumer: images are read and tiled while the network runs on the ones before.
+
+    With `timeout`, an item whose `fn` has not returned that many seconds after the consumer began
+    to wait for it yields `on_timeout(item)` instead; its thread cannot be killed (Python cannot
+    interrupt a read blocked in the kernel) and is left behind, which is why the pool is not
+    joined on exit then."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    pending: deque[tuple[T, Future[R]]] = deque()
+    it = iter(items)
+    abandoned = False
+    try:
+        while True:
+            while len(pending) < prefetch:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    break
+                pending.append((item, pool.submit(fn, item)))
+            if not pending:
+                return
+            item, fut = pending.popleft()
+            try:
+                result = fut.result(timeout=timeout)
+            except FutureTimeout:
+                if on_timeout is None:
+                    raise
+                abandoned = True
+                result = on_timeout(item)
+            yield item, result
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=not abandoned, cancel_futures=True)

@@ -47,7 +47,7 @@ from semwatch.store import db
 from semwatch.store.ledger import find_verdict_by_content
 from semwatch.store.messages import Attempt, Failed, Gone, Pending, Result, Started
 from semwatch.store.writer import Writer
-from semwatch.values import FileKey, ImageVerdict, Micrograph, MicrographError
+from semwatch.values import FileKey, ImageVerdict, Micrograph, MicrographError, is_transient
 
 log = logging.getLogger("semwatch.pipeline")
 
@@ -72,13 +72,12 @@ class Reader(Protocol):
     def __call__(self, path: Path, settings: Settings, *, confine: Confinement) -> Micrograph: ...
 
 
-# Read failures that may pass on their own (a copy still in progress, a share that hiccups): these
-# are retried; any other failure of a file that has stopped changing would fail the same way again.
-_TRANSIENT = ("truncated", "cannot read file", "permission denied", "not enough memory")
+class Observer(Protocol):
+    """Told of each verdict and inference batch (`service.metrics.Metrics`); must not block."""
 
+    def result(self, status: str, seconds: float) -> None: ...
 
-def _is_transient(error: str) -> bool:
-    return error.lower().startswith(_TRANSIENT)
+    def batch(self, images: int, tiles: int) -> None: ...
 
 
 class _Abandoned(Exception):
@@ -102,6 +101,7 @@ class Job:
     key: FileKey
     attempts: int
     counted: bool = False  # this attempt is already in the ledger (a copy handed back by its leader)
+    settled_at: float = field(default_factory=time.monotonic, compare=False)  # for the latency metric
 
 
 @dataclass
@@ -169,6 +169,7 @@ class Pipeline:
         self._inference_stage = self.liveness.stage("inference")
         self._readers_left = 0
         self._next_slot = 0
+        self.observer: Observer | None = None  # the metrics (service.metrics), set before start
 
     # --- control ----------------------------------------------------------------------------
 
@@ -360,7 +361,7 @@ class Pipeline:
             micrograph = self.read(path, self.settings, confine=self.confine)
         except MicrographError as exc:
             self._check(slot)
-            if _is_transient(str(exc)):
+            if is_transient(str(exc)):
                 self._release(sha, retry_followers=True)
             else:  # copies of the same bytes fail the same way: no need to read each again
                 self._release(sha, retry_followers=False, error=str(exc))
@@ -433,7 +434,7 @@ class Pipeline:
         if slot is not None and slot.abandoned:
             return
         if transient is None:
-            transient = _is_transient(error)
+            transient = is_transient(error)
         if attempts >= self.settings.watch.max_attempts or not transient:
             self._final_failure(job, error, sha, sample_id, attempts=attempts)
             return
@@ -476,6 +477,8 @@ class Pipeline:
                         return
                     continue
                 tiles = sum(b.n_tiles for b in batch)
+                if self.observer is not None:
+                    self.observer.batch(len(batch), tiles)
                 with self._inference_stage.working(f"classifying {len(batch)} image(s), {tiles} tile(s)"):
                     self._run_batch(batch)
         except BaseException as exc:
@@ -547,6 +550,8 @@ class Pipeline:
               n_tiles: int) -> None:
         self.writer.put(Result(job.key, sha, sample_id, verdict, self.classifier.model_id, expected))
         self.rates.add(n_tiles)
+        if self.observer is not None:
+            self.observer.result(verdict.status, time.monotonic() - job.settled_at)
         with self._lock:
             self.done += 1
         log.info("%s: %s %s conf %.2f (%d tiles) [%s]", job.key.path, verdict.status,
