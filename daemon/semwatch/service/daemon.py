@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -42,8 +43,11 @@ from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.liveness import Liveness, Stuck
 from semwatch.reading.micrograph import read_micrograph
+from semwatch.service.events import health_conditions
 from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
+from semwatch.service.metrics import Metrics, queue_depths, start_metrics
+from semwatch.service.notify import Alerts, start_alerts
 from semwatch.service.pipeline import Pipeline
 from semwatch.service.scheduler import ReportScheduler
 from semwatch.service.sdnotify import Notifier
@@ -130,6 +134,8 @@ class Service:
                                      summary_seconds=settings.logging.summary_seconds)
         self.stuck_after = _stuck_threshold(settings.watch.stuck_seconds, os.environ)
         self._stuck_logged: set[str] = set()
+        self.alerts: Alerts | None = None  # [notify]: started before the threads, stopped last
+        self.metrics: Metrics | None = None  # [metrics]: started with the threads, stopped first
 
     def run(self) -> int:
         settings = self.settings
@@ -161,7 +167,12 @@ class Service:
         code: int = ExitStatus.OK
         try:
             ledger = self._prepare_store(store, classifier, mode)
+            self.alerts = start_alerts(self.settings)
             pipeline, watcher = self._start_threads(parts, classifier, ledger, mode)
+            self.metrics = start_metrics(self.settings, model_id=classifier.model_id,
+                                         device=classifier.device,
+                                         depths=lambda: queue_depths(pipeline, watcher, parts.writer))
+            pipeline.observer = self.metrics
             log.info("watching %s (%s on %s), model %s on %s, database %s", self.folder, mode, fstype,
                      classifier.model_id, classifier.device, self.settings.store.database)
             if self._wait_started(watcher):
@@ -249,6 +260,9 @@ class Service:
         ips, tps = pipeline.rates.rates()
         waiting = watcher.counts.waiting + queued
         stuck = self._stuck()
+        if self.alerts is not None:
+            self.alerts.health(health_conditions(stuck=stuck, database=writer.degraded, folder=self.folder,
+                                                 observer_restarts=_observer_restarts(watcher)))
         message = writer.degraded and f"database not writable: {writer.degraded}"
         if stuck:
             message = "stuck: " + "; ".join(f"{s.stage} {s.doing} for {s.seconds:.0f} s" for s in stuck)
@@ -291,7 +305,9 @@ class Service:
         if self.view is not None:
             factories.append((self.view, "live view failed to start: %s; plain log lines"))
         if self.settings.report.enabled:
-            factories.append((ReportScheduler, "report scheduler failed to start: %s"))
+            scheduler: ViewFactory = ReportScheduler if self.alerts is None else functools.partial(
+                ReportScheduler, on_written=self.alerts.report_ready)
+            factories.append((scheduler, "report scheduler failed to start: %s"))
         started: list[Attachment] = []
         for factory, failed in factories:
             try:
@@ -312,6 +328,8 @@ class Service:
                 attachment.stop()
             except Exception as exc:
                 log.warning("stopping %s: %s", type(attachment).__name__, exc)
+        if self.metrics is not None:
+            self.metrics.stop()
         if parts.watcher is not None:
             parts.watcher.stop()
             parts.watcher.join(max(0.1, deadline - time.monotonic()))
@@ -330,6 +348,8 @@ class Service:
                 code = code or ExitStatus.INPUT_FAILED
         if not writer.is_alive():
             parts.store.close()
+        if self.alerts is not None:
+            self.alerts.stop()  # after the writer: the last results are committed, a last poll sees them
         summary = self.limiter.roll(force=True)
         if summary:
             log.warning("%s", summary)
@@ -383,3 +403,9 @@ def _stuck_threshold(stuck_seconds: float, environ: Mapping[str, str]) -> float:
     if watchdog > 0:
         return max(1.0, min(stuck_seconds, watchdog - max(2.0, watchdog * 0.1)))
     return stuck_seconds
+
+
+def _observer_restarts(watcher: Watcher) -> int:
+    """inotify observer deaths in the last 5 minutes (the watcher keeps them for its own back-off)."""
+    now = time.monotonic()
+    return sum(1 for t in watcher._observer_deaths if now - t < 300)
