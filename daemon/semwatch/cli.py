@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import NoReturn
 
@@ -77,7 +78,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 
 
 def cmd_top(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    from semwatch.views.live import top
+    from semwatch.views.console_top import top
 
     return top(settings, once=args.once, out=out)
 
@@ -86,6 +87,26 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: Output) -> int
     from semwatch.report.daily import report_day
 
     return report_day(settings, day=args.date, out=out)
+
+
+def cmd_notify(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.service.notify import send_test
+
+    return send_test(settings, out=out)  # --test is required: the only thing `notify` does so far
+
+
+def cmd_reprocess(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.reprocess.run import ReprocessRequest, reprocess
+    from semwatch.store.selection import Selection
+
+    narrowed = args.all or args.outdated or args.since or args.until or args.sample or args.path
+    if args.folders and narrowed:
+        raise UserError("archive FOLDERs take no --outdated/--all/--since/--until/--sample/--path "
+                        "(those select results already in the database)", ExitStatus.USAGE)
+    selection = Selection("all" if args.all else "outdated", since=args.since, until=args.until,
+                          sample=args.sample, path_glob=args.path)
+    request = ReprocessRequest(tuple(args.folders), selection, engine=args.engine, dry_run=args.dry_run)
+    return reprocess(settings, request, out=out)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -138,6 +159,14 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def _date(text: str) -> date:
+    """A calendar day, YYYY-MM-DD."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _out_dir(text: str) -> Path:
@@ -227,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, json_flag=False)
     p.set_defaults(handler=cmd_watch)
 
-    p = sub.add_parser("top", help="live view of a running daemon, read from its database")
-    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p = sub.add_parser("top", help="interactive console of a running daemon, read from its database")
+    p.add_argument("--once", action="store_true",
+                   help="print one plain frame and exit (also what a non-terminal stdout gets)")
     _common(p, json_flag=False)
     p.set_defaults(handler=cmd_top)
 
@@ -236,6 +266,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="YYYY-MM-DD in the report time zone (default: today)")
     _common(p)
     p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("notify", help="alerts ([notify] urls): send a test message to each URL")
+    p.add_argument("--test", action="store_true", required=True,
+                   help="send a test message to every configured URL and say whether it arrived")
+    _common(p)
+    p.set_defaults(handler=cmd_notify)
+
+    p = sub.add_parser("reprocess", help="classify again with the configured model: outdated results "
+                       "(default), all results, or every micrograph of archive folders")
+    p.add_argument("folders", nargs="*", type=Path, metavar="FOLDER",
+                   help="archive folders to ingest (default: results already in the database)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--outdated", action="store_true",
+                       help="current results made by another model (the default)")
+    scope.add_argument("--all", action="store_true", help="every current result")
+    p.add_argument("--since", type=_date, metavar="DATE", help="processed on or after this UTC day")
+    p.add_argument("--until", type=_date, metavar="DATE", help="processed on or before this UTC day")
+    p.add_argument("--sample", metavar="ID", help="only this sample's images")
+    p.add_argument("--path", metavar="GLOB", help="only paths matching this glob (* also matches /)")
+    p.add_argument("--engine", choices=["local", "ray"], help="override [scale] engine")
+    p.add_argument("--dry-run", action="store_true", help="say how many files would be classified")
+    _common(p)
+    p.set_defaults(handler=cmd_reprocess)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

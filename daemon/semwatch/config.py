@@ -116,8 +116,10 @@ class QualitySettings:
     saturated_max: float = 0.6
     dynamic_range_min: float = 0.08
     blank_std_min: float = 0.01
+    streak_rows_max: float = 0.03
 
     def validate(self) -> None:
+        _fraction("[quality] streak_rows_max", self.streak_rows_max)
         _fraction("[quality] focus_min", self.focus_min)
         _fraction("[quality] saturated_max", self.saturated_max)
         _fraction("[quality] dynamic_range_min", self.dynamic_range_min)
@@ -162,6 +164,7 @@ class ModelSettings:
     min_tiles: int = 2
     test_time_views: int = 8
     test_time_below: float = 0.99
+    reprocess_outdated: bool = False
 
     def validate(self) -> None:
         _positive("[model] batch_size", self.batch_size)
@@ -189,9 +192,16 @@ class TrainSettings:
     class_map: dict[str, str] = field(default_factory=dict)
     unknown_quantile: float = 0.99
     unknown_margin: float = 1.2
+    # "frozen": a head on cached features; "finetune": then the whole backbone end to end; "auto":
+    # fine-tune on CUDA, frozen on a CPU (two cores cannot fine-tune within the training budget).
+    backbone: Literal["frozen", "finetune", "auto"] = "auto"
+    finetune_epochs: int = 8
+    finetune_learning_rate: float = 1e-4
 
     def validate(self) -> None:
         _fraction("[train] val_fraction", self.val_fraction)
+        _positive("[train] finetune_epochs", self.finetune_epochs)
+        _positive("[train] finetune_learning_rate", self.finetune_learning_rate)
         _fraction("[train] unknown_quantile", self.unknown_quantile)
         if self.unknown_margin < 1.0:
             raise ConfigError(f"[train] unknown_margin must be >= 1, got {self.unknown_margin}")
@@ -341,6 +351,29 @@ def listen_address(text: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class ScaleSettings:
+    """`semwatch reprocess`: which engine classifies, and the Ray cluster's shape (docs/SCALE-OUT.md)."""
+
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = ""
+    workers: int = 0
+    gpus_per_worker: float = -1.0
+    cpus_per_reader: float = 1.0
+    cpus_per_worker: float = 1.0
+
+    def validate(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f'[scale] engine must be "local" or "ray", not {self.engine!r}')
+        _non_negative("[scale] workers", self.workers)
+        if self.gpus_per_worker != -1.0:
+            _non_negative("[scale] gpus_per_worker", self.gpus_per_worker)
+        if self.cpus_per_reader <= 0:
+            raise ConfigError(f"[scale] cpus_per_reader must be > 0, not {self.cpus_per_reader}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"[scale] cpus_per_worker must be > 0, not {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
 class Settings:
     data: DataSettings = field(default_factory=DataSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
@@ -356,6 +389,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    scale: ScaleSettings = field(default_factory=ScaleSettings)
     # Where the settings came from (for messages); not a config key.
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 

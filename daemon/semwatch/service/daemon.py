@@ -31,7 +31,6 @@ import functools
 import logging
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -53,7 +52,7 @@ from semwatch.service.scheduler import ReportScheduler
 from semwatch.service.sdnotify import Notifier
 from semwatch.service.watcher import Watcher, resolve_mode
 from semwatch.store import db
-from semwatch.store.ledger import LedgerState, Store, load_ledger
+from semwatch.store.ledger import LedgerState, Store, load_ledger, open_store
 from semwatch.store.messages import DaemonStatus, Gone, exit_message
 from semwatch.store.writer import Writer
 
@@ -159,7 +158,7 @@ class Service:
         self.signals.install()
         try:
             classifier = self._load_classifier()
-            store = _open_store(self.settings)
+            store = open_store(self.settings)
         except BaseException:
             self.signals.restore()
             raise
@@ -374,23 +373,6 @@ class _Malloc:
     def trim(self) -> None:
         if self.libc is not None:
             self.libc.malloc_trim(0)
-
-
-def _open_store(settings: Settings) -> Store:
-    """The database and CSV, checked up front: an unusable one is a configuration error (78)."""
-    csv_path = settings.store.results_csv
-    try:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "ab"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise ConfigError(f"[store] results_csv cannot be written: {csv_path}: {reason}") from None
-    try:
-        return Store(settings.store.database, csv_path, busy_timeout_ms=settings.store.busy_timeout_ms,
-                     sample_settings=settings.samples)
-    except (sqlite3.Error, OSError, RuntimeError) as exc:
-        raise ConfigError(f"[store] database cannot be used: {settings.store.database}: {exc}") from None
 
 
 def _stuck_threshold(stuck_seconds: float, environ: Mapping[str, str]) -> float:

@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from semwatch.config import SampleSettings
+from semwatch.config import SampleSettings, Settings
+from semwatch.errors import ConfigError
 from semwatch.safefs import path_from_text, path_text, text_safe
 from semwatch.store import db
 from semwatch.store import results_csv as live_csv
@@ -47,7 +48,7 @@ from semwatch.values import FileKey, ImageVerdict, utc_now
 
 __all__ = [
     "DatabaseReplaced", "LedgerState", "Store", "find_verdict_by_content",
-    "load_ledger",
+    "load_ledger", "open_store",
 ]
 
 @dataclass(frozen=True)
@@ -377,3 +378,21 @@ def _key(key: FileKey) -> tuple[str, int, int]:
 def _identity(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_dev, st.st_ino
+
+
+def open_store(settings: Settings) -> Store:
+    """The writer's Store on `[store] database` and `results_csv`, checked up front: an unusable
+    one is a configuration error (78), for the daemon and `semwatch reprocess` alike."""
+    csv_path = settings.store.results_csv
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "ab"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ConfigError(f"[store] results_csv cannot be written: {csv_path}: {reason}") from None
+    try:
+        return Store(settings.store.database, csv_path, busy_timeout_ms=settings.store.busy_timeout_ms,
+                     sample_settings=settings.samples)
+    except (sqlite3.Error, OSError, RuntimeError) as exc:
+        raise ConfigError(f"[store] database cannot be used: {settings.store.database}: {exc}") from None

@@ -1,0 +1,135 @@
+"""One file to (re-)classify, and the two halves every engine runs on it.
+
+`read_item` (CPU, no network weights: what a reader thread or a Ray reader task does) turns a
+`WorkItem` into tiles or an error; `classify_items` (the network: the local inference loop or a Ray
+actor) turns a group of prepared items into verdicts with the daemon's own batching engine
+(`engine.predict_images`). Both engines call exactly these two functions, so the same file gets the
+same verdict whichever engine ran it. Every value here is picklable: Ray ships them between
+processes and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from semwatch.config import Settings
+from semwatch.reading.listing import stat_path
+from semwatch.reading.sample import expected_class, sample_key
+from semwatch.safefs import Confinement, RefusedFile, open_regular
+from semwatch.values import FileKey, ImageVerdict, MicrographError, is_transient
+
+if TYPE_CHECKING:  # torch: imported only where the network runs
+    from semwatch.model.artifact import Manifest
+    from semwatch.model.classify import Classifier
+    from semwatch.model.engine import PreparedImage
+
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A file to classify. `supersedes`: the ledger row a new result replaces (a re-classification),
+    with `recorded` the version that row is about and `sample_id` the sample it was recorded in
+    (kept); None for a version the ledger does not hold yet. `root`: the folder reads are confined
+    to and sample keys are relative to."""
+
+    path: str
+    root: str
+    supersedes: int | None = None
+    recorded: FileKey | None = None
+    sample_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A work item read and cut into tiles, on its way to the network."""
+
+    item: WorkItem
+    key: FileKey
+    sha256: str
+    sample_id: str
+    expected: str | None
+    image: PreparedImage
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a work item: a verdict, or an error (`transient`: it may pass if read again;
+    `gone`: the file no longer exists). `key` is the version actually read (None if none was)."""
+
+    item: WorkItem
+    key: FileKey | None
+    sha256: str | None = None
+    sample_id: str | None = None
+    expected: str | None = None
+    verdict: ImageVerdict | None = None
+    error: str | None = None
+    transient: bool = False
+    gone: bool = False
+
+
+def read_item(item: WorkItem, settings: Settings, manifest: Manifest) -> Prepared | Outcome:
+    """Stat, hash (bounded, through `safefs`), decode and tile one file, as the daemon's readers do:
+    the same confinement and symlink policy, the same size limit, the same sample key and expected
+    class. Errors come back as an `Outcome`, never raised."""
+    from semwatch.model.classify import prepare_micrograph
+    from semwatch.reading.micrograph import read_micrograph
+
+    path, root = Path(item.path), Path(item.root)
+    confine = Confinement(root, settings.watch.follow_symlinks)
+    try:
+        key = FileKey.of(item.path, stat_path(item.path))
+    except OSError as exc:
+        gone = isinstance(exc, FileNotFoundError)
+        return Outcome(item, None, error=f"cannot read file: {exc.strerror or exc}", gone=gone)
+    try:
+        sha = _sha256(item.path, confine, settings.reading.max_file_mb)
+        micrograph = read_micrograph(path, settings, confine=confine)
+    except RefusedFile as exc:
+        return Outcome(item, key, error=f"refused: {exc.strerror}")
+    except OSError as exc:
+        error = f"cannot read file: {exc.strerror or exc}"
+        return Outcome(item, key, error=error, transient=True, gone=isinstance(exc, FileNotFoundError))
+    except MicrographError as exc:
+        return Outcome(item, key, error=str(exc), transient=is_transient(str(exc)))
+    sample_id = item.sample_id
+    if sample_id is None:
+        sample_id = sample_key(path, root, settings.samples, micrograph.metadata)
+    expected = expected_class(sample_id, path, settings.samples, confine=confine)
+    image = prepare_micrograph(manifest, settings, micrograph)
+    return Prepared(item, key, sha, sample_id, expected, image)
+
+
+def classify_items(classifier: Classifier, group: list[Prepared]) -> list[Outcome]:
+    """Verdicts for a group of prepared items, their tiles through the network together."""
+    from semwatch.model.engine import predict_images
+
+    outputs = predict_images(classifier, [p.image for p in group])
+    return [Outcome(p.item, p.key, p.sha256, p.sample_id, p.expected, classifier.verdict(p.image, out))
+            for p, out in zip(group, outputs, strict=True)]
+
+
+def timed_out(item: WorkItem, seconds: float) -> Outcome:
+    return Outcome(item, None, error=f"timed out: reading took longer than {seconds:g} s "
+                   "([watch] read_timeout_seconds)", transient=True)
+
+
+def _sha256(path: str, confine: Confinement, max_file_mb: float) -> str:
+    """The file's SHA-256 through the safe open, refused past `[reading] max_file_mb` (a file that
+    grows while it is read stops at the limit). By hand rather than `hashlib.file_digest`, which
+    would read a growing file to its end."""
+    max_bytes = int(max_file_mb * 1024 * 1024)
+    fd, _ = open_regular(path, confine=confine, max_bytes=max_bytes)
+    h = hashlib.sha256()
+    total = 0
+    with os.fdopen(fd, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                raise RefusedFile(f"file too large (> [reading] max_file_mb {max_file_mb:g})")
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,152 @@
+"""Which ledger rows a re-classification takes, how many results are outdated, and the record of
+each `semwatch reprocess` run (so that a killed run resumes instead of starting over).
+
+Outdated: a current, classified row (`ok`, `unknown`, `rejected`) whose `model_id` is not the
+current model's. A failed row was never classified by any model, so it is not outdated; `--all`
+takes it too (the file may read now). Dates are UTC calendar days of `processed_at`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+from typing import Literal
+
+from semwatch.safefs import path_from_text, path_text
+from semwatch.values import FileKey, utc_now
+
+Scope = Literal["outdated", "all"]
+CLASSIFIED = ("ok", "unknown", "rejected")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to re-classify from the ledger (`semwatch reprocess --outdated/--all ...`)."""
+
+    scope: Scope = "outdated"
+    since: date | None = None
+    until: date | None = None  # inclusive
+    sample: str | None = None
+    path_glob: str | None = None  # SQLite GLOB over the stored path: `*` also matches `/`
+
+    def key(self) -> str:
+        """Canonical text of the selection: a resumed run is one with the same key and model."""
+        return json.dumps({k: (str(v) if v is not None else None) for k, v in asdict(self).items()},
+                          sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """A ledger row to re-classify: its id and the version of the file it is about."""
+
+    id: int
+    key: FileKey
+    sample_id: str | None  # as recorded (a re-classification keeps the image in its sample)
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: int
+    started_at: str
+    resumed: bool
+
+
+def select_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *,
+                before: str | None = None) -> Iterator[RowRef]:
+    """The current rows `selection` takes, oldest first. `before` (scope "all"): only rows processed
+    before that time, i.e. not yet by this run."""
+    where, params = _where(selection, model_id, before)
+    sql = f"SELECT id, path, size_bytes, mtime_ns, sample_id FROM images WHERE {where} ORDER BY id"
+    for r in conn.execute(sql, params):
+        sample = path_from_text(r["sample_id"]) if r["sample_id"] is not None else None
+        yield RowRef(int(r["id"]), FileKey(path_from_text(r["path"]), int(r["size_bytes"]),
+                                           int(r["mtime_ns"])), sample)
+
+
+def count_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *,
+               before: str | None = None) -> int:
+    where, params = _where(selection, model_id, before)
+    return int(conn.execute(f"SELECT count(*) FROM images WHERE {where}", params).fetchone()[0])
+
+
+def count_outdated(conn: sqlite3.Connection, model_id: str, *, since: str | None = None,
+                   until: str | None = None) -> int:
+    """Current classified results made by another model, optionally processed in [since, until)."""
+    sql = ("SELECT count(*) FROM images WHERE current = 1 AND status IN ('ok', 'unknown', 'rejected') "
+           "AND (model_id IS NULL OR model_id != ?)")
+    params: list[object] = [model_id]
+    if since is not None:
+        sql += " AND processed_at >= ?"
+        params.append(since)
+    if until is not None:
+        sql += " AND processed_at < ?"
+        params.append(until)
+    return int(conn.execute(sql, params).fetchone()[0])
+
+
+def current_row(conn: sqlite3.Connection, path: str) -> sqlite3.Row | None:
+    """The current row of `path` (id, version, status, model) or None."""
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT id, size_bytes, mtime_ns, status, model_id FROM images WHERE path = ? AND current = 1",
+        (path_text(path),)).fetchone()
+    return row
+
+
+def open_run(conn: sqlite3.Connection, selection_key: str, model_id: str, engine: str) -> Run:
+    """The unfinished run with this selection and model (a resumed one), else a new run."""
+    row = conn.execute(
+        "SELECT run_id, started_at FROM reprocess_runs WHERE selection = ? AND model_id = ? "
+        "AND finished_at IS NULL ORDER BY run_id DESC LIMIT 1", (selection_key, model_id)).fetchone()
+    if row is not None:
+        return Run(int(row["run_id"]), str(row["started_at"]), True)
+    started = utc_now()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.execute("INSERT INTO reprocess_runs (selection, model_id, engine, started_at) "
+                           "VALUES (?, ?, ?, ?)", (selection_key, model_id, engine, started))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    assert cur.lastrowid is not None
+    return Run(cur.lastrowid, started, False)
+
+
+def finish_run(conn: sqlite3.Connection, run_id: int, done: int, failed: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("UPDATE reprocess_runs SET finished_at = ?, done = done + ?, failed = failed + ? "
+                     "WHERE run_id = ?", (utc_now(), done, failed, run_id))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _where(selection: Selection, model_id: str, before: str | None) -> tuple[str, list[object]]:
+    clauses = ["current = 1"]
+    params: list[object] = []
+    if selection.scope == "outdated":
+        clauses.append("status IN ('ok', 'unknown', 'rejected') AND (model_id IS NULL OR model_id != ?)")
+        params.append(model_id)
+    else:
+        clauses.append("status != 'pending'")
+        if before is not None:
+            clauses.append("processed_at < ?")
+            params.append(before)
+    if selection.since is not None:
+        clauses.append("processed_at >= ?")
+        params.append(selection.since.isoformat())
+    if selection.until is not None:
+        clauses.append("processed_at < ?")
+        params.append((selection.until + timedelta(days=1)).isoformat())
+    if selection.sample is not None:
+        clauses.append("sample_id = ?")
+        params.append(path_text(selection.sample))
+    if selection.path_glob is not None:
+        clauses.append("path GLOB ?")
+        params.append(selection.path_glob)
+    return " AND ".join(clauses), params
