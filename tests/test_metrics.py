@@ -1,0 +1,144 @@
+"""Prometheus metrics (`[metrics] listen`): scraped over loopback from a real daemon, values checked
+against its database; the settings; the systemd drop-in that opens loopback for them."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dbfixture import make_database
+from semwatch.config import load_settings
+from semwatch.errors import ConfigError
+from test_daemon import Daemon, copy_image, ncm_images
+from test_daemon_systemd import _unit_copy
+
+REPO = Path(__file__).resolve().parents[1]
+DROPINS = REPO / "systemd" / "semwatch.service.d"
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture
+def metrics_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[[int], Daemon]]:
+    made: list[Daemon] = []
+
+    def make(port: int) -> Daemon:
+        d = Daemon(tmp_path / "d", tiny_model, settle_seconds=0.2)
+        with open(d.config, "a", encoding="utf-8") as fh:
+            fh.write(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def test_metrics_scraped_from_a_running_daemon_match_its_database(
+        metrics_daemon: Callable[[int], Daemon], ncm_dir: Path) -> None:
+    port = free_port()
+    d = metrics_daemon(port)
+    # Three results of an older model already in the database: outdated for this daemon.
+    old = [{"path": f"/old/s0/{i}.tif", "model_id": "an-older-model", "sample_id": "s0"} for i in range(3)]
+    make_database(d.database, now=datetime.now(UTC), images=old, samples=[{"sample_id": "s0"}])
+    images = [copy_image(src, d.folder / cls / src.name) for cls in ("333", "811")
+              for src in ncm_images(ncm_dir, cls, 2)]
+    d.start()
+    d.wait_finished(images)
+    deadline = time.monotonic() + 15  # database values are cached for 5 s
+    while True:
+        samples = scrape(port)
+        in_db = {r["status"]: r["n"] for r in d.query(
+            "SELECT status, count(*) AS n FROM images WHERE current = 1 GROUP BY status")}
+        if all(value(samples, "semwatch_images", status=s) == n for s, n in in_db.items()):
+            break
+        assert time.monotonic() < deadline, (in_db, samples)
+        time.sleep(0.5)
+    rows = d.rows("current = 1 AND model_id != 'an-older-model'")
+    model_id = rows[0]["model_id"]
+    assert value(samples, "semwatch_model_info", model_id=model_id, device="cpu") == 1.0
+    assert value(samples, "semwatch_outdated_results") == 3
+    assert sum(v for (name, _), v in samples.items() if name == "semwatch_results_total") == len(images)
+    assert value(samples, "semwatch_verdict_latency_seconds_count") == len(images)
+    assert 0 < value(samples, "semwatch_verdict_latency_seconds_sum") < 60 * len(images)
+    assert value(samples, "semwatch_tiles_classified_total") == sum(r["n_tiles"] for r in rows)
+    assert value(samples, "semwatch_inference_batch_tiles_sum") == sum(r["n_tiles"] for r in rows)
+    assert value(samples, "semwatch_inference_batch_images_sum") == len(images)
+    verdicts = {r["verdict"]: r["n"] for r in d.query(
+        "SELECT verdict, count(*) AS n FROM samples GROUP BY verdict")}
+    assert all(value(samples, "semwatch_samples", verdict=v) == n for v, n in verdicts.items())
+    for stage in ("settling", "queued", "reading", "prepared", "inference", "writer"):
+        assert value(samples, "semwatch_queue_depth", stage=stage) >= 0
+    heartbeat = datetime.fromisoformat(d.query("SELECT heartbeat_at FROM daemon")[0]["heartbeat_at"])
+    assert abs(value(samples, "semwatch_last_heartbeat_timestamp_seconds") - heartbeat.timestamp()) < 10
+    rc, _ = d.stop()
+    assert rc == 0, d.log_text()[-2000:]
+    with pytest.raises(urllib.error.URLError):  # the server went with the daemon
+        scrape(port)
+    assert "metrics on http://127.0.0.1:" in d.log_text()
+
+
+def test_metrics_listen_is_checked() -> None:
+    def listen(text: str) -> tuple[str, int] | None:
+        return load_settings(None, environ={}, overrides={"metrics": {"listen": text}}).metrics.address()
+
+    assert listen("") is None
+    assert listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert listen("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", "localhost", "127.0.0.1:", ":9464", "127.0.0.1:99999", "127.0.0.1:http"):
+        with pytest.raises(ConfigError, match=r"\[metrics\] listen must be host:port"):
+            listen(bad)
+
+
+def _merged(dropin: Path, tmp_path: Path) -> Path:
+    """The unit with a drop-in's [Service] lines appended (what systemd merges), for verify."""
+    unit = _unit_copy(tmp_path)
+    extra = [line for line in dropin.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith(("#", "["))]
+    unit.write_text(unit.read_text(encoding="utf-8").replace(
+        "\n[Install]", "\n" + "\n".join(extra) + "\n\n[Install]"), encoding="utf-8")
+    return unit
+
+
+@pytest.mark.parametrize("name", ["metrics-localhost.conf", "alerts.conf"])
+def test_network_dropins(name: str, tmp_path: Path) -> None:
+    """The unit has no network; each drop-in opens only what its feature needs, and verifies clean."""
+    lines = [line.strip() for line in (DROPINS / name).read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "[Service]"
+    assert "PrivateNetwork=no" in lines
+    families = lines.index("RestrictAddressFamilies=")  # reset first, then the full list
+    assert lines[families + 1] == "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"
+    assert "IPAddressAllow=localhost" in lines and "IPAddressDeny=" not in lines  # the unit's deny stays
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    proc = subprocess.run(["systemd-analyze", "verify", str(_merged(DROPINS / name, tmp_path))],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr

@@ -1,0 +1,293 @@
+"""Alerts (`[notify]`, apprise): a real daemon against a real HTTP receiver on loopback.
+
+One message per failing sample, none repeated across a restart (the sent log beside the database),
+results still prompt while the receiver hangs, and `semwatch notify --test`. The tiny model is
+poor, so the failing samples expect a class that does not exist ("999"): whatever it finds fails.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dbfixture import iso, make_database
+from semwatch.config import load_settings
+from semwatch.errors import ConfigError
+from semwatch.liveness import Stuck
+from semwatch.service.events import HealthTracker, SamplePoller, health_conditions
+from semwatch.service.notify import state_path
+from semwatch.store import db
+from test_daemon import Daemon, copy_image, ncm_images
+
+
+class Receiver:
+    """An HTTP server on loopback that records every JSON POST (apprise's json:// plugin)."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        received = self.messages
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append({"path": self.path, **json.loads(body)})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="test-receiver")
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"json://127.0.0.1:{self.port}/alerts"
+
+    def titles(self) -> list[str]:
+        return [m["title"] for m in list(self.messages)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+class HangingReceiver:
+    """Accepts connections and never answers (a webhook host that hangs)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[float] = []
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._accept, name="test-hanging-receiver")
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted.append(time.time())
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+class AlertDaemon(Daemon):
+    """The test_daemon helper with `[notify]` (and a model setting that makes every image vote)."""
+
+    def __init__(self, root: Path, model: Path, notify: dict[str, Any]) -> None:
+        super().__init__(root, model, settle_seconds=0.2)
+        text = self.config.read_text(encoding="utf-8")
+        # Every image an `ok` vote (the tiny model is unsure of everything), every vote confident.
+        text = text.replace("[model]\n", "[model]\nmin_confidence = 0.0\nunknown_threshold = 1e9\n")
+        lines = ["[samples]", "pass_confidence = 0.0", "min_uniformity = 0.0", "[notify]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in notify.items()]
+        self.config.write_text(text + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def alert_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., AlertDaemon]]:
+    made: list[AlertDaemon] = []
+
+    def make(**notify: Any) -> AlertDaemon:
+        d = AlertDaemon(tmp_path / f"d{len(made)}", tiny_model, notify)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _sample(d: Daemon, ncm_dir: Path, name: str, cls: str, n: int, *, expected: str | None,
+            skip: int = 0) -> list[Path]:
+    folder = d.folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if expected is not None:
+        (folder / "expected.txt").write_text(expected + "\n", encoding="utf-8")
+    return [copy_image(src, folder / f"{name}-{src.name}") for src in ncm_images(ncm_dir, cls, n, skip)]
+
+
+def _wait(what: Callable[[], bool], timeout: float, d: Daemon, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"{message}\n{d.log_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def test_one_message_per_failing_sample_and_none_again_after_a_restart(
+        alert_daemon: Callable[..., AlertDaemon], receiver: Receiver, ncm_dir: Path) -> None:
+    d = alert_daemon(urls=[receiver.url], on=["sample_fail", "sample_uncertain"],
+                     sample_quiet_seconds=0.3, poll_seconds=0.2)
+    bad1 = _sample(d, ncm_dir, "bad1", "333", 2, expected="999")
+    bad2 = _sample(d, ncm_dir, "bad2", "811", 1, expected="999")
+    plain = _sample(d, ncm_dir, "plain", "523", 1, expected=None)  # no expectation: verdict unknown
+    d.start()
+    d.wait_finished(bad1 + bad2 + plain)
+    _wait(lambda: len(receiver.messages) >= 2, 30, d, f"two alerts expected, got {receiver.titles()}")
+    time.sleep(1.0)  # nothing else is coming: the plain sample, a second image of bad1
+    verdicts = {r["sample_id"]: r for r in d.query("SELECT * FROM samples")}
+    assert verdicts["bad1"]["verdict"] == verdicts["bad2"]["verdict"] == "fail"
+    assert verdicts["plain"]["verdict"] == "unknown"
+    by_sample = {m["title"].split()[2]: m for m in receiver.messages}
+    assert sorted(by_sample) == ["bad1", "bad2"] and len(receiver.messages) == 2, receiver.titles()
+    message = by_sample["bad1"]["message"]
+    found = verdicts["bad1"]["predicted_class"]
+    assert f"expected 999, found {found} (confidence {verdicts['bad1']['confidence']:.2f})" in message
+    assert "2 image(s)" in message and all(str(p) in message for p in bad1)
+    assert by_sample["bad1"]["path"] == "/alerts" and "FAIL" in by_sample["bad1"]["title"]
+    rc, _ = d.stop()
+    assert rc == 0, d.log_text()[-2000:]
+    state = json.loads(state_path(d.database).read_text(encoding="utf-8"))
+    assert set(state["sent"]) == {"sample_fail:bad1", "sample_fail:bad2"}
+
+    # After a restart: bad1 gets another image (its verdict recomputed, still fail): not sent again;
+    # a new failing sample is.
+    d.start()
+    more = _sample(d, ncm_dir, "bad1", "333", 1, expected="999", skip=2)
+    bad3 = _sample(d, ncm_dir, "bad3", "622", 1, expected="999")
+    d.wait_finished(more + bad3)
+    _wait(lambda: len(receiver.messages) >= 3, 30, d, f"bad3's alert expected, got {receiver.titles()}")
+    time.sleep(1.5)
+    assert d.query("SELECT n_images, verdict FROM samples WHERE sample_id = 'bad1'") == [
+        {"n_images": 3, "verdict": "fail"}]
+    assert sorted(t.split()[2] for t in receiver.titles()) == ["bad1", "bad2", "bad3"]
+    rc, _ = d.stop()
+    assert rc == 0
+
+
+def test_a_hanging_receiver_does_not_slow_the_pipeline(alert_daemon: Callable[..., AlertDaemon],
+                                                        ncm_dir: Path) -> None:
+    hang = HangingReceiver()
+    try:
+        d = alert_daemon(urls=[f"json://127.0.0.1:{hang.port}/alerts"], on=["sample_fail"],
+                         sample_quiet_seconds=0.0, poll_seconds=0.2, timeout_seconds=60.0, retries=2)
+        first = _sample(d, ncm_dir, "bad1", "333", 1, expected="999")
+        d.start()
+        d.wait_finished(first)
+        _wait(lambda: bool(hang.accepted), 20, d, "the alert never reached the receiver")
+        # The send thread now waits up to 60 s for an answer; more failing samples arrive meanwhile.
+        t0 = time.time()
+        later = [p for i in range(2, 5) for p in _sample(d, ncm_dir, f"bad{i}", "811", 1, expected="999",
+                                                         skip=i)]
+        rows = d.wait_finished(later, 40)
+        took = time.time() - t0
+        assert len(hang.accepted) == 1  # still stuck in the first send
+        assert all(r["status"] == "ok" for r in rows)
+        rc, stop_took = d.stop()
+        assert rc == 0 and stop_took < 10.0, d.log_text()[-2000:]
+        assert "not sent at stop" in d.log_text()
+        print(f"3 images while the receiver hung: {took:.1f} s; stop {stop_took:.1f} s")
+        assert took < 30.0
+    finally:
+        hang.close()
+
+
+def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[notify]\nurls = ["{receiver.url}"]\n', encoding="utf-8")
+    run = cli("notify", "--test")
+    assert run.code == 0 and run.out.strip() == f"json://127.0.0.1:{receiver.port}/alerts: delivered"
+    assert [m["title"].startswith("semwatch: test message") for m in receiver.messages] == [True]
+    with socket.socket() as closed:  # a port nobody listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    config.write_text(f'[notify]\nurls = ["{receiver.url}", "json://127.0.0.1:{dead}/x"]\n'
+                      "timeout_seconds = 2.0\n", encoding="utf-8")
+    run = cli("notify", "--test", "--json")
+    assert run.code == 1
+    assert [json.loads(line)["delivered"] for line in run.out.splitlines()] == [True, False]
+    config.write_text("[notify]\nurls = []\n", encoding="utf-8")
+    run = cli("notify", "--test")
+    assert run.code == 78 and "no alert targets configured" in run.err
+    config.write_text('[notify]\nurls = ["nosuchscheme://x"]\n', encoding="utf-8")
+    run = cli("notify", "--test")
+    assert run.code == 78 and "urls[0] is not a URL apprise can send to" in run.err
+
+
+def test_notify_settings_are_checked() -> None:
+    ok = load_settings(None, environ={}, overrides={"notify": {"on": ["sample_fail"]}})
+    assert ok.notify.on == ("sample_fail",)
+    for bad, message in ((["sample_fial"], "[notify] on[0] must be one of"),):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_settings(None, environ={}, overrides={"notify": {"on": bad}})
+    with pytest.raises(ConfigError, match="not an apprise URL"):
+        load_settings(None, environ={}, overrides={"notify": {"urls": ["example.org"]}})
+    with pytest.raises(ConfigError, match="unknown_share must be between 0 and 1"):
+        load_settings(None, environ={}, overrides={"notify": {"unknown_share": 1.5}})
+
+
+def test_poller_sample_quiet_period_and_unknown_spike(tmp_path: Path) -> None:
+    """Against a real database: a failing sample is reported once it has been quiet; the unknown
+    share crossing the threshold is reported once, and again only after it fell below."""
+    now = datetime.now(UTC)
+    database = tmp_path / "semwatch.db"
+    images = [{"path": f"/x/s1/{i}.tif", "status": "unknown" if i >= 6 else "ok",
+               "processed_at": iso(now + timedelta(milliseconds=i))} for i in range(10)]
+    make_database(database, now=now, images=images, samples=[
+        {"sample_id": "s1", "verdict": "fail", "expected": "811", "updated_at": iso(now)}])
+    settings = load_settings(None, environ={}, overrides={"notify": {
+        "unknown_window": 10, "unknown_share": 0.4, "sample_quiet_seconds": 5.0}}).notify
+    clock = [100.0]
+    poller = SamplePoller(settings, watermark="", in_spike=False, clock=lambda: clock[0])
+    conn = db.connect(database, readonly=True)
+    try:
+        events = poller.poll(conn)
+        assert [e.key for e in events] == [f"unknown_spike:{images[-1]['processed_at']}"]
+        assert "40% of the last 10 images" in events[0].title
+        assert poller.resume_from() == iso(now)  # s1 waits for its quiet period
+        clock[0] += 5.0
+        events = poller.poll(conn)
+        assert [e.key for e in events] == ["sample_fail:s1"]
+        assert "expected 811, found 622_pristine" in events[0].body and "/x/s1/0.tif" in events[0].body
+        assert poller.poll(conn) == []  # nothing new
+    finally:
+        conn.close()
+
+
+def test_health_tracker_reports_degraded_and_recovered(tmp_path: Path) -> None:
+    tracker = HealthTracker("lab-pc")
+    folder = tmp_path / "gone"
+    cond = health_conditions(stuck=[Stuck("reader-0", 95.0, "reading /x/a.tif")], database="disk I/O error",
+                             folder=folder, observer_restarts=0)
+    assert set(cond) == {"stuck:reader-0", "database", "folder"}
+    first = tracker.update(cond)
+    assert {e.key for e in first} == {"daemon_degraded:stuck:reader-0", "daemon_degraded:database",
+                                      "daemon_degraded:folder"}
+    assert tracker.update(cond) == []  # still degraded: nothing new
+    folder.mkdir()
+    later = tracker.update(health_conditions(stuck=[], database=None, folder=folder, observer_restarts=1))
+    assert {e.key for e in later} == {"daemon_degraded:observer", "daemon_recovered:stuck:reader-0",
+                                      "daemon_recovered:database", "daemon_recovered:folder"}
+    assert all(e.kind == "daemon_degraded" for e in later)
