@@ -42,6 +42,7 @@ from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.liveness import Liveness, Stuck
 from semwatch.reading.micrograph import read_micrograph
+from semwatch.service.catchup import CatchUp
 from semwatch.service.events import health_conditions
 from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
@@ -237,6 +238,11 @@ class Service:
 
     def _loop(self, writer: Writer, pipeline: Pipeline, watcher: Watcher) -> int:
         last_trim = time.monotonic()
+        catchup: CatchUp | None = None
+        if self.settings.model.reprocess_outdated:
+            catchup = CatchUp(self.settings.store.database, pipeline.classifier.model_id,
+                              page=max(2, 2 * self.settings.watch.reader_threads))
+            catchup.start()
         while not self.signals.stop.wait(STATUS_SECONDS):
             if time.monotonic() - last_trim >= TRIM_SECONDS:
                 self.malloc.trim()
@@ -250,6 +256,8 @@ class Service:
                 log.error("%s; exiting so that the service is restarted", problem)
                 return ExitStatus.INPUT_FAILED
             self._report(writer, pipeline, watcher)
+            if catchup is not None:
+                catchup.tick(pipeline, watcher.counts.waiting)
         log.info("stopping: finishing work in flight")
         return ExitStatus.OK
 

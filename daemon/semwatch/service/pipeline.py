@@ -45,7 +45,8 @@ from semwatch.service.logs import PER_FILE
 from semwatch.service.stability import Candidate
 from semwatch.store import db
 from semwatch.store.ledger import find_verdict_by_content
-from semwatch.store.messages import Attempt, Failed, Gone, Pending, Result, Started
+from semwatch.store.messages import Attempt, Failed, Gone, Pending, Reclassified, Result, Started
+from semwatch.store.selection import RowRef
 from semwatch.store.writer import Writer
 from semwatch.values import FileKey, ImageVerdict, Micrograph, MicrographError, is_transient
 
@@ -102,6 +103,11 @@ class Job:
     attempts: int
     counted: bool = False  # this attempt is already in the ledger (a copy handed back by its leader)
     settled_at: float = field(default_factory=time.monotonic, compare=False)  # for the latency metric
+    # A catch-up job ([model] reprocess_outdated): re-classify ledger row `supersedes`, in its
+    # recorded sample. It is not the watcher's: nothing about it goes to the watcher's inbox, and a
+    # failure leaves the earlier result current instead of recording anything.
+    supersedes: int | None = None
+    sample_id: str | None = None
 
 
 @dataclass
@@ -197,6 +203,11 @@ class Pipeline:
         self.writer.put(Pending(cand.key, _utc(cand.detected_at), cand.attempts))
         self.jobs.put(Job(cand.key, cand.attempts))
 
+    def reclassify(self, row: RowRef) -> None:
+        """From the service, when idle: classify a finished version again with this model
+        ([model] reprocess_outdated). Its result supersedes the row (`Reclassified`)."""
+        self.jobs.put(Job(row.key, 0, counted=True, supersedes=row.id, sample_id=row.sample_id))
+
     def stop(self, timeout: float) -> bool:
         """Finish work in flight (queued jobs stay pending); True if everything ended in time.
         Abandoned (stuck) readers are not waited for: they hold nothing the ledger needs."""
@@ -241,15 +252,16 @@ class Pipeline:
             self.liveness.remove(slot.stage.name)
             log.error("reading %s took longer than %.0f s; giving up on it and starting a new reader",
                       job.key.path, limit)
-            self.writer.put(Failed(job.key, max(job.attempts + 1, 1),
-                                   f"timed out: reading took longer than {limit:g} s "
-                                   "([watch] read_timeout_seconds)", slot.sha256, None))
+            if job.supersedes is None:
+                self.writer.put(Failed(job.key, max(job.attempts + 1, 1),
+                                       f"timed out: reading took longer than {limit:g} s "
+                                       "([watch] read_timeout_seconds)", slot.sha256, None))
             with self._lock:
                 self.failed += 1
                 self.timed_out += 1
             if slot.sha256 is not None:
                 self._release(slot.sha256, retry_followers=True)
-            self.inbox.put(Finished(job.key))
+            self._tell_watcher(job, Finished(job.key))
             if not self.stopping.is_set():
                 self._start_reader()
         if stuck > 2 * self.settings.watch.reader_threads:
@@ -337,7 +349,7 @@ class Pipeline:
         slot.sha256 = sha
         if self._changed(job):
             return
-        sample_id = sample_key(path, self.watch_folder, self.settings.samples)
+        sample_id = job.sample_id or sample_key(path, self.watch_folder, self.settings.samples)
         if self._dedupe:
             expected = expected_class(sample_id, path, self.settings.samples, confine=self.confine)
             with self._lock:
@@ -372,7 +384,7 @@ class Pipeline:
         if self._changed(job):
             self._release(sha, retry_followers=True)
             return
-        if self.settings.samples.key == "metadata":
+        if self.settings.samples.key == "metadata" and job.sample_id is None:
             sample_id = sample_key(path, self.watch_folder, self.settings.samples, micrograph.metadata)
         expected = expected_class(sample_id, path, self.settings.samples, confine=self.confine)
         prepared = self.classifier.prepare(micrograph)
@@ -424,6 +436,9 @@ class Pipeline:
 
     def _gone(self, job: Job) -> None:
         """Drop the version's pending row; the watcher looks at the path again."""
+        if job.supersedes is not None:
+            log.info("not re-classified: %s changed or vanished", job.key.path, extra=PER_FILE)
+            return
         self.writer.put(Gone(job.key))
         self.inbox.put(Changed(job.key))
 
@@ -432,6 +447,10 @@ class Pipeline:
         """A failed attempt: retried with back-off where the cause may pass, else final."""
         attempts = job.attempts + 1
         if slot is not None and slot.abandoned:
+            return
+        if job.supersedes is not None:
+            log.warning("cannot re-classify %s: %s (its earlier result stays)", job.key.path, error,
+                        extra=PER_FILE)
             return
         if transient is None:
             transient = is_transient(error)
@@ -447,6 +466,10 @@ class Pipeline:
     def _final_failure(self, job: Job, error: str, sha: str | None, sample_id: str | None, *,
                        attempts: int | None = None) -> None:
         attempts = job.attempts if attempts is None else attempts
+        if job.supersedes is not None:
+            log.warning("cannot re-classify %s: %s (its earlier result stays)", job.key.path, error,
+                        extra=PER_FILE)
+            return
         log.error("failed: %s: %s (after %d attempt(s))", job.key.path, error, attempts, extra=PER_FILE)
         self.writer.put(Failed(job.key, attempts, error, sha, sample_id))
         with self._lock:
@@ -548,7 +571,12 @@ class Pipeline:
 
     def _emit(self, job: Job, sha: str, sample_id: str, expected: str | None, verdict: ImageVerdict,
               n_tiles: int) -> None:
-        self.writer.put(Result(job.key, sha, sample_id, verdict, self.classifier.model_id, expected))
+        model_id = self.classifier.model_id
+        if job.supersedes is not None:
+            self.writer.put(Reclassified(job.key, job.supersedes, sha, sample_id, verdict, model_id,
+                                         expected))
+        else:
+            self.writer.put(Result(job.key, sha, sample_id, verdict, model_id, expected))
         self.rates.add(n_tiles)
         if self.observer is not None:
             self.observer.result(verdict.status, time.monotonic() - job.settled_at)
@@ -557,7 +585,11 @@ class Pipeline:
         log.info("%s: %s %s conf %.2f (%d tiles) [%s]", job.key.path, verdict.status,
                  verdict.predicted_class or "-", verdict.confidence, verdict.n_tiles, sample_id,
                  extra=PER_FILE)
-        self.inbox.put(Finished(job.key))
+        self._tell_watcher(job, Finished(job.key))
+
+    def _tell_watcher(self, job: Job, message: Finished) -> None:
+        if job.supersedes is None:  # a catch-up job is none of the watcher's business
+            self.inbox.put(message)
 
     def _emit_copies(self, verdict: ImageVerdict, sha: str,
                      followers: list[tuple[Job, str, str | None]]) -> None:

@@ -55,12 +55,13 @@ class Run:
 
 
 def select_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *,
-                before: str | None = None) -> Iterator[RowRef]:
+                before: str | None = None, after_id: int = 0, limit: int = -1) -> Iterator[RowRef]:
     """The current rows `selection` takes, oldest first. `before` (scope "all"): only rows processed
-    before that time, i.e. not yet by this run."""
+    before that time, i.e. not yet by this run; `after_id`, `limit`: a page of them."""
     where, params = _where(selection, model_id, before)
-    sql = f"SELECT id, path, size_bytes, mtime_ns, sample_id FROM images WHERE {where} ORDER BY id"
-    for r in conn.execute(sql, params):
+    sql = (f"SELECT id, path, size_bytes, mtime_ns, sample_id FROM images WHERE {where} AND id > ? "
+           "ORDER BY id LIMIT ?")
+    for r in conn.execute(sql, [*params, after_id, limit]):
         sample = path_from_text(r["sample_id"]) if r["sample_id"] is not None else None
         yield RowRef(int(r["id"]), FileKey(path_from_text(r["path"]), int(r["size_bytes"]),
                                            int(r["mtime_ns"])), sample)
