@@ -66,6 +66,17 @@ class Progress:
         return {"event": "progress", "done": self.done, "total": self.total, "rate": round(rate, 2),
                 "eta_s": round(left / rate, 1) if rate > 0 else None}
 
+    def say(self, message: str) -> None:
+        """A `semwatch: ...` line on stderr; above the bar while one is shown (rich keeps it last)."""
+        if self.bar is not None:
+            from rich.markup import escape
+
+            from semwatch.safefs import printable, text_safe
+
+            self.bar.console.print(escape(f"semwatch: {printable(text_safe(message))}"))
+        else:
+            self.out.say(message)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()

@@ -70,7 +70,6 @@ class Tally:
     kept: int = 0  # could not be read again: the earlier result stays current
     gone: int = 0  # the file no longer exists
     stale: int = 0  # superseded meanwhile (the daemon or another run got there first)
-    errors: list[str] = field(default_factory=list)
 
 
 def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> int:
@@ -197,6 +196,8 @@ def _drive(store: Store, engine: Engine, items: Sequence[WorkItem], run: sel.Run
     try:
         for outcome in engine.run(items):
             pending.extend(_messages(outcome, engine.model_id, tally))
+            if outcome.error is not None and not outcome.gone:
+                _tell_error(out, progress, outcome)
             progress.advance()
             if len(pending) >= COMMIT_EVERY or time.monotonic() - last >= COMMIT_SECONDS:
                 _commit_counted(store, pending, tally)
@@ -224,17 +225,18 @@ def _messages(outcome: Outcome, model_id: str, tally: Tally) -> list[Message]:
         return []
     if item.supersedes is not None or key is None:
         tally.kept += 1
-        _note(tally, f"{path_text(item.path)}: {error} (the earlier result stays)")
         return []
     tally.failed += 1
-    _note(tally, f"{path_text(item.path)}: {error}")
     return [Pending(key, utc_now()), Failed(key, 1, error, outcome.sha256, outcome.sample_id)]
 
 
-def _note(tally: Tally, text: str) -> None:
-    log.error("%s", text)
-    if len(tally.errors) < 20:
-        tally.errors.append(text)
+def _tell_error(out: Output, progress: Progress, outcome: Outcome) -> None:
+    kept = outcome.item.supersedes is not None or outcome.key is None
+    if out.json:
+        out.emit({"event": "error", "path": outcome.item.path, "error": outcome.error, "kept": kept})
+    else:
+        progress.say(f"{path_text(outcome.item.path)}: {outcome.error}"
+                     + (" (the earlier result stays)" if kept else ""))
 
 
 def _commit_counted(store: Store, batch: list[Message], tally: Tally) -> None:
@@ -284,5 +286,3 @@ def _summary(out: Output, tally: Tally, engine: str, model_id: str) -> None:
     out.line(f"reprocess ({engine}, model {model_id}): {tally.done} classified, {tally.failed} failed, "
              f"{tally.kept} could not be read again (earlier result kept), {tally.gone} gone, "
              f"{tally.stale} already done elsewhere")
-    for text in tally.errors:
-        out.say(text)
