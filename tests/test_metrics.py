@@ -96,6 +96,7 @@ def test_metrics_scraped_from_a_running_daemon_match_its_database(
     assert all(value(samples, "semwatch_samples", verdict=v) == n for v, n in verdicts.items())
     for stage in ("settling", "queued", "reading", "prepared", "inference", "writer"):
         assert value(samples, "semwatch_queue_depth", stage=stage) >= 0
+    assert value(samples, "process_resident_memory_bytes") > 0
     heartbeat = datetime.fromisoformat(d.query("SELECT heartbeat_at FROM daemon")[0]["heartbeat_at"])
     assert abs(value(samples, "semwatch_last_heartbeat_timestamp_seconds") - heartbeat.timestamp()) < 10
     rc, _ = d.stop()

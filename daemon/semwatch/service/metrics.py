@@ -128,7 +128,7 @@ class Metrics:
     """The registry, the pipeline's observer and the HTTP server (`start`/`stop`)."""
 
     def __init__(self, settings: Settings, *, model_id: str, device: str, depths: Depths) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+        from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 
         self.settings = settings
         self.registry = CollectorRegistry()
@@ -146,6 +146,7 @@ class Metrics:
         Info("semwatch_model", "The daemon's model and device", registry=self.registry).info(
             {"model_id": model_id, "device": device})
         self.registry.register(_DatabaseCollector(settings.store.database, model_id, depths))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, resident memory, fds
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
