@@ -103,7 +103,8 @@ def test_an_archive_is_ingested_once(cli: Cli, tmp_path: Path, tiny_model: Path,
     by_name = {Path(str(r["path"])).name: r for r in current}
     assert by_name["broken.jpg"]["status"] == "failed" and by_name["broken.jpg"]["error"]
     assert {r["sample_id"] for r in current if r["status"] != "failed"} == {"lotA", "lotB"}
-    assert "broken.jpg" in run.err  # said, in one line
+    errors = [json.loads(line) for line in run.out.splitlines() if '"error"' in line]
+    assert [(Path(e["path"]).name, e["kept"]) for e in errors] == [("broken.jpg", False)]  # said, once
     again = cli("reprocess", "archive", "--json")
     assert summary(again.out)["classified"] == 0 and summary(again.out)["kept"] == 1  # broken: tried, kept
     assert len(rows(tmp_path / "db" / "semwatch.db")) == 5
