@@ -22,7 +22,7 @@ from semwatch.errors import ExitStatus
 from semwatch.safefs import path_from_text
 
 SEMWATCH = Path(sys.executable).parent / "semwatch"
-HEAVY = ("torch", "cv2", "matplotlib")
+HEAVY = ("torch", "cv2", "matplotlib", "textual")
 
 
 def _commands() -> list[str]:

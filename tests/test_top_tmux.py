@@ -1,4 +1,5 @@
-"""`semwatch top` in a real terminal (tmux): the live dashboard follows the database as it changes."""
+"""`semwatch top` in a real terminal (tmux): the interactive console follows the database as it
+changes, answers keys and quits; `semwatch watch` on a terminal shows the rich dashboard."""
 
 from __future__ import annotations
 
@@ -50,18 +51,23 @@ def _wait_for(base: list[str], needle: str, timeout: float = 30.0) -> str:
     raise AssertionError(f"{needle!r} not on screen:\n{screen}")
 
 
-def _start(base: list[str], command: str, config: Path, done_file: Path) -> None:
-    """`semwatch COMMAND --config CONFIG` in a 150x50 terminal; its exit code goes to `done_file`."""
+def _start(base: list[str], command: str, config: Path, done_file: Path,
+           size: tuple[int, int] = (150, 50)) -> None:
+    """`semwatch COMMAND --config CONFIG` in a terminal of `size`; its exit code goes to `done_file`."""
     cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m semwatch {command} "
            f"--config {shlex.quote(str(config))}; "
            f"echo $? > {shlex.quote(str(done_file))}; sleep 30")
-    subprocess.run([*base, "new-session", "-d", "-s", "top", "-x", "150", "-y", "50", cmd], check=True,
-                   timeout=10)
+    subprocess.run([*base, "new-session", "-d", "-s", "top", "-x", str(size[0]), "-y", str(size[1]), cmd],
+                   check=True, timeout=10)
 
 
-def _interrupt_and_check_exit(base: list[str], done_file: Path, timeout: float) -> None:
-    """Ctrl-C, as an operator would: the command exits 0 without a traceback."""
-    subprocess.run([*base, "send-keys", "-t", "top", "C-c"], check=True, timeout=10)
+def _keys(base: list[str], *keys: str) -> None:
+    subprocess.run([*base, "send-keys", "-t", "top", *keys], check=True, timeout=10)
+
+
+def _interrupt_and_check_exit(base: list[str], done_file: Path, timeout: float, key: str = "C-c") -> None:
+    """Ctrl-C (or `key`), as an operator would: the command exits 0 without a traceback."""
+    _keys(base, key)
     deadline = time.monotonic() + timeout
     while not done_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -70,11 +76,13 @@ def _interrupt_and_check_exit(base: list[str], done_file: Path, timeout: float) 
 
 
 def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Path, tmux: list[str]) -> None:
+    """The console in an 80x24 terminal (an SSH session's default): it waits for the database,
+    shows new rows as the daemon writes them, searches, opens a detail and quits with q."""
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n[live]\nrefresh_per_second = 5.0\n',
                       encoding="utf-8")
     done_file = tmp_path / "exit-code"
-    _start(tmux, "top", config, done_file)
+    _start(tmux, "top", config, done_file, size=(80, 24))
     _wait_for(tmux, "no database yet")  # started before the daemon ever ran
 
     now = datetime.now(UTC)
@@ -83,6 +91,7 @@ def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Pa
                   samples=[{"sample_id": "lotA"}])
     screen = _wait_for(tmux, "first.tif")
     assert "daemon running" in screen and "lotA" in screen
+    assert "q Quit" in screen and "/ Search" in screen  # the footer lists the keys
 
     # The "daemon" writes a new verdict while top is reading.
     conn = db.connect(settings.store.database)
@@ -94,10 +103,19 @@ def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Pa
             (iso(now), iso(datetime.now(UTC))))
     finally:
         conn.close()
-    screen = _wait_for(tmux, "second.tif: truncated file")
-    assert "failed" in screen
+    screen = _wait_for(tmux, "second.tif")
+    assert "failed" in screen and "first.tif" in screen
 
-    _interrupt_and_check_exit(tmux, done_file, 15)
+    _keys(tmux, "/")  # search by name (typed after the focus moved, as a person types)
+    time.sleep(0.5)
+    _keys(tmux, "second", "Enter")
+    _wait_for(tmux, "1 shown")
+    _keys(tmux, "Enter")  # the detail of the one row left
+    screen = _wait_for(tmux, "why it failed")
+    assert "truncated file" in screen
+    _keys(tmux, "Escape")
+    _wait_for(tmux, "q Quit")
+    _interrupt_and_check_exit(tmux, done_file, 15, key="q")
 
 
 @pytest.mark.slow
@@ -135,8 +153,8 @@ def test_top_shows_escape_sequences_in_names_as_text(settings: Settings, tmp_pat
         samples=[{"sample_id": "lot\x1b]2;pwned2\x07E"}])
     done_file = tmp_path / "exit-code"
     _start(tmux, "top", config, done_file)
-    screen = _wait_for(tmux, "[red]x.tif")
-    assert "evil\\x1b]0;pwned\\x07\\x1b[2J[red]x.tif" in screen
+    # The full name is in the highlighted image's detail beside the table (the table cell is cut).
+    screen = _wait_for(tmux, "evil\\x1b]0;pwned\\x07\\x1b[2J[red]x.tif")
     assert "lot\\x1b]2;pwned2\\x07E" in screen
     title = subprocess.run([*tmux, "display-message", "-p", "-t", "top", "#{pane_title}"],
                            capture_output=True, text=True, timeout=10).stdout

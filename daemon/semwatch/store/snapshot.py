@@ -11,9 +11,11 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from semwatch.config import Settings
 from semwatch.store import db
+from semwatch.store.browse import NO_OUTDATED, Outdated, count_outdated, day_bounds
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class Snapshot:
     recent: tuple[RecentImage, ...] = ()
     samples: tuple[SampleRow, ...] = ()
     errors: tuple[RecentImage, ...] = ()
+    # Current results of another model than the current one (issue 11); the current model is the
+    # configured one when the view could read it, else the daemon's.
+    outdated: Outdated = NO_OUTDATED
 
 
 def parse_utc(text: str | None) -> datetime | None:
@@ -92,8 +97,9 @@ def parse_utc(text: str | None) -> datetime | None:
 
 
 def take_snapshot(settings: Settings, *, now: datetime | None = None, max_samples: int = 12,
-                  max_errors: int = 5) -> Snapshot:
-    """Read the daemon database at `[store] database` read-only."""
+                  max_errors: int = 5, current_model: str | None = None) -> Snapshot:
+    """Read the daemon database at `[store] database` read-only. `current_model` is the model id
+    results are compared with for the outdated counts (None: the daemon row's model)."""
     path = settings.store.database
     now = now or datetime.now(UTC)
     if not path.is_file():
@@ -103,8 +109,10 @@ def take_snapshot(settings: Settings, *, now: datetime | None = None, max_sample
     except sqlite3.Error as exc:
         return Snapshot(path, now, problem=f"cannot open {path}: {exc}")
     try:
+        today = day_bounds(now.astimezone(ZoneInfo(settings.report.timezone)).date(),
+                           ZoneInfo(settings.report.timezone))
         return _read(conn, path, now, settings.live.recent_rows, max_samples, max_errors,
-                     settings.live.stale_seconds)
+                     settings.live.stale_seconds, current_model, today)
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return Snapshot(path, now, problem=f"database {path} is not initialised yet")
@@ -116,12 +124,12 @@ def take_snapshot(settings: Settings, *, now: datetime | None = None, max_sample
 
 
 def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, n_samples: int,
-          n_errors: int, stale_seconds: float) -> Snapshot:
+          n_errors: int, stale_seconds: float, current_model: str | None,
+          today: tuple[str, str]) -> Snapshot:
     # One read transaction: every query sees the same state of the database.
     conn.execute("BEGIN")
     try:
-        row = conn.execute("SELECT * FROM daemon WHERE id = 1").fetchone()
-        daemon = _daemon_row(row) if row is not None else None
+        daemon = read_daemon(conn)
         counts = {r[0]: int(r[1]) for r in conn.execute(
             "SELECT status, COUNT(*) FROM images WHERE current = 1 GROUP BY status")}
         recent = tuple(_image(r) for r in conn.execute(
@@ -134,15 +142,25 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
         errors = tuple(_image(r) for r in conn.execute(
             "SELECT * FROM images WHERE error IS NOT NULL AND error != '' "
             "ORDER BY COALESCE(processed_at, detected_at) DESC, id DESC LIMIT ?", (n_errors,)))
+        outdated = count_outdated(conn, current_model or (daemon.model_id if daemon else None), today=today)
     finally:
         conn.execute("COMMIT")
-    age: float | None = None
-    beat = parse_utc(daemon.heartbeat_at) if daemon else None
-    if beat is not None:
-        age = max(0.0, (now - beat).total_seconds())
+    age = heartbeat_age(daemon, now)
     stale = daemon is None or age is None or age > stale_seconds
     return Snapshot(path, now, daemon=daemon, heartbeat_age_s=age, stale=stale, status_counts=counts,
-                    recent=recent, samples=samples, errors=errors)
+                    recent=recent, samples=samples, errors=errors, outdated=outdated)
+
+
+def heartbeat_age(daemon: DaemonRow | None, now: datetime) -> float | None:
+    """Seconds since the daemon's last heartbeat; None when it never wrote one."""
+    beat = parse_utc(daemon.heartbeat_at) if daemon else None
+    return None if beat is None else max(0.0, (now - beat).total_seconds())
+
+
+def read_daemon(conn: sqlite3.Connection) -> DaemonRow | None:
+    """The daemon row, None before a daemon first wrote it."""
+    row = conn.execute("SELECT * FROM daemon WHERE id = 1").fetchone()
+    return _daemon_row(row) if row is not None else None
 
 
 def _daemon_row(row: sqlite3.Row) -> DaemonRow:

@@ -5,7 +5,7 @@ daemon under systemd is exactly what the daemon's own terminal shows. `render` i
 of a `Snapshot`, which keeps it testable with a recording console.
 
 Everything shown that comes from the export folder or the database (file names, sample ids,
-errors, the daemon's message) goes through `_shown`: `safefs.printable` (a name holding
+errors, the daemon's message) goes through `shown`: `safefs.printable` (a name holding
 `ESC ] 0 ; ... BEL` shows as text instead of retitling the terminal) inside a rich `Text`, which
 is never parsed as markup (`[red]` in a name stays `[red]`).
 """
@@ -24,8 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from semwatch.config import Settings
-from semwatch.errors import ExitStatus
-from semwatch.output import Output
+from semwatch.errors import UserError
 from semwatch.safefs import printable, text_safe
 from semwatch.store.messages import exit_message
 from semwatch.store.snapshot import Snapshot, parse_utc, take_snapshot
@@ -35,7 +34,7 @@ STATUS_STYLE = {"ok": "green", "unknown": "yellow", "rejected": "magenta", "fail
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "uncertain": "yellow", "unknown": "dim"}
 
 
-def _shown(value: object, style: str = "") -> Text:
+def shown(value: object, style: str = "") -> Text:
     """Untrusted text as a terminal-safe, markup-free cell."""
     return Text(printable(text_safe(str(value))), style=style)
 
@@ -45,7 +44,7 @@ def _name(path: str) -> str:
     return PurePath(path).name
 
 
-def _fmt_conf(value: float | None) -> str:
+def fmt_conf(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
@@ -54,7 +53,7 @@ def _local_time(text: str | None, zone: ZoneInfo) -> str:
     return when.astimezone(zone).strftime("%H:%M:%S") if when else "–"
 
 
-def _age(seconds: float | None) -> str:
+def age_text(seconds: float | None) -> str:
     if seconds is None:
         return "never"
     if seconds < 120:
@@ -64,11 +63,40 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
+def current_model_id(settings: Settings) -> str | None:
+    """The id of the configured model (`[model] path`), the one results are compared with to call
+    them outdated; None when it cannot be read (the views then use the daemon's model)."""
+    # Lazy: semwatch.model.artifact imports torch (for its type annotations only).
+    from semwatch.model.artifact import read_manifest
+
+    try:
+        return read_manifest(settings.model.path).model_id
+    except (UserError, OSError):
+        return None
+
+
+def outdated_text(snap: Snapshot) -> Text:
+    """'outdated results: 3 today, 120 in all (model ≠ 9c89…)' for the dashboards' headers."""
+    o = snap.outdated
+    text = Text()
+    if o.model_id is None:
+        return text
+    text.append("outdated ", style="dim")
+    if o.total == 0:
+        text.append("none")
+    else:
+        text.append(f"{o.today} today, {o.total} in all", style="bold yellow")
+        text.append(" (results of another model than ", style="dim")
+        text.append(shown(o.model_id))
+        text.append(")", style="dim")
+    return text
+
+
 def render(snap: Snapshot, settings: Settings) -> RenderableType:
     """One dashboard frame."""
     zone = ZoneInfo(settings.report.timezone)
     if snap.problem is not None:
-        return Panel(_shown(snap.problem, "yellow"), title="semwatch", border_style="yellow")
+        return Panel(shown(snap.problem, "yellow"), title="semwatch", border_style="yellow")
     parts: list[RenderableType] = [_header(snap, settings), _recent(snap, zone), _samples(snap)]
     if snap.errors or _daemon_problem(snap):
         parts.append(_errors(snap, zone))
@@ -91,11 +119,11 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
     else:
         state_style = "bold green" if d.state == "running" and not snap.stale else "bold yellow"
         ended = f" ({d.message})" if d.state == "stopped" and d.message else ""
-        lines.append(_shown(f"daemon {d.state}{ended}", state_style))
-        lines.append(_shown(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {_age(snap.heartbeat_age_s)}"))
+        lines.append(shown(f"daemon {d.state}{ended}", state_style))
+        lines.append(shown(f"  pid {d.pid} on {d.hostname}  ·  heartbeat {age_text(snap.heartbeat_age_s)}"))
         lines.append("\n")
         if snap.stale and d.state == "stopped":
-            lines.append(_shown(f"the daemon stopped ({d.message or 'no message'}); figures below are from "
+            lines.append(shown(f"the daemon stopped ({d.message or 'no message'}); figures below are from "
                                 "its last update", "bold yellow"))
             lines.append("\n")
         elif snap.stale:
@@ -103,11 +131,11 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
                 f"no heartbeat for more than {settings.live.stale_seconds:.0f} s: the daemon is not "
                 "running (or is hung); figures below are from its last update\n", style="bold red")
         lines.append("device ", style="dim")
-        lines.append(_shown(d.device or "–"))
+        lines.append(shown(d.device or "–"))
         lines.append("   model ", style="dim")
-        lines.append(_shown((d.model_id or "–")[:16]))
+        lines.append(shown((d.model_id or "–")[:16]))
         lines.append("   folder ", style="dim")
-        lines.append(_shown(d.watch_folder or "–"))
+        lines.append(shown(d.watch_folder or "–"))
         lines.append("\n")
         lines.append("waiting ", style="dim")
         lines.append(f"{d.waiting}", style="bold")
@@ -121,9 +149,13 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
         lines.append(f"{d.images_per_s:.2f} images/s, {d.tiles_per_s:.1f} tiles/s\n")
     counts = "  ".join(f"{k} {v}" for k, v in sorted(snap.status_counts.items())) or "no images yet"
     lines.append("in database ", style="dim")
-    lines.append(_shown(counts))
+    lines.append(shown(counts))
+    outdated = outdated_text(snap)
+    if outdated:
+        lines.append("   ")
+        lines.append(outdated)
     # A str subtitle would be parsed as markup: the database path is shown as Text too.
-    return Panel(lines, title="semwatch", subtitle=_shown(snap.database), border_style="blue")
+    return Panel(lines, title="semwatch", subtitle=shown(snap.database), border_style="blue")
 
 
 def _recent(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
@@ -134,9 +166,9 @@ def _recent(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
     for img in snap.recent:
         style = STATUS_STYLE.get(img.status, "")
         table.add_row(
-            _local_time(img.processed_at, zone), _shown(_name(img.path)), _shown(img.sample_id or "–"),
-            _shown(img.status, style), _shown(img.composition or "–"), _shown(img.state or "–"),
-            _fmt_conf(img.confidence), style=None,
+            _local_time(img.processed_at, zone), shown(_name(img.path)), shown(img.sample_id or "–"),
+            shown(img.status, style), shown(img.composition or "–"), shown(img.state or "–"),
+            fmt_conf(img.confidence), style=None,
         )
     if not snap.recent:
         table.add_row("–", "no verdicts yet", "", "", "", "", "")
@@ -150,9 +182,9 @@ def _samples(snap: Snapshot) -> RenderableType:
         table.add_column(col, justify="right" if col in numeric else "left")
     for s in snap.samples:
         table.add_row(
-            _shown(s.sample_id), str(s.n_images), _shown(s.composition or "–"), _shown(s.state or "–"),
-            _fmt_conf(s.confidence), _fmt_conf(s.uniformity), _shown(s.expected or "–"),
-            _shown(s.verdict, VERDICT_STYLE.get(s.verdict, "")),
+            shown(s.sample_id), str(s.n_images), shown(s.composition or "–"), shown(s.state or "–"),
+            fmt_conf(s.confidence), fmt_conf(s.uniformity), shown(s.expected or "–"),
+            shown(s.verdict, VERDICT_STYLE.get(s.verdict, "")),
         )
     if not snap.samples:
         table.add_row("no samples yet", "", "", "", "", "", "", "")
@@ -163,22 +195,23 @@ def _errors(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
     text = Text()
     problem = _daemon_problem(snap)
     if problem:
-        text.append(_shown(f"daemon: {problem}", "yellow"))
+        text.append(shown(f"daemon: {problem}", "yellow"))
         text.append("\n")
     for img in snap.errors:
         when = _local_time(img.processed_at or img.detected_at, zone)
         text.append(f"{when}  ", style="dim")
-        text.append(_shown(_name(img.path), "bold"))
+        text.append(shown(_name(img.path), "bold"))
         retrying = " (retrying)" if img.status == "pending" else ""
-        text.append(_shown(f": {img.error}{retrying}", "yellow" if retrying else "red"))
+        text.append(shown(f": {img.error}{retrying}", "yellow" if retrying else "red"))
         text.append("\n")
     text.rstrip()
     return Panel(text, title="recent errors", border_style="red", title_align="left")
 
 
-def render_once(settings: Settings, console: Console, *, now: datetime | None = None) -> Snapshot:
+def render_once(settings: Settings, console: Console, *, now: datetime | None = None,
+                current_model: str | None = None) -> Snapshot:
     """Print one frame; returns the snapshot it showed."""
-    snap = take_snapshot(settings, now=now)
+    snap = take_snapshot(settings, now=now, current_model=current_model)
     console.print(render(snap, settings))
     return snap
 
@@ -192,13 +225,15 @@ class LiveView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
+        self.current_model: str | None = None
 
     def frame(self) -> RenderableType:
-        return render(take_snapshot(self.settings), self.settings)
+        return render(take_snapshot(self.settings, current_model=self.current_model), self.settings)
 
     def start(self) -> None:
         if self._thread is not None:
             return
+        self.current_model = current_model_id(self.settings)
         self._live = Live(self.frame(), console=self.console, auto_refresh=False,
                           redirect_stdout=True, redirect_stderr=True, transient=False)
         self._live.start(refresh=True)
@@ -212,7 +247,7 @@ class LiveView:
             try:
                 self._live.update(self.frame(), refresh=True)
             except Exception as exc:  # a frame must never kill the view: show why instead
-                self._live.update(Panel(_shown(f"live view: {exc}", "red")), refresh=True)
+                self._live.update(Panel(shown(f"live view: {exc}", "red")), refresh=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -232,21 +267,3 @@ class LiveView:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def top(settings: Settings, *, once: bool, out: Output) -> int:
-    """`semwatch top`: the dashboard of a running daemon, read from its database.
-
-    `once` (or stdout not a terminal) prints one frame and returns INPUT_FAILED when there is no
-    database to show; otherwise the live view runs until Ctrl-C.
-    """
-    console = Console(file=out.stdout)
-    if once or not out.is_terminal:
-        snap = render_once(settings, console)
-        return ExitStatus.INPUT_FAILED if snap.problem is not None else ExitStatus.OK
-    with LiveView(settings, console):
-        try:
-            threading.Event().wait()  # until Ctrl-C
-        except KeyboardInterrupt:
-            pass
-    return ExitStatus.OK
