@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -205,7 +206,10 @@ def test_kill_9_mid_run_then_rerun_is_exactly_once(cli: Cli, tmp_path: Path, tin
     try:
         deadline = time.monotonic() + 120
         while True:  # kill it once some, not all, results are committed
-            done = len([r for r in rows(database) if r["status"] != "pending"]) if database.exists() else 0
+            try:
+                done = len([r for r in rows(database) if r["status"] != "pending"])
+            except sqlite3.OperationalError:  # not yet created (the file exists before its tables)
+                done = 0
             if done >= 1:
                 break
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
