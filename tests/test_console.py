@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from rich.console import Console, RenderableType
 from textual.pilot import Pilot
 from textual.widgets import Input, Select, Static
@@ -351,3 +352,21 @@ def test_top_once_prints_the_outdated_counts(cli: Cli, settings: Settings, tmp_p
     run = cli("top", "--once", "--config", config, env={"COLUMNS": "200"})
     assert run.code == ExitStatus.OK, run.err
     assert "outdated 1 today, 2 in all (results of another model than m1)" in run.out
+
+
+@pytest.mark.slow  # the session's tiny model: trained once for the whole suite
+def test_current_model_is_the_configured_one(cli: Cli, settings: Settings, tmp_path: Path,
+                                             tiny_model: Path) -> None:
+    """With a readable `[model] path`, its manifest's id is the current model: every result in the
+    fixture (made by m1 and old-model) is then outdated."""
+    from semwatch.views.live import current_model_id
+
+    model_id = current_model_id(settings.replace(model=type(settings.model)(path=tiny_model)))
+    assert model_id is not None and len(model_id) == 16
+    _fixture(settings)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\ndatabase = "{settings.store.database}"\n'
+                      f'[model]\npath = "{tiny_model}"\n', encoding="utf-8")
+    run = cli("top", "--once", "--config", config, env={"COLUMNS": "200"})
+    assert run.code == ExitStatus.OK, run.err
+    assert f"outdated 3 today, 4 in all (results of another model than {model_id})" in run.out

@@ -192,10 +192,19 @@ def _image_cells(r: browse.ImageRow, zone: ZoneInfo, today: date, current: str |
     if _outdated(r.model_id, current):
         cls.append("*", style="bold yellow")  # the footnote is in the summary line
     # A file name's end tells the images of one sample apart; a sample id's start is its name.
-    return (_when(r.processed_at or r.detected_at, zone, today),
+    return (_Stamp(_when(r.processed_at or r.detected_at, zone, today), r.id),
             shown(fit(_name(r.path), widths["file"], keep_end=True)),
             shown(fit(r.sample_id or "–", widths["sample"])),
             shown(r.status, STATUS_STYLE.get(r.status, "")), cls, fmt_conf(r.confidence))
+
+
+class _Stamp(Text):
+    """The time cell, which also knows its row's id: `DataTable.sort` hands a sort key the cells
+    only, and the tables are in id order (newest first)."""
+
+    def __init__(self, text: str, order: int) -> None:
+        super().__init__(text)
+        self.order = order
 
 
 def image_columns(width: int) -> dict[str, int]:
@@ -308,6 +317,7 @@ class ConsoleApp(App[int]):
         self.images_stale = True  # the filter changed: read the page again
         self.samples_stale = True
         self.samples_shown = 0
+        self.image_widths: dict[str, int] = {}
         self.daemon: DaemonRow | None = None
         self.today_counts: dict[str, int] = {}
         self.outdated = browse.NO_OUTDATED
@@ -436,8 +446,8 @@ class ConsoleApp(App[int]):
             rows.update((r.id, r) for r in found.rows)
             newest = dict(sorted(rows.items(), reverse=True)[:PAGE])
             if newest != self.images:
-                self.images = newest
-                self._show_images()
+                old, self.images = self.images, newest
+                self._patch_images(old)
         if self._active() == "samples" and (self.samples_stale or changed):
             self.samples_stale = False
             self._show_samples(browse.list_samples(conn, self.sample_filter, limit=PAGE))
@@ -508,11 +518,38 @@ class ConsoleApp(App[int]):
         widths = image_columns(self.size.width - (SIDE_WIDTH if self.size.width >= WIDE else 0))
         table.clear(columns=True)
         for name, width in widths.items():
-            table.add_column(name, width=width)
+            table.add_column(name, width=width, key=name)
         today = self._today()
         for r in rows:
             table.add_row(*_image_cells(r, self.zone, today, self._model(), widths), key=str(r.id))
         self._restore_cursor(table, keep)
+        self.image_widths = widths
+
+    def _patch_images(self, old: dict[int, browse.ImageRow]) -> None:
+        """Apply a poll's changes to the images table row by row: rebuilding 1,000 rows costs
+        about 0.1 s of a core, every second while the daemon is busy."""
+        table = self.query_one("#images-table", Rows)
+        new = self.images
+        added = new.keys() - old.keys()
+        changed = [i for i in new.keys() & old.keys() if new[i] != old[i]]
+        if not self.image_widths or len(added) + len(changed) > PAGE // 4 or not old:
+            self._show_images()
+            return
+        keep = self._cursor_key(table)
+        today, model = self._today(), self._model()
+        for i in old.keys() - new.keys():
+            table.remove_row(str(i))
+        for i in changed:
+            cells = _image_cells(new[i], self.zone, today, model, self.image_widths)
+            for column, cell in zip(self.image_widths, cells, strict=True):
+                table.update_cell(str(i), column, cell)
+        for i in sorted(added):
+            table.add_row(*_image_cells(new[i], self.zone, today, model, self.image_widths), key=str(i))
+        if added:
+            table.sort("time", key=lambda stamp: -stamp.order)
+        self._restore_cursor(table, keep)
+        if not new:
+            self._side(Text("no images match", style="dim"))
 
     def _show_images(self) -> None:
         table = self.query_one("#images-table", Rows)
