@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from semwatch.config import load_settings
 from semwatch.errors import ConfigError
 from semwatch.liveness import Stuck
 from semwatch.service.events import HealthTracker, SamplePoller, health_conditions
-from semwatch.service.notify import state_path
+from semwatch.service.notify import start_alerts, state_path
 from semwatch.store import db
 from test_daemon import Daemon, copy_image, ncm_images
 
@@ -148,14 +148,14 @@ def _wait(what: Callable[[], bool], timeout: float, d: Daemon, message: str) -> 
 
 def test_one_message_per_failing_sample_and_none_again_after_a_restart(
         alert_daemon: Callable[..., AlertDaemon], receiver: Receiver, ncm_dir: Path) -> None:
-    d = alert_daemon(urls=[receiver.url], on=["sample_fail", "sample_uncertain"],
+    d = alert_daemon(urls=[receiver.url], on=["sample_fail", "sample_uncertain", "daemon_degraded"],
                      sample_quiet_seconds=0.3, poll_seconds=0.2)
     bad1 = _sample(d, ncm_dir, "bad1", "333", 2, expected="999")
     bad2 = _sample(d, ncm_dir, "bad2", "811", 1, expected="999")
     plain = _sample(d, ncm_dir, "plain", "523", 1, expected=None)  # no expectation: verdict unknown
     d.start()
     d.wait_finished(bad1 + bad2 + plain)
-    _wait(lambda: len(receiver.messages) >= 2, 30, d, f"two alerts expected, got {receiver.titles()}")
+    _wait(lambda: len(receiver.messages) >= 2, 60, d, f"two alerts expected, got {receiver.titles()}")
     time.sleep(1.0)  # nothing else is coming: the plain sample, a second image of bad1
     verdicts = {r["sample_id"]: r for r in d.query("SELECT * FROM samples")}
     assert verdicts["bad1"]["verdict"] == verdicts["bad2"]["verdict"] == "fail"
@@ -178,13 +178,23 @@ def test_one_message_per_failing_sample_and_none_again_after_a_restart(
     more = _sample(d, ncm_dir, "bad1", "333", 1, expected="999", skip=2)
     bad3 = _sample(d, ncm_dir, "bad3", "622", 1, expected="999")
     d.wait_finished(more + bad3)
-    _wait(lambda: len(receiver.messages) >= 3, 30, d, f"bad3's alert expected, got {receiver.titles()}")
+    _wait(lambda: len(receiver.messages) >= 3, 60, d, f"bad3's alert expected, got {receiver.titles()}")
     time.sleep(1.5)
     assert d.query("SELECT n_images, verdict FROM samples WHERE sample_id = 'bad1'") == [
         {"n_images": 3, "verdict": "fail"}]
     assert sorted(t.split()[2] for t in receiver.titles()) == ["bad1", "bad2", "bad3"]
+    # The daemon degraded (its watch folder gone) and recovered: one message each.
+    away = d.folder.with_name("incoming.away")
+    d.folder.rename(away)
+    _wait(lambda: len(receiver.messages) >= 4, 30, d, f"no degraded alert: {receiver.titles()}")
+    away.rename(d.folder)
+    _wait(lambda: len(receiver.messages) >= 5, 30, d, f"no recovery alert: {receiver.titles()}")
+    degraded, recovered = receiver.titles()[3:]
+    assert "degraded: watch folder gone: " in degraded and str(d.folder) in degraded
+    assert recovered.endswith(": recovered")
     rc, _ = d.stop()
     assert rc == 0
+    assert len(receiver.messages) == 5
 
 
 def test_a_hanging_receiver_does_not_slow_the_pipeline(alert_daemon: Callable[..., AlertDaemon],
@@ -266,7 +276,7 @@ def test_poller_sample_quiet_period_and_unknown_spike(tmp_path: Path) -> None:
         events = poller.poll(conn)
         assert [e.key for e in events] == [f"unknown_spike:{images[-1]['processed_at']}"]
         assert "40% of the last 10 images" in events[0].title
-        assert poller.resume_from() == iso(now)  # s1 waits for its quiet period
+        assert poller.resume_from() == (iso(now), [])  # s1 waits for its quiet period
         clock[0] += 5.0
         events = poller.poll(conn)
         assert [e.key for e in events] == ["sample_fail:s1"]
@@ -291,3 +301,38 @@ def test_health_tracker_reports_degraded_and_recovered(tmp_path: Path) -> None:
     assert {e.key for e in later} == {"daemon_degraded:observer", "daemon_recovered:stuck:reader-0",
                                       "daemon_recovered:database", "daemon_recovered:folder"}
     assert all(e.kind == "daemon_degraded" for e in later)
+
+
+def test_alerts_in_process_each_event_once_also_after_a_restart(tmp_path: Path, receiver: Receiver) -> None:
+    """`Alerts` as the daemon drives it: a report and a degraded/recovered condition are sent once,
+    a second `Alerts` on the same database (a restart) does not repeat them, and an old failing
+    sample already in the database when alerts are first enabled is not replayed."""
+    database = tmp_path / "semwatch.db"
+    make_database(database, now=datetime.now(UTC), images=[{}],
+                  samples=[{"sample_id": "old", "verdict": "fail"}])
+    settings = load_settings(None, environ={}, overrides={
+        "store": {"database": str(database)},
+        "notify": {"urls": [receiver.url], "poll_seconds": 0.1, "sample_quiet_seconds": 0.0}})
+    report = tmp_path / "reports" / "2026-11-25" / "report.html"
+    for _ in range(2):
+        alerts = start_alerts(settings)
+        assert alerts is not None
+        try:
+            alerts.report_ready(date(2026, 11, 25), report)
+            alerts.report_ready(date(2026, 11, 25), report)  # queued or sent already: not again
+            alerts.health({"folder": "watch folder gone: /export"})
+            alerts.health({"folder": "watch folder gone: /export"})
+            alerts.health({})
+            deadline = time.monotonic() + 10
+            while len(receiver.messages) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # and the old failing sample stays unreported
+        finally:
+            alerts.stop()
+        assert len(receiver.messages) == 3, receiver.titles()
+    titles = receiver.titles()
+    assert titles[0] == "semwatch: report for 2026-11-25 is ready"
+    assert str(report) in receiver.messages[0]["message"]
+    assert "degraded: watch folder gone: /export" in titles[1] and titles[2].endswith("recovered")
+    assert set(json.loads(state_path(database).read_text(encoding="utf-8"))["sent"]) == {
+        "report_ready:2026-11-25", "daemon_degraded:folder", "daemon_recovered:folder"}

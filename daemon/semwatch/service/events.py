@@ -85,29 +85,32 @@ class SamplePoller:
     waiting for its quiet period (what a restart must read again, see `resume_from`)."""
 
     def __init__(self, settings: NotifySettings, *, watermark: str, in_spike: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 at_mark: Iterable[str] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.watermark = watermark
         self.in_spike = in_spike
         self.clock = clock
-        self._at_mark: set[str] = set()  # samples seen with updated_at == watermark
+        self._at_mark: set[str] = set(at_mark)  # samples seen with updated_at == watermark
         self._pending: dict[str, tuple[SampleRow, float]] = {}
         self._last_processed: str | None = None
         wanted = set(settings.on)
         self.verdicts = {v for v in ("fail", "uncertain") if f"sample_{v}" in wanted}
         self.spikes = "unknown_spike" in wanted
 
-    @staticmethod
-    def newest(conn: sqlite3.Connection) -> str:
-        """Where a poller without a saved watermark starts: after what the database already holds
-        (enabling alerts on an old database does not replay its history)."""
-        row = conn.execute("SELECT max(updated_at) FROM samples").fetchone()
-        return str(row[0] or "")
+    def skip_existing(self, conn: sqlite3.Connection) -> None:
+        """Start after what the database already holds (a poller without a saved watermark:
+        enabling alerts on an old database does not replay its history)."""
+        self.watermark = str(conn.execute("SELECT max(updated_at) FROM samples").fetchone()[0] or "")
+        self._at_mark = {r[0] for r in conn.execute("SELECT sample_id FROM samples WHERE updated_at = ?",
+                                                    (self.watermark,))}
 
-    def resume_from(self) -> str:
-        """The watermark to save: before any sample still in its quiet period."""
+    def resume_from(self) -> tuple[str, list[str]]:
+        """The watermark to save and the samples already seen at it: before any sample still in its
+        quiet period (read again after a restart; what was sent meanwhile is in the sent log)."""
         pending = [row.updated_at for row, _ in self._pending.values()]
-        return min([*pending, self.watermark]) if pending else self.watermark
+        if pending:
+            return min(pending), []
+        return self.watermark, sorted(self._at_mark)
 
     def poll(self, conn: sqlite3.Connection) -> list[Event]:
         """One round: the events due now."""

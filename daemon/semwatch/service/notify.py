@@ -65,12 +65,14 @@ class SentLog:
         self.lock = threading.Lock()
         self.sent: dict[str, float] = {}
         self.watermark: str | None = None
+        self.at_mark: list[str] = []
         self.in_spike = False
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(raw, dict) and raw.get("version") == STATE_VERSION:
                 self.sent = {str(k): float(v) for k, v in raw.get("sent", {}).items()}
                 self.watermark = str(raw["watermark"]) if raw.get("watermark") is not None else None
+                self.at_mark = [str(s) for s in raw.get("at_mark", [])]
                 self.in_spike = bool(raw.get("in_spike", False))
         except FileNotFoundError:
             pass
@@ -87,16 +89,16 @@ class SentLog:
         with self.lock:
             self.sent[key] = time.time() if now is None else now
 
-    def save(self, *, watermark: str | None = None, in_spike: bool | None = None) -> None:
+    def save(self, *, watermark: tuple[str, list[str]] | None = None, in_spike: bool | None = None) -> None:
         now = time.time()
         with self.lock:
             if watermark is not None:
-                self.watermark = watermark
+                self.watermark, self.at_mark = watermark
             if in_spike is not None:
                 self.in_spike = in_spike
             self.sent = {k: t for k, t in self.sent.items() if now - t < self.dedup_seconds}
-            data = {"version": STATE_VERSION, "watermark": self.watermark, "in_spike": self.in_spike,
-                    "sent": self.sent}
+            data = {"version": STATE_VERSION, "watermark": self.watermark, "at_mark": self.at_mark,
+                    "in_spike": self.in_spike, "sent": self.sent}
         try:
             write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
         except OSError as exc:  # a full disk must not stop alerts (they are about the full disk)
@@ -192,13 +194,14 @@ class Alerts:
     def start(self) -> None:
         """Read the starting watermark (now, so results written from here on are seen), then the
         two threads."""
-        conn = db.connect(self.settings.store.database, readonly=True)
-        try:
-            saved = self.state.watermark
-            watermark = saved if saved is not None else SamplePoller.newest(conn)
-        finally:
-            conn.close()
-        self._poller = SamplePoller(self.notify, watermark=watermark, in_spike=self.state.in_spike)
+        self._poller = SamplePoller(self.notify, watermark=self.state.watermark or "",
+                                    at_mark=self.state.at_mark, in_spike=self.state.in_spike)
+        if self.state.watermark is None:
+            conn = db.connect(self.settings.store.database, readonly=True)
+            try:
+                self._poller.skip_existing(conn)
+            finally:
+                conn.close()
         self._threads = [threading.Thread(target=self._poll_main, name="semwatch-alerts-poll", daemon=True),
                          threading.Thread(target=self._send_main, name="semwatch-alerts-send", daemon=True)]
         for t in self._threads:
@@ -214,14 +217,17 @@ class Alerts:
         poll, send = self._threads
         poll.join(FLUSH_SECONDS + self.notify.poll_seconds)
         try:
-            self.queue.put(None, timeout=FLUSH_SECONDS)
+            self.queue.put_nowait(None)
         except queue.Full:
-            pass
+            pass  # the send thread is behind; it is a daemon thread and ends with the process
         send.join(FLUSH_SECONDS)
         if send.is_alive():
             log.warning("alerts: %d event(s) not sent at stop (receiver slow or down)",
-                        self.queue.qsize() + 1)
-        self._save()
+                        max(1, self.queue.qsize()))
+        if poll.is_alive():  # stuck in a database read: its watermark cannot be read safely
+            self.state.save()
+        else:
+            self._save()
         self._threads = []
 
     def _save(self) -> None:
@@ -286,7 +292,7 @@ class Alerts:
             self.sent += 1
             log.info("alert sent: %s", event.title)
         if len(pending) < len(self.targets):
-            self._save()
+            self.state.save()  # the sent log now; the watermark is the poll thread's to save
 
 
 def start_alerts(settings: Settings) -> Alerts | None:
