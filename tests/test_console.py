@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from rich.console import Console, RenderableType
 from textual.pilot import Pilot
-from textual.widgets import Input, Select, Static
+from textual.widgets import Footer, Input, Select, Static, TabbedContent
 
 from conftest import Cli
 from dbfixture import iso, make_database
@@ -31,13 +31,14 @@ Script = Callable[[ConsoleApp, Pilot[int]], Awaitable[None]]
 
 
 def _drive(settings: Settings, script: Script, *, size: tuple[int, int] = (80, 24),
-           current_model: str | None = "m1") -> None:
+           current_model: str | None = "m1", quit_at_end: bool = True) -> None:
     async def main() -> None:
         app = ConsoleApp(settings, current_model=current_model)
         async with app.run_test(size=size) as pilot:
             await pilot.pause()
             await script(app, pilot)
-            await pilot.press("q")
+            if quit_at_end:
+                await pilot.press("q")
     asyncio.run(main())
 
 
@@ -370,3 +371,27 @@ def test_current_model_is_the_configured_one(cli: Cli, settings: Settings, tmp_p
     run = cli("top", "--once", "--config", config, env={"COLUMNS": "200"})
     assert run.code == ExitStatus.OK, run.err
     assert f"outdated 3 today, 4 in all (results of another model than {model_id})" in run.out
+
+
+def test_mouse_tabs_rows_and_footer(settings: Settings) -> None:
+    """A click on a tab switches to it; a click on the highlighted row opens it; the footer's keys
+    are buttons."""
+    _fixture(settings)
+
+    async def script(app: ConsoleApp, pilot: Pilot[int]) -> None:
+        await pilot.click("#--content-tab-samples")
+        await _settle(pilot, app)
+        assert app.query_one(TabbedContent).active == "samples"
+        table = app.query_one("#samples-table", Rows)
+        await pilot.click(table, offset=(3, 2))  # the header, then lotB, lotA: highlights lotA
+        await pilot.pause()
+        assert table.cursor_row == 1
+        await pilot.click(table, offset=(3, 2))  # again: opens it
+        await pilot.pause()
+        assert isinstance(app.screen, SampleScreen) and app.screen.detail.sample.sample_id == "lotA"
+        await pilot.press("escape")
+        await pilot.click(Footer, offset=(15, 0))  # "q Quit", after "⏎ Detail"
+        await pilot.pause()
+        assert app.return_code == 0 and not app.is_running
+
+    _drive(settings, script, quit_at_end=False)
