@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from dbfixture import iso, make_database
-from semwatch.config import load_settings
+from semwatch.config import Settings, load_settings
 from semwatch.errors import ConfigError
 from semwatch.liveness import Stuck
 from semwatch.service.events import HealthTracker, SamplePoller, health_conditions
@@ -336,3 +336,18 @@ def test_alerts_in_process_each_event_once_also_after_a_restart(tmp_path: Path, 
     assert "degraded: watch folder gone: /export" in titles[1] and titles[2].endswith("recovered")
     assert set(json.loads(state_path(database).read_text(encoding="utf-8"))["sent"]) == {
         "report_ready:2026-11-25", "daemon_degraded:folder", "daemon_recovered:folder"}
+
+
+def test_the_report_scheduler_tells_of_each_report_written(settings: Settings) -> None:
+    """The scheduler's catch-up writes a missed night and hands its page to `on_written` (the
+    daemon's `Alerts.report_ready`); a report that fails is not announced."""
+    from semwatch.service.scheduler import ReportScheduler
+
+    day = date(2026, 11, 23)
+    make_database(settings.store.database, now=datetime(2026, 11, 24, tzinfo=UTC),
+                  images=[{"processed_at": iso(datetime(2026, 11, 23, 12, tzinfo=UTC))}])
+    told: list[tuple[date, Path]] = []
+    sched = ReportScheduler(settings, on_written=lambda d, p: told.append((d, p)))
+    written = sched.catch_up(datetime(2026, 11, 24, 6, tzinfo=UTC))
+    assert [p.day for p in written] == [day] and told == [(day, written[0].html)]
+    assert told[0][1].is_file()
