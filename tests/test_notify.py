@@ -351,3 +351,36 @@ def test_the_report_scheduler_tells_of_each_report_written(settings: Settings) -
     written = sched.catch_up(datetime(2026, 11, 24, 6, tzinfo=UTC))
     assert [p.day for p in written] == [day] and told == [(day, written[0].html)]
     assert told[0][1].is_file()
+
+
+def test_many_failing_samples_at_once_become_one_digest(tmp_path: Path, receiver: Receiver) -> None:
+    """A re-classification run (another process) touches 12 failing samples at once: one digest
+    message, and each sample counts as announced (not sent again on its next update)."""
+    database = tmp_path / "semwatch.db"
+    now = datetime.now(UTC)
+    make_database(database, now=now, images=[{}], samples=[
+        {"sample_id": f"lot{i:02d}", "verdict": "fail", "expected": "811"} for i in range(12)])
+    settings = load_settings(None, environ={}, overrides={
+        "store": {"database": str(database)},
+        "notify": {"urls": [receiver.url], "poll_seconds": 0.1, "sample_quiet_seconds": 0.0}})
+    alerts = start_alerts(settings)
+    assert alerts is not None
+    try:
+        time.sleep(0.3)
+        writer = db.connect(database)
+        try:
+            with writer:
+                writer.execute("UPDATE samples SET updated_at = ?", (iso(now + timedelta(seconds=1)),))
+        finally:
+            writer.close()
+        deadline = time.monotonic() + 10
+        while not receiver.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        alerts.stop()
+    assert len(receiver.messages) == 1, receiver.titles()
+    assert receiver.titles() == ["semwatch: 12 samples failed or are uncertain"]
+    assert receiver.messages[0]["message"].count("FAIL (expected 811, found 622_pristine)") == 12
+    sent = json.loads(state_path(database).read_text(encoding="utf-8"))["sent"]
+    assert {f"sample_fail:lot{i:02d}" for i in range(12)} <= set(sent)

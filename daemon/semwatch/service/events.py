@@ -13,6 +13,7 @@ problem) into `daemon_degraded` events when a problem appears and recovery event
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import time
@@ -25,6 +26,8 @@ from semwatch.liveness import Stuck
 from semwatch.safefs import printable, text_safe
 
 MAX_PATHS = 5  # image paths named in a sample message; the rest are counted
+DIGEST_OVER = 10  # more sample events than this in one poll round become one digest message
+MAX_DIGEST_LINES = 50
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,18 @@ def sample_event(row: SampleRow, paths: Sequence[str], total: int) -> Event:
     return Event(f"sample_{row.verdict}", f"sample_{row.verdict}:{row.sample_id}",
                  f"semwatch: sample {sid} {row.verdict.upper()} (expected {expected}, found {found})",
                  "\n".join(lines))
+
+
+def digest_event(events: Sequence[Event]) -> Event:
+    """Many sample events at once (a re-classification run, a backlog after an outage): one message
+    listing them instead of a flood. Its kind is sample_fail when any of them fails."""
+    kind = "sample_fail" if any(e.kind == "sample_fail" for e in events) else "sample_uncertain"
+    shown = [e.title.removeprefix("semwatch: ") for e in events[:MAX_DIGEST_LINES]]
+    more = [f"... and {len(events) - len(shown)} more"] if len(events) > len(shown) else []
+    keys = hashlib.sha256("\n".join(sorted(e.key for e in events)).encode()).hexdigest()[:16]
+    return Event(kind, f"digest:{keys}",
+                 f"semwatch: {len(events)} samples failed or are uncertain",
+                 "\n".join(shown + more))
 
 
 def report_event(day: str, path: Path) -> Event:

@@ -37,7 +37,14 @@ from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus
 from semwatch.output import Output
 from semwatch.safefs import write_atomic
-from semwatch.service.events import Event, HealthTracker, SamplePoller, report_event
+from semwatch.service.events import (
+    DIGEST_OVER,
+    Event,
+    HealthTracker,
+    SamplePoller,
+    digest_event,
+    report_event,
+)
 from semwatch.store import db
 
 if TYPE_CHECKING:
@@ -156,6 +163,7 @@ class Alerts:
         self.sent = 0
         self.failed = 0
         self._queued: set[str] = set()
+        self._digested: dict[str, list[str]] = {}  # digest key -> the sample event keys it covers
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._poller: SamplePoller | None = None
@@ -248,7 +256,7 @@ class Alerts:
             while True:
                 stopping = self._stopping.wait(self.notify.poll_seconds)
                 try:
-                    for event in poller.poll(conn):
+                    for event in self._digest(poller.poll(conn)):
                         self.put(event)
                 except Exception as exc:  # a busy or vanished database: try again next round
                     log.warning("alerts: reading the database failed: %s", exc)
@@ -259,6 +267,17 @@ class Alerts:
                     last_save = time.monotonic()
         finally:
             conn.close()
+
+    def _digest(self, events: list[Event]) -> list[Event]:
+        """More than DIGEST_OVER new sample events in one round: one digest instead. Their keys are
+        marked sent once the digest is, so each sample is still announced once."""
+        samples = [e for e in events if e.kind.startswith("sample_") and not self.state.recent(e.key)]
+        if len(samples) <= DIGEST_OVER:
+            return events
+        digest = digest_event(samples)
+        with self._lock:
+            self._digested[digest.key] = [e.key for e in samples]
+        return [e for e in events if not e.kind.startswith("sample_")] + [digest]
 
     def _send_main(self) -> None:
         while (event := self.queue.get()) is not None:
@@ -277,6 +296,10 @@ class Alerts:
             pending = [t for t in pending if not deliver(t, event)]
             if len(pending) < len(self.targets):
                 self.state.mark(event.key)
+                with self._lock:
+                    covered = self._digested.pop(event.key, [])
+                for key in covered:
+                    self.state.mark(key)
             if not pending:
                 break
             if attempt < self.notify.retries:
