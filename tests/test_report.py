@@ -107,7 +107,8 @@ def _day_fixture(settings: Settings, tmp_path: Path, ncm_dir: Path) -> None:
          "processed_at": "2026-11-23T14:59:59.000+00:00"},
         {"path": "/export/lotA/a1.tif", "sample_id": "lotA", "processed_at": "2026-11-23T15:00:00.000+00:00"},
         {"path": "/export/lotA/a2.tif", "sample_id": "lotA", "processed_at": "2026-11-24T03:10:00.000+00:00",
-         "predicted_class": "811_cycled", "composition": "811", "state": "cycled", "confidence": 0.72},
+         "predicted_class": "811_cycled", "composition": "811", "state": "cycled", "confidence": 0.72,
+         "model_id": "m0"},  # by an older model than the daemon's m1: outdated
         {"path": f"/export/lotB/{SCRIPT_NAME}", "sample_id": "<b>lotB</b>", "status": "unknown",
          "confidence": 0.3, "predicted_class": None, "composition": None, "state": None,
          "reasons": json.dumps(["far from the training data"]),
@@ -147,6 +148,8 @@ def test_report_for_a_fixture_day(seoul: Settings, tmp_path: Path, ncm_dir: Path
         samples = {r["sample_id"]: r for r in csv.DictReader(fh)}
     assert set(samples) == {"lotA", "<b>lotB</b>", "lotC"}
     assert samples["lotA"]["images_this_day"] == "2" and samples["lotC"]["verdict"] == "fail"
+    assert samples["lotA"]["model_ids"] == "m0, m1" and samples["lotC"]["model_ids"] == "m1"
+    assert [r["model_id"] for r in rows] == ["m1", "m0", "m1", "m1", "m1"] and rows[0]["supersedes"] == ""
 
     page = _parse(paths.html)
     assert "script" not in page.tags
@@ -172,6 +175,9 @@ def test_report_for_a_fixture_day(seoul: Settings, tmp_path: Path, ncm_dir: Path
     summary = {r[0]: r[1] for r in page.tables["summary"]}
     assert summary["images"] == "5" and summary["failed"] == "1" and summary["unknown"] == "2"
     assert summary["samples fail"] == "1"
+    assert summary["outdated (another model than m1): of the day"] == "1"  # a2 (late.tif is the next day)
+    assert summary["outdated: in all"] == "1"
+    assert "1 current result(s) came from another model" in text
     assert "far from the training data" in text
 
 

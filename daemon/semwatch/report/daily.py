@@ -109,6 +109,7 @@ class DayImage:
     processed_local: str
     error: str | None
     reasons: str  # "; "-joined
+    supersedes: int | None  # a re-classification: the id of the result it replaced
 
     @property
     def name(self) -> str:
@@ -135,12 +136,23 @@ class DaySample:
     n_images: int
     images_this_day: int
     updated_at: str
+    model_ids: str  # the models of its current images, ", "-joined (more than one: partly outdated)
+
+
+@dataclass(frozen=True)
+class Outdated:
+    """Current results made by another model than the configured one (`semwatch reprocess`)."""
+
+    model_id: str  # the current model
+    of_the_day: int  # among the day's current results
+    in_all: int
 
 
 @dataclass(frozen=True)
 class DayData:
     images: list[DayImage]
     samples: list[DaySample]
+    outdated: Outdated | None = None  # None: the current model is not known
 
 
 def load_day(settings: Settings, day: date) -> DayData:
@@ -153,30 +165,59 @@ def load_day(settings: Settings, day: date) -> DayData:
         conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
     except sqlite3.Error as exc:
         raise UserError(f"cannot open database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
+    start, end = day_bounds_utc(day, zone)
     try:
-        image_rows, sample_rows = _query_day(conn, *day_bounds_utc(day, zone))
+        image_rows, sample_rows, models = _query_day(conn, start, end)
+        outdated = _outdated(conn, current_model_id(settings, conn), start, end)
     except sqlite3.DatabaseError as exc:
         raise UserError(f"cannot read database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     finally:
         conn.close()
     images = [_day_image(r, zone) for r in image_rows]
     counts = Counter(img.sample_id for img in images if img.sample_id is not None)
-    samples = [_day_sample(r, counts[r["sample_id"]]) for r in sample_rows if r["sample_id"] in counts]
-    return DayData(images, samples)
+    samples = [_day_sample(r, counts[r["sample_id"]], models.get(r["sample_id"], ""))
+               for r in sample_rows if r["sample_id"] in counts]
+    return DayData(images, samples, outdated)
 
 
-def _query_day(conn: sqlite3.Connection, start: str, end: str) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
-    """The rows of the images finished in [start, end) and of every sample, in one read transaction
-    (both see the same state of the database)."""
+def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
+    """The configured model's id (its manifest only, no weights), else the daemon's last one."""
+    from semwatch.model.artifact import read_manifest
+
+    try:
+        return read_manifest(settings.model.path).model_id
+    except (OSError, ValueError, UserError):
+        row = conn.execute("SELECT model_id FROM daemon WHERE id = 1").fetchone()
+        return str(row["model_id"]) if row is not None and row["model_id"] else None
+
+
+def _outdated(conn: sqlite3.Connection, model_id: str | None, start: str, end: str) -> Outdated | None:
+    from semwatch.store.selection import count_outdated
+
+    if model_id is None:
+        return None
+    return Outdated(model_id, count_outdated(conn, model_id, since=start, until=end),
+                    count_outdated(conn, model_id))
+
+
+def _query_day(conn: sqlite3.Connection, start: str,
+               end: str) -> tuple[list[sqlite3.Row], list[sqlite3.Row], dict[str, str]]:
+    """The rows of the images finished in [start, end), of every sample, and each sample's models,
+    in one read transaction (all see the same state of the database)."""
     conn.execute("BEGIN")
     try:
         images = conn.execute(
             "SELECT * FROM images WHERE processed_at >= ? AND processed_at < ? AND status != 'pending' "
             "ORDER BY processed_at, id", (start, end)).fetchall()
         samples = conn.execute("SELECT * FROM samples ORDER BY sample_id").fetchall() if images else []
+        models: dict[str, str] = {}
+        if images:
+            for r in conn.execute("SELECT DISTINCT sample_id, model_id FROM images WHERE current = 1 "
+                                  "AND model_id IS NOT NULL ORDER BY sample_id, model_id"):
+                models[r["sample_id"]] = ", ".join(filter(None, (models.get(r["sample_id"]), r["model_id"])))
     finally:
         conn.execute("COMMIT")
-    return images, samples
+    return images, samples, models
 
 
 def _day_image(row: sqlite3.Row, zone: ZoneInfo) -> DayImage:
@@ -188,16 +229,21 @@ def _day_image(row: sqlite3.Row, zone: ZoneInfo) -> DayImage:
         confidence=row["confidence"], tile_agreement=row["tile_agreement"], n_tiles=row["n_tiles"],
         model_id=row["model_id"], detected_at=row["detected_at"], processed_at=row["processed_at"],
         processed_local=when.astimezone(zone).isoformat(timespec="seconds"), error=row["error"],
-        reasons=reasons_text(row["reasons"]),
+        reasons=reasons_text(row["reasons"]), supersedes=_column(row, "supersedes"),
     )
 
 
-def _day_sample(row: sqlite3.Row, images_this_day: int) -> DaySample:
+def _column(row: sqlite3.Row, name: str) -> int | None:
+    """A column a database of an older schema (read before the daemon migrated it) does not have."""
+    return row[name] if name in row.keys() else None  # noqa: SIM118 - sqlite3.Row has no __contains__
+
+
+def _day_sample(row: sqlite3.Row, images_this_day: int, model_ids: str) -> DaySample:
     return DaySample(
         sample_id=row["sample_id"], verdict=row["verdict"], composition=row["composition"],
         state=row["state"], predicted_class=row["predicted_class"], confidence=row["confidence"],
         uniformity=row["uniformity"], expected=row["expected"], n_images=int(row["n_images"] or 0),
-        images_this_day=images_this_day, updated_at=row["updated_at"],
+        images_this_day=images_this_day, updated_at=row["updated_at"], model_ids=model_ids,
     )
 
 
@@ -254,7 +300,7 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumb
     return template.render(
         day=day.isoformat(), timezone=settings.report.timezone,
         generated_at=generated_at.isoformat(timespec="seconds"), summary=summarise(data),
-        samples=data.samples, plots=plots, thumbs=thumbs, images=data.images,
+        samples=data.samples, plots=plots, thumbs=thumbs, images=data.images, outdated=data.outdated,
         database=path_text(settings.store.database),
     )
 

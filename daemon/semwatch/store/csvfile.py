@@ -25,16 +25,18 @@ RESULTS_COLUMNS = (
     "tile_agreement", "n_tiles", "model_id", "sha256", "size_bytes", "mtime_ns", "detected_at",
     "processed_at", "error", "reasons",
 )
-# The report's images.csv: the day's finished rows, with the time in the report's time zone.
+# The report's images.csv: the day's finished rows, with the time in the report's time zone;
+# `supersedes` is the id of the result a re-classification replaced (`semwatch reprocess`).
 REPORT_IMAGE_COLUMNS = (
     "id", "path", "sample_id", "status", "predicted_class", "composition", "state", "confidence",
     "tile_agreement", "n_tiles", "model_id", "detected_at", "processed_at", "processed_local", "error",
-    "reasons",
+    "reasons", "supersedes",
 )
-# The report's samples.csv: the samples of the day's images, with how many were that day's.
+# The report's samples.csv: the samples of the day's images, with how many were that day's and the
+# models of their current images (two ids: partly classified by an older model).
 REPORT_SAMPLE_COLUMNS = (
     "sample_id", "verdict", "composition", "state", "predicted_class", "confidence", "uniformity",
-    "expected", "n_images", "images_this_day", "updated_at",
+    "expected", "n_images", "images_this_day", "updated_at", "model_ids",
 )
 
 
