@@ -89,6 +89,11 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
     store = open_store(settings)
     try:
         _refuse_if_daemon_disagrees(store, model_id, settings)
+        if request.dry_run:  # writes nothing, not even the run's record
+            run = (sel.find_run(store.conn, _run_key(request), model_id)
+                   or sel.Run(0, utc_now(), resumed=False))
+            items, _ = _plan(store, settings, request, model_id, run)
+            return _report_plan(out, items, run, engine_name)
         repaired = store.reconcile_csv()
         if repaired:
             log.warning("results CSV: appended %d line(s) missing after an unclean stop", repaired)
@@ -96,8 +101,6 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
         items, refused = _plan(store, settings, request, model_id, run)
         if refused:
             _commit(store, refused)
-        if request.dry_run:
-            return _report_plan(out, items, run, engine_name)
         engine = _engine(engine_name, settings, model_dir)
         try:
             if engine.model_id != model_id:

@@ -96,13 +96,19 @@ def current_row(conn: sqlite3.Connection, path: str) -> sqlite3.Row | None:
     return row
 
 
-def open_run(conn: sqlite3.Connection, selection_key: str, model_id: str, engine: str) -> Run:
-    """The unfinished run with this selection and model (a resumed one), else a new run."""
+def find_run(conn: sqlite3.Connection, selection_key: str, model_id: str) -> Run | None:
+    """The unfinished run with this selection and model (one that was killed), if any."""
     row = conn.execute(
         "SELECT run_id, started_at FROM reprocess_runs WHERE selection = ? AND model_id = ? "
         "AND finished_at IS NULL ORDER BY run_id DESC LIMIT 1", (selection_key, model_id)).fetchone()
-    if row is not None:
-        return Run(int(row["run_id"]), str(row["started_at"]), True)
+    return Run(int(row["run_id"]), str(row["started_at"]), True) if row is not None else None
+
+
+def open_run(conn: sqlite3.Connection, selection_key: str, model_id: str, engine: str) -> Run:
+    """The unfinished run with this selection and model (a resumed one), else a new run."""
+    found = find_run(conn, selection_key, model_id)
+    if found is not None:
+        return found
     started = utc_now()
     conn.execute("BEGIN IMMEDIATE")
     try:
