@@ -316,6 +316,7 @@ class ConsoleApp(App[int]):
         self.pending: frozenset[int] = frozenset()
         self.images_stale = True  # the filter changed: read the page again
         self.samples_stale = True
+        self.samples: tuple[browse.SampleListRow, ...] = ()
         self.samples_shown = 0
         self.image_widths: dict[str, int] = {}
         self.daemon: DaemonRow | None = None
@@ -449,8 +450,10 @@ class ConsoleApp(App[int]):
                 old, self.images = self.images, newest
                 self._patch_images(old)
         if self._active() == "samples" and (self.samples_stale or changed):
-            self.samples_stale = False
-            self._show_samples(browse.list_samples(conn, self.sample_filter, limit=PAGE))
+            samples = browse.list_samples(conn, self.sample_filter, limit=PAGE)
+            if self.samples_stale or samples != self.samples:  # a heartbeat changes no sample
+                self.samples_stale, self.samples = False, samples
+                self._show_samples(samples)
 
     def _model(self) -> str | None:
         return self.current_model or (self.daemon.model_id if self.daemon else None)

@@ -66,7 +66,9 @@ def age_text(seconds: float | None) -> str:
 def current_model_id(settings: Settings) -> str | None:
     """The id of the configured model (`[model] path`), the one results are compared with to call
     them outdated; None when it cannot be read (the views then use the daemon's model)."""
-    # Lazy: semwatch.model.artifact imports torch (for its type annotations only).
+    if not (settings.model.path / "manifest.json").is_file():
+        return None  # no model there: spare the import below
+    # Lazy: semwatch.model.artifact imports torch (for its type annotations only), seconds.
     from semwatch.model.artifact import read_manifest
 
     try:
