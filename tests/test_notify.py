@@ -224,7 +224,8 @@ def test_a_hanging_receiver_does_not_slow_the_pipeline(alert_daemon: Callable[..
         hang.close()
 
 
-def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver) -> None:
+def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver,
+                             caplog: pytest.LogCaptureFixture) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[notify]\nurls = ["{receiver.url}"]\n', encoding="utf-8")
     run = cli("notify", "--test")
@@ -244,6 +245,7 @@ def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver) -> No
     config.write_text('[notify]\nurls = ["nosuchscheme://x"]\n', encoding="utf-8")
     run = cli("notify", "--test")
     assert run.code == 78 and "urls[0] is not a URL apprise can send to" in run.err
+    assert "nosuchscheme" not in caplog.text  # a URL may hold a token: never logged
 
 
 def test_notify_settings_are_checked() -> None:

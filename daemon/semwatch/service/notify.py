@@ -133,7 +133,13 @@ def build_targets(urls: tuple[str, ...], timeout: float) -> list[Target]:
         ap = apprise.Apprise(asset=asset)
         sep = "&" if "?" in url else "?"
         timed = url if ("cto=" in url or "rto=" in url) else f"{url}{sep}cto={timeout:g}&rto={timeout:g}"
-        if not ap.add(timed):
+        apprise_log = logging.getLogger("apprise")
+        apprise_log.disabled = True  # its "Unparseable URL" line would print the URL's secrets
+        try:
+            added = ap.add(timed)
+        finally:
+            apprise_log.disabled = False
+        if not added:
             raise ConfigError(f"[notify] urls[{i}] is not a URL apprise can send to")
         targets.append(Target(ap[0].url(privacy=True).partition("?")[0], ap))
     return targets
