@@ -152,9 +152,11 @@ class Metrics:
 
     # --- the pipeline's observer -------------------------------------------------------------
 
-    def result(self, status: str, seconds: float) -> None:
+    def result(self, status: str, seconds: float | None) -> None:
+        """A verdict; `seconds` since its file settled (None: a re-classification, not timed)."""
         self.results.labels(status).inc()
-        self.latency.observe(max(0.0, seconds))
+        if seconds is not None:
+            self.latency.observe(max(0.0, seconds))
 
     def batch(self, images: int, tiles: int) -> None:
         self.batch_images.observe(images)

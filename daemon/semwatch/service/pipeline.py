@@ -76,7 +76,7 @@ class Reader(Protocol):
 class Observer(Protocol):
     """Told of each verdict and inference batch (`service.metrics.Metrics`); must not block."""
 
-    def result(self, status: str, seconds: float) -> None: ...
+    def result(self, status: str, seconds: float | None) -> None: ...
 
     def batch(self, images: int, tiles: int) -> None: ...
 
@@ -578,8 +578,9 @@ class Pipeline:
         else:
             self.writer.put(Result(job.key, sha, sample_id, verdict, model_id, expected))
         self.rates.add(n_tiles)
-        if self.observer is not None:
-            self.observer.result(verdict.status, time.monotonic() - job.settled_at)
+        if self.observer is not None:  # latency from settling: a catch-up job did not just settle
+            self.observer.result(verdict.status,
+                                 time.monotonic() - job.settled_at if job.supersedes is None else None)
         with self._lock:
             self.done += 1
         log.info("%s: %s %s conf %.2f (%d tiles) [%s]", job.key.path, verdict.status,
