@@ -31,6 +31,7 @@ from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
 from semwatch.safefs import path_text, printable, text_safe, write_atomic
 from semwatch.store import db
+from semwatch.store.browse import Outdated, count_outdated
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
 
 if TYPE_CHECKING:
@@ -140,15 +141,6 @@ class DaySample:
 
 
 @dataclass(frozen=True)
-class Outdated:
-    """Current results made by another model than the configured one (`semwatch reprocess`)."""
-
-    model_id: str  # the current model
-    of_the_day: int  # among the day's current results
-    in_all: int
-
-
-@dataclass(frozen=True)
 class DayData:
     images: list[DayImage]
     samples: list[DaySample]
@@ -192,12 +184,7 @@ def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None
 
 
 def _outdated(conn: sqlite3.Connection, model_id: str | None, start: str, end: str) -> Outdated | None:
-    from semwatch.store.selection import count_outdated
-
-    if model_id is None:
-        return None
-    return Outdated(model_id, count_outdated(conn, model_id, since=start, until=end),
-                    count_outdated(conn, model_id))
+    return count_outdated(conn, model_id, today=(start, end)) if model_id is not None else None
 
 
 def _query_day(conn: sqlite3.Connection, start: str,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from semwatch.store import selection
+
 IMAGE_STATUSES = ("ok", "unknown", "rejected", "failed", "pending")
 VERDICTS = ("pass", "fail", "uncertain", "unknown")
 
@@ -294,21 +296,11 @@ def known_classes(conn: sqlite3.Connection) -> tuple[str, ...]:
 
 def count_outdated(conn: sqlite3.Connection, model_id: str | None, *, today: tuple[str, str]) -> Outdated:
     """Current results made by another model than `model_id`: processed in `today` ([start, end)
-    UTC) and in all. Only results carry a model id (pending, failed and refused rows have none).
-
-    The total is two ranges (`< m`, `> m`) rather than `!= m`: with the partial index
-    `images_current_model (model_id) WHERE current = 1` (schema 3) SQLite then counts only the
-    outdated rows' index entries, without reading the table (none once all is re-classified). The
-    day's count walks the day's rows (`images_processed_at`); `+model_id` keeps SQLite from
-    choosing the model index for it."""
+    UTC) and in all (`selection.count_outdated`)."""
     if model_id is None:
         return NO_OUTDATED
-    total = sum(int(conn.execute(f"SELECT COUNT(*) FROM images WHERE current = 1 AND model_id {op} ?",
-                                 (model_id,)).fetchone()[0]) for op in ("<", ">"))
-    today_n = int(conn.execute(
-        "SELECT COUNT(*) FROM images WHERE processed_at >= ? AND processed_at < ? AND current = 1 "
-        "AND +model_id != ?", (*today, model_id)).fetchone()[0])
-    return Outdated(model_id, today_n, total)
+    return Outdated(model_id, selection.count_outdated(conn, model_id, since=today[0], until=today[1]),
+                    selection.count_outdated(conn, model_id))
 
 
 def status_counts(conn: sqlite3.Connection, *, day: tuple[str, str] | None = None) -> dict[str, int]:
