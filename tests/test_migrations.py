@@ -49,8 +49,9 @@ def raw(path: Path) -> sqlite3.Connection:
 def rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
     conn = raw(path)
     try:
-        return {t: [tuple(r) for r in conn.execute(
-            f"SELECT {V1_IMAGE_COLUMNS if t == 'images' else '*'} FROM {t} ORDER BY rowid")] for t in V1_TABLES}
+        columns = {t: V1_IMAGE_COLUMNS if t == "images" else "*" for t in V1_TABLES}
+        return {t: [tuple(r) for r in conn.execute(f"SELECT {columns[t]} FROM {t} ORDER BY rowid")]
+                for t in V1_TABLES}
     finally:
         conn.close()
 
