@@ -64,7 +64,7 @@ def sample_event(row: SampleRow, paths: Sequence[str], total: int) -> Event:
     expected = _clean(row.expected or "-")
     lines = [f"Sample {sid}: {row.verdict}",
              f"expected {expected}, found {found} (confidence {row.confidence:.2f})",
-             f"{row.n_images} image(s)"]
+             f"{row.n_images} image(s) so far"]
     if paths:
         folder = os.path.commonpath(paths) if len(paths) > 1 else str(Path(paths[0]).parent)
         lines.append(f"folder: {_clean(folder)}")
