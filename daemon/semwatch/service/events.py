@@ -4,8 +4,8 @@
 the alert thread) rather than hooking the writer: the `samples` table is the truth about verdicts,
 whoever wrote it (this daemon, or another process such as a reprocessing run), and a poll keyed on
 `samples.updated_at` needs no new table and nothing from the writer's transaction. A sample is
-reported once its row has been quiet for `[notify] sample_quiet_seconds`, so a sample whose images
-are still arriving gets one message with its final count rather than one per image.
+reported once its row has been quiet for `[notify] sample_quiet_seconds`, so a burst of its images
+(a backlog, a fast series) gives one message with all of them rather than one per image.
 
 `HealthTracker` turns the daemon's once-a-second view of its own health (`conditions`: a name per
 problem) into `daemon_degraded` events when a problem appears and recovery events when it goes.
