@@ -2,14 +2,15 @@
 a real two-node Ray cluster on this machine, each ingesting the same archive into a fresh database.
 
     nice -n 10 .venv/bin/python benchmarks/reprocess_bench.py --model /tmp/bench/ncm \\
-        [--folders 811,523,333,622,811_cycled] [--order local,ray,local,ray,cluster] [--out NAME]
+        [--folders 811,523,333,622,811_cycled] [--order bare,local,ray,cluster,ray,local] [--out NAME]
 
 Every engine run is the real command path (`reprocess.run.reprocess` with a fresh database and
 results.csv), timed two ways: `wall` from the call to its return (planning, engine start-up: Ray's
 start and the model actors' loading included) and `run` from the engine being ready to its last
 outcome. The bare classifier is the network alone on the same images' tiles (read and tiled
 beforehand, untimed), in the groups the engines form, like `semwatch bench`'s bare side. Other
-work on this machine changes its speed: the runs are interleaved (local, ray, local, ray) and each
+work on this machine changes its speed: the runs are interleaved (local, ray, cluster, ray, local:
+drift over time falls alike on each engine's mean) and each
 figure carries the load average at its start and end. The two-node cluster is started here
 (`ray start --head --num-cpus=1` and a second `ray start --address=... --num-cpus=1`, loopback
 only) and stopped after, whatever happens.
@@ -154,10 +155,14 @@ class TwoNodeCluster:
         self.address = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> TwoNodeCluster:
-        common = ["--num-cpus=1", "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-        self._ray("start", "--head", f"--port={self.port}", "--include-dashboard=false",
-                  f"--temp-dir={self.temp}", *common)
-        self._ray("start", f"--address={self.address}", f"--temp-dir={self.temp}", *common)
+        common = ["--num-cpus=1", "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                  f"--temp-dir={self.temp}"]
+        try:
+            self._ray("start", "--head", f"--port={self.port}", "--include-dashboard=false", *common)
+            self._ray("start", f"--address={self.address}", *common)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,7 +180,10 @@ class TwoNodeCluster:
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def _ray(self, *args: str) -> None:
-        done = subprocess.run([self.ray, *args], capture_output=True, text=True, check=False)
+        # Token authentication (Ray >= 2.5x): the head turns it on when ~/.ray/auth_token exists, a
+        # joining node only when told to; both share this user's token file here.
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        done = subprocess.run([self.ray, *args], capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise SystemExit(f"ray {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
 
@@ -185,7 +193,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=Path("/tmp/bench/ncm"))
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ncm-sem")
     ap.add_argument("--folders", default=DEFAULT_FOLDERS, help="sub-folders of --data (comma-separated)")
-    ap.add_argument("--order", default="bare,local,ray,local,ray,cluster",
+    ap.add_argument("--order", default="bare,local,ray,cluster,ray,local",
                     help="runs in this order: bare, local, ray, cluster")
     ap.add_argument("--scale", default="{}", help="[scale] overrides as JSON, for ray and cluster")
     ap.add_argument("--bare-images", type=int, default=120)
@@ -198,6 +206,7 @@ def main() -> int:
         if kind == "bare":
             r = bare(folders, args.model, args.bare_images)
         elif kind == "cluster":
+            os.environ["RAY_AUTH_MODE"] = "token"  # the driver too (see TwoNodeCluster._ray)
             with TwoNodeCluster() as cluster:
                 r = engine_run("ray", folders, args.model, {**scale, "ray_address": cluster.address})
                 r["engine"] = "cluster"
@@ -205,10 +214,9 @@ def main() -> int:
             r = engine_run(kind, folders, args.model, scale if kind == "ray" else {})
         print(json.dumps(r), flush=True)
         runs.append(r)
-    summary = summarise(runs)
-    print(json.dumps(summary), flush=True)
-    if args.out:
-        write_results(args, runs, summary)
+        if args.out:  # after every run: a long bench stopped early keeps what it measured
+            write_results(args, runs, summarise(runs))
+    print(json.dumps(summarise(runs)), flush=True)
     return 0
 
 

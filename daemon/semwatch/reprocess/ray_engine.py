@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,7 +62,7 @@ ARTIFACT_FILES = ("manifest.json", "model.safetensors")  # what `Classifier.load
 REFUSAL = "semwatch model actor:"  # how an actor's refusal starts (found again in Ray's error text)
 
 
-def _import_ray():  # type: ignore[no-untyped-def]  # the module, typed by ray's own stubs at call sites
+def _import_ray() -> ModuleType:
     try:
         import ray
         import ray.data
@@ -84,7 +85,6 @@ class RayEngine:
         self.model_id = self.manifest.model_id
         blobs = _artifact_blobs(model_dir)
         self._digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
-        self._owns_ray = False
         self._connected = False
         self._kill: tuple[int, str] | None = _kill_injection()
         self._start(ray)
@@ -97,7 +97,7 @@ class RayEngine:
             self.close()
             raise
 
-    def _start(self, ray) -> None:  # type: ignore[no-untyped-def]
+    def _start(self, ray: ModuleType) -> None:
         """Join `[scale] ray_address`, reuse this process's Ray connection, or start a private Ray."""
         # ERROR: Ray's start-up warnings (token authentication on, by design) are not the user's business.
         quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
@@ -107,9 +107,8 @@ class RayEngine:
         try:
             if address:
                 ray.init(address=address, **quiet)
-            else:
-                ray.init(include_dashboard=False, **quiet)
-                self._owns_ray = True
+            else:  # "local": a new Ray even where RAY_ADDRESS or a `ray start` on this machine exists
+                ray.init(address="local", include_dashboard=False, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {address!r} ([scale] ray_address)" if address else "a local Ray"
             raise UserError(f"cannot start or join {where}: {str(exc).strip().splitlines()[0]}",
@@ -117,7 +116,7 @@ class RayEngine:
         self._connected = True
 
     @staticmethod
-    def _configure_data(ray) -> None:  # type: ignore[no-untyped-def]
+    def _configure_data(ray: ModuleType) -> None:
         """No progress bars, execution banners or statistics of Ray Data's own: the driver shows its
         progress. Its logger at ERROR: it warns that the bars are off, at WARNING."""
         ctx = ray.data.DataContext.get_current()
@@ -126,7 +125,7 @@ class RayEngine:
         ctx.enable_auto_log_stats = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
 
-    def _shape(self, ray) -> tuple[int, float, str]:  # type: ignore[no-untyped-def]
+    def _shape(self, ray: ModuleType) -> tuple[int, float, str]:
         """(model actors, GPUs per actor, the cluster in words); refuses a shape the cluster cannot
         hold, which Ray Data would otherwise wait for forever.
 
