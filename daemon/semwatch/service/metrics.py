@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from semwatch.config import Settings
 from semwatch.store import db
+from semwatch.store.selection import count_outdated
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -87,9 +88,7 @@ class _DatabaseCollector:
                     "SELECT verdict, count(*) FROM samples GROUP BY verdict")}
                 row = conn.execute("SELECT heartbeat_at FROM daemon WHERE id = 1").fetchone()
                 self._heartbeat = _epoch(row[0] if row else None)
-                self._outdated = int(conn.execute(
-                    "SELECT count(*) FROM images WHERE current = 1 AND status != 'pending' "
-                    "AND model_id != ?", (self.model_id,)).fetchone()[0])
+                self._outdated = count_outdated(conn, self.model_id)  # the console's and report's count
             finally:
                 conn.close()
             self._read_at = time.monotonic()
