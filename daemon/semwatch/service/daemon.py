@@ -269,7 +269,7 @@ class Service:
         stuck = self._stuck()
         if self.alerts is not None:
             self.alerts.health(health_conditions(stuck=stuck, database=writer.degraded, folder=self.folder,
-                                                 observer_restarts=_observer_restarts(watcher)))
+                                                 observer_restarts=watcher.observer_restarts()))
         message = writer.degraded and f"database not writable: {writer.degraded}"
         if stuck:
             message = "stuck: " + "; ".join(f"{s.stage} {s.doing} for {s.seconds:.0f} s" for s in stuck)
@@ -395,7 +395,3 @@ def _stuck_threshold(stuck_seconds: float, environ: Mapping[str, str]) -> float:
     return stuck_seconds
 
 
-def _observer_restarts(watcher: Watcher) -> int:
-    """inotify observer deaths in the last 5 minutes (the watcher keeps them for its own back-off)."""
-    now = time.monotonic()
-    return sum(1 for t in watcher._observer_deaths if now - t < 300)

@@ -272,6 +272,11 @@ class Watcher(threading.Thread):
 
     # --- called from other threads ----------------------------------------------------------
 
+    def observer_restarts(self, window: float = 300.0) -> int:
+        """inotify observer deaths in the last `window` seconds (kept for its own back-off)."""
+        now = time.monotonic()
+        return sum(1 for t in list(self._observer_deaths) if now - t < window)
+
     def stop(self) -> None:
         self._stopping.set()
         self.inbox.put(Wake())
