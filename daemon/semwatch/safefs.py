@@ -21,10 +21,12 @@ Written by hand: no maintained library does the O_NOFOLLOW/fstat dance with a co
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -158,6 +160,28 @@ _NEEDS_ESCAPE = re.compile("[\\\\\udc80-\udcff]")
 # Only bytes >= 0x80 are ever escaped: a "\\x41" typed by hand stays as it is (a surrogate
 # below \udc80 cannot be encoded back to bytes).
 _ESCAPED = re.compile(r"\\(\\|x[89a-fA-F][0-9a-fA-F])")
+
+
+def sha256_bounded(path: str | Path, *, confine: Confinement, max_bytes: int, limit: str,
+                   on_chunk: Callable[[], None] | None = None, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file opened through `open_regular`, refused (`RefusedFile`) once more than
+    `max_bytes` were read: a file that grows while it is hashed stops at the limit (`limit` names
+    it in the message, e.g. "[reading] max_file_mb 200").
+    `on_chunk` runs after each chunk (the daemon's readers beat their liveness stage there and
+    check whether they were abandoned). By hand rather than `hashlib.file_digest`, which reads to
+    the end and calls nobody back."""
+    fd, _ = open_regular(path, confine=confine, max_bytes=max_bytes)
+    digest = hashlib.sha256()
+    total = 0
+    with os.fdopen(fd, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            total += len(chunk)
+            if total > max_bytes:
+                raise RefusedFile(f"file too large (> {limit})")
+            digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk()
+    return digest.hexdigest()
 
 
 def path_text(path: str | Path) -> str:

@@ -10,8 +10,6 @@ processes and machines.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,16 +17,13 @@ from typing import TYPE_CHECKING
 from semwatch.config import Settings
 from semwatch.reading.listing import stat_path
 from semwatch.reading.sample import expected_class, sample_key
-from semwatch.safefs import Confinement, RefusedFile, open_regular
+from semwatch.safefs import Confinement, RefusedFile, sha256_bounded
 from semwatch.values import FileKey, ImageVerdict, MicrographError, is_transient
 
 if TYPE_CHECKING:  # torch: imported only where the network runs
     from semwatch.model.artifact import Manifest
     from semwatch.model.classify import Classifier
     from semwatch.model.engine import PreparedImage
-
-HASH_CHUNK = 1 << 20
-
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -87,7 +82,9 @@ def read_item(item: WorkItem, settings: Settings, manifest: Manifest) -> Prepare
         gone = isinstance(exc, FileNotFoundError)
         return Outcome(item, None, error=f"cannot read file: {exc.strerror or exc}", gone=gone)
     try:
-        sha = _sha256(item.path, confine, settings.reading.max_file_mb)
+        mb = settings.reading.max_file_mb
+        sha = sha256_bounded(item.path, confine=confine, max_bytes=int(mb * 1024 * 1024),
+                             limit=f"[reading] max_file_mb {mb:g}")
         micrograph = read_micrograph(path, settings, confine=confine)
     except RefusedFile as exc:
         return Outcome(item, key, error=f"refused: {exc.strerror}")
@@ -116,20 +113,3 @@ def classify_items(classifier: Classifier, group: list[Prepared]) -> list[Outcom
 def timed_out(item: WorkItem, seconds: float) -> Outcome:
     return Outcome(item, None, error=f"timed out: reading took longer than {seconds:g} s "
                    "([watch] read_timeout_seconds)", transient=True)
-
-
-def _sha256(path: str, confine: Confinement, max_file_mb: float) -> str:
-    """The file's SHA-256 through the safe open, refused past `[reading] max_file_mb` (a file that
-    grows while it is read stops at the limit). By hand rather than `hashlib.file_digest`, which
-    would read a growing file to its end."""
-    max_bytes = int(max_file_mb * 1024 * 1024)
-    fd, _ = open_regular(path, confine=confine, max_bytes=max_bytes)
-    h = hashlib.sha256()
-    total = 0
-    with os.fdopen(fd, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            total += len(chunk)
-            if total > max_bytes:
-                raise RefusedFile(f"file too large (> [reading] max_file_mb {max_file_mb:g})")
-            h.update(chunk)
-    return h.hexdigest()

@@ -23,7 +23,6 @@ queued work is left `pending` for the next start.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import queue
@@ -39,7 +38,7 @@ from semwatch.liveness import Liveness, Stage
 from semwatch.model.engine import Predictor, PreparedImage, TileOutput, predict_images
 from semwatch.reading.listing import stat_path
 from semwatch.reading.sample import expected_class, sample_key
-from semwatch.safefs import Confinement, RefusedFile, open_regular
+from semwatch.safefs import Confinement, RefusedFile, sha256_bounded
 from semwatch.service.inbox import Changed, Finished, Inbox, Retry
 from semwatch.service.logs import PER_FILE
 from semwatch.service.stability import Candidate
@@ -52,7 +51,6 @@ from semwatch.values import FileKey, ImageVerdict, Micrograph, MicrographError, 
 
 log = logging.getLogger("semwatch.pipeline")
 
-HASH_CHUNK = 1 << 20
 RECENT_RESULTS = 512  # in-memory cache of verdicts by content hash (the database backs it up)
 
 
@@ -400,27 +398,17 @@ class Pipeline:
                 self._check(slot)
 
     def _sha256(self, path: Path, slot: ReaderSlot) -> str:
-        """The file's SHA-256, read through the safe open with the size limit; each chunk is
-        progress for the liveness signal.
+        """The file's SHA-256 through the safe open with the size limit; each chunk beats the
+        reader's liveness stage (a big file on a slow share is not a stuck reader) and checks
+        whether the reader was abandoned."""
+        mb = self.settings.reading.max_file_mb
 
-        Chunked by hand, not `hashlib.file_digest`: each chunk beats the reader's liveness stage
-        (a big file on a slow share is not a stuck reader), checks whether the reader was
-        abandoned, and counts bytes against `[reading] max_file_mb` (a file that grows while it is
-        hashed is refused at the limit instead of read to its end)."""
-        max_bytes = int(self.settings.reading.max_file_mb * 1024 * 1024)
-        fd, _ = open_regular(path, confine=self.confine, max_bytes=max_bytes)
-        h = hashlib.sha256()
-        total = 0
-        with os.fdopen(fd, "rb") as fh:
-            while chunk := fh.read(HASH_CHUNK):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise RefusedFile(f"file too large (> [reading] max_file_mb "
-                                      f"{self.settings.reading.max_file_mb:g})")
-                h.update(chunk)
-                slot.stage.beat()
-                self._check(slot)
-        return h.hexdigest()
+        def progress() -> None:
+            slot.stage.beat()
+            self._check(slot)
+
+        return sha256_bounded(path, confine=self.confine, max_bytes=int(mb * 1024 * 1024),
+                              limit=f"[reading] max_file_mb {mb:g}", on_chunk=progress)
 
     def _changed(self, job: Job) -> bool:
         """The file changed or vanished since it settled: back to the gate, no attempt counted."""
