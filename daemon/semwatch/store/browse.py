@@ -91,7 +91,9 @@ class ImageDetail:
 
 
 @dataclass(frozen=True)
-class SampleListRow:
+class SampleRow:
+    """A `samples` row as the views show it (the console, `top --once`, the live view)."""
+
     sample_id: str
     n_images: int
     composition: str | None
@@ -106,7 +108,7 @@ class SampleListRow:
 
 @dataclass(frozen=True)
 class SampleDetail:
-    sample: SampleListRow
+    sample: SampleRow
     images: tuple[ImageRow, ...]  # its current images, newest first (at most `limit`)
     class_counts: tuple[tuple[str, int], ...]  # predicted class (or status) -> images, most first
     n_counted: int
@@ -245,7 +247,7 @@ def _reasons(text: str | None) -> tuple[str, ...]:
     return tuple(str(r) for r in raw) if isinstance(raw, list) else (str(raw),)
 
 
-def list_samples(conn: sqlite3.Connection, f: SampleFilter, *, limit: int) -> tuple[SampleListRow, ...]:
+def list_samples(conn: sqlite3.Connection, f: SampleFilter, *, limit: int) -> tuple[SampleRow, ...]:
     """The `limit` most recently updated samples matching `f` (the samples table holds one row per
     sample, far fewer rows than images)."""
     where = ["1"]
@@ -264,7 +266,7 @@ def list_samples(conn: sqlite3.Connection, f: SampleFilter, *, limit: int) -> tu
         args += list(f.day)
     rows = conn.execute(f"SELECT * FROM samples WHERE {' AND '.join(where)} "
                         "ORDER BY updated_at DESC, sample_id LIMIT ?", (*args, limit))
-    return tuple(_sample_row(r) for r in rows)
+    return tuple(sample_row(r) for r in rows)
 
 
 def sample_detail(conn: sqlite3.Connection, sample_id: str, *, limit: int = 500) -> SampleDetail | None:
@@ -277,7 +279,7 @@ def sample_detail(conn: sqlite3.Connection, sample_id: str, *, limit: int = 500)
     counts = conn.execute(
         "SELECT COALESCE(predicted_class, status) AS c, COUNT(*) AS n FROM images "
         "WHERE sample_id = ? AND current = 1 GROUP BY c ORDER BY n DESC, c", (sample_id,))
-    return SampleDetail(_sample_row(row), images, tuple((str(r["c"]), int(r["n"])) for r in counts),
+    return SampleDetail(sample_row(row), images, tuple((str(r["c"]), int(r["n"])) for r in counts),
                         int(row["n_counted"] or 0))
 
 
@@ -321,8 +323,8 @@ def _image_row(r: sqlite3.Row) -> ImageRow:
         processed_at=r["processed_at"], detected_at=r["detected_at"], error=r["error"])
 
 
-def _sample_row(r: sqlite3.Row) -> SampleListRow:
-    return SampleListRow(
+def sample_row(r: sqlite3.Row) -> SampleRow:
+    return SampleRow(
         sample_id=r["sample_id"], n_images=int(r["n_images"] or 0), composition=r["composition"],
         state=r["state"], predicted_class=r["predicted_class"], confidence=r["confidence"],
         uniformity=r["uniformity"], expected=r["expected"], verdict=r["verdict"],

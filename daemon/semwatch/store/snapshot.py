@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from semwatch.config import Settings
 from semwatch.store import db
-from semwatch.store.browse import NO_OUTDATED, Outdated, count_outdated, day_bounds
+from semwatch.store.browse import NO_OUTDATED, Outdated, SampleRow, count_outdated, day_bounds, sample_row
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,6 @@ class RecentImage:
     processed_at: str | None
     error: str | None
     detected_at: str | None = None
-
-
-@dataclass(frozen=True)
-class SampleRow:
-    sample_id: str
-    n_images: int
-    composition: str | None
-    state: str | None
-    confidence: float | None
-    uniformity: float | None
-    expected: str | None
-    verdict: str
-    updated_at: str
 
 
 @dataclass(frozen=True)
@@ -135,7 +122,7 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
         recent = tuple(_image(r) for r in conn.execute(
             "SELECT * FROM images WHERE processed_at IS NOT NULL AND status != 'pending' "
             "ORDER BY processed_at DESC, id DESC LIMIT ?", (n_recent,)))
-        samples = tuple(_sample(r) for r in conn.execute(
+        samples = tuple(sample_row(r) for r in conn.execute(
             "SELECT * FROM samples ORDER BY updated_at DESC, sample_id LIMIT ?", (n_samples,)))
         # This WHERE and ORDER BY are those of the index images_errors (schema version 2): keep them
         # as they are, or the query reads the whole ledger once a second.
@@ -181,12 +168,4 @@ def _image(row: sqlite3.Row) -> RecentImage:
         predicted_class=row["predicted_class"], composition=row["composition"], state=row["state"],
         confidence=row["confidence"], processed_at=row["processed_at"], error=row["error"],
         detected_at=row["detected_at"],
-    )
-
-
-def _sample(row: sqlite3.Row) -> SampleRow:
-    return SampleRow(
-        sample_id=row["sample_id"], n_images=int(row["n_images"] or 0), composition=row["composition"],
-        state=row["state"], confidence=row["confidence"], uniformity=row["uniformity"],
-        expected=row["expected"], verdict=row["verdict"], updated_at=row["updated_at"],
     )

@@ -316,7 +316,7 @@ class ConsoleApp(App[int]):
         self.pending: frozenset[int] = frozenset()
         self.images_stale = True  # the filter changed: read the page again
         self.samples_stale = True
-        self.samples: tuple[browse.SampleListRow, ...] = ()
+        self.samples: tuple[browse.SampleRow, ...] = ()
         self.samples_shown = 0
         self.image_widths: dict[str, int] = {}
         self.daemon: DaemonRow | None = None
@@ -561,7 +561,7 @@ class ConsoleApp(App[int]):
             self._side(Text("no images match" if self.image_filter != browse.ImageFilter()
                             else "no images yet", style="dim"))
 
-    def _show_samples(self, rows: tuple[browse.SampleListRow, ...]) -> None:
+    def _show_samples(self, rows: tuple[browse.SampleRow, ...]) -> None:
         table = self.query_one("#samples-table", Rows)
         self.samples_shown = len(rows)
         keep = self._cursor_key(table)
