@@ -61,19 +61,21 @@ class Timed:
         self.inner.close()
 
 
-def settings_for(work: Path, model: Path, scale: dict[str, object]) -> Settings:
+def settings_for(work: Path, model: Path, scale: dict[str, object],
+                 model_keys: dict[str, object] | None = None) -> Settings:
     from semwatch.config import load_settings
 
     return load_settings(None, environ={}, overrides={
         "watch": {"folder": str(work / "incoming")},
         "store": {"database": str(work / "semwatch.db"), "results_csv": str(work / "results.csv")},
         "report": {"folder": str(work / "reports")},
-        "model": {"path": str(model), "device": "cpu"},
+        "model": {"path": str(model), "device": "cpu", **(model_keys or {})},
         "scale": scale,
     })
 
 
-def engine_run(kind: str, folders: list[Path], model: Path, scale: dict[str, object]) -> dict[str, object]:
+def engine_run(kind: str, folders: list[Path], model: Path, scale: dict[str, object],
+               model_keys: dict[str, object] | None = None) -> dict[str, object]:
     """One `reprocess` of `folders` into a fresh database with engine `kind` ("local" or "ray")."""
     import io
 
@@ -93,7 +95,7 @@ def engine_run(kind: str, folders: list[Path], model: Path, scale: dict[str, obj
     rp._engine = engine  # the bench's timing hook, nothing else changes
     load0 = os.getloadavg()
     try:
-        settings = settings_for(work, model, scale)
+        settings = settings_for(work, model, scale, model_keys)
         t0 = time.perf_counter()
         status = rp.reprocess(settings, rp.ReprocessRequest(folders=tuple(folders), engine=kind),  # type: ignore[arg-type]
                               out=Output(json=True, stdout=io.StringIO(), stderr=sys.stderr))
@@ -118,12 +120,13 @@ def engine_run(kind: str, folders: list[Path], model: Path, scale: dict[str, obj
             "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def bare(folders: list[Path], model: Path, max_images: int) -> dict[str, object]:
+def bare(folders: list[Path], model: Path, max_images: int,
+         model_keys: dict[str, object] | None = None) -> dict[str, object]:
     """The network alone on the images' tiles, in the engines' groups (`engine.batch_groups`)."""
     from semwatch.model.classify import Classifier, read_and_prepare
     from semwatch.model.engine import PreparedImage, batch_groups, predict_images
 
-    settings = settings_for(Path(tempfile.gettempdir()), model, {})
+    settings = settings_for(Path(tempfile.gettempdir()), model, {}, model_keys)
     classifier = Classifier.load(model, settings)
     paths = sorted(p for f in folders for p in f.rglob("*.jpg"))[:max_images]
     prepared = [x for x in (read_and_prepare(classifier, p) for p in paths) if isinstance(x, PreparedImage)]
@@ -202,16 +205,24 @@ def main() -> int:
     folders = [args.data / f for f in args.folders.split(",")]
     scale = json.loads(args.scale)
     runs: list[dict[str, object]] = []
+    import torch
+
+    threads = torch.get_num_threads()  # `[model] cpu_threads` > 0 changes it for the whole process
     for kind in args.order.split(","):
-        if kind == "bare":
-            r = bare(folders, args.model, args.bare_images)
+        torch.set_num_threads(threads)
+        # "bare1", "local1": the same with `[model] cpu_threads = 1`, one torch thread like each
+        # Ray model actor (cpus_per_worker = 1): the figure that separates the engine from threading.
+        one: dict[str, object] | None = {"cpu_threads": 1} if kind.endswith("1") else None
+        if kind.startswith("bare"):
+            r = bare(folders, args.model, args.bare_images, one)
         elif kind == "cluster":
             os.environ["RAY_AUTH_MODE"] = "token"  # the driver too (see TwoNodeCluster._ray)
             with TwoNodeCluster() as cluster:
                 r = engine_run("ray", folders, args.model, {**scale, "ray_address": cluster.address})
                 r["engine"] = "cluster"
         else:
-            r = engine_run(kind, folders, args.model, scale if kind == "ray" else {})
+            r = engine_run(kind.rstrip("1"), folders, args.model, scale if kind == "ray" else {}, one)
+        r["engine"] = kind
         print(json.dumps(r), flush=True)
         runs.append(r)
         if args.out:  # after every run: a long bench stopped early keeps what it measured
@@ -225,9 +236,16 @@ def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
         values = [float(r[key]) for r in runs if r["engine"] == kind]  # type: ignore[arg-type]
         return round(sum(values) / len(values), 3) if values else None
 
-    out: dict[str, object] = {k: mean(k) for k in ("bare", "local", "ray", "cluster")}
+    out: dict[str, object] = {k: mean(k) for k in ("bare", "local", "ray", "cluster", "bare1", "local1")}
     for k in ("local", "ray", "cluster"):
         out[f"{k}_wall"] = mean(k, "wall_images_per_s")
+    local1, bare1 = out["local1"], out["bare1"]
+    if isinstance(local1, float) and local1 > 0:
+        for k in ("ray", "cluster"):
+            v = out[k]
+            out[f"{k}/local1"] = round(v / local1, 3) if isinstance(v, float) else None
+    if isinstance(bare1, float) and bare1 > 0 and isinstance(local1, float):
+        out["local1/bare1"] = round(local1 / bare1, 3)
     local = out["local"]
     if isinstance(local, float) and local > 0:
         for k in ("ray", "cluster"):
