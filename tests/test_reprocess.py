@@ -195,8 +195,9 @@ def test_selection_and_stale_reclassification(tmp_path: Path) -> None:
         store.close()
 
 
-def test_kill_9_mid_run_then_rerun_is_exactly_once(cli: Cli, tmp_path: Path, tiny_model: Path,
-                                                    ncm_dir: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killed_mid_run_then_rerun_is_exactly_once(cli: Cli, tmp_path: Path, tiny_model: Path,
+                                                   ncm_dir: Path, sig: int) -> None:
     write_config(tmp_path, tiny_model)
     files = [copy_image(src, tmp_path / "archive" / cls / src.name)
              for cls in ("333", "523", "811") for src in ncm_images(ncm_dir, cls, 8)]
@@ -215,8 +216,11 @@ def test_kill_9_mid_run_then_rerun_is_exactly_once(cli: Cli, tmp_path: Path, tin
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        if sig == signal.SIGTERM:  # the batch in hand is committed, then a clean exit
+            assert code == 143 and proc.stderr is not None
+            assert "terminated: what was done is recorded" in proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,7 +14,9 @@ died is appended by the next run's (or the daemon's) start-up reconcile.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -105,7 +107,8 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
         try:
             if engine.model_id != model_id:
                 raise UserError(f"the model changed while starting: {model_id} -> {engine.model_id}")
-            tally = _drive(store, engine, items, run, out)
+            with _sigterm_as_interrupt():
+                tally = _drive(store, engine, items, run, out)
         finally:
             engine.close()
         sel.finish_run(store.conn, run.run_id, tally.done, tally.failed)
@@ -113,6 +116,26 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
         store.close()
     _summary(out, tally, engine_name, model_id)
     return ExitStatus.INPUT_FAILED if tally.failed or tally.kept else ExitStatus.OK
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, `kill`) ends the run the way Ctrl-C does: the batch in hand is committed and
+    the engine closed (a private Ray is shut down) before the process exits with 143."""
+
+    def terminated(signum: int, frame: object) -> None:
+        raise UserError("terminated: what was done is recorded; run the command again to finish",
+                        ExitStatus.TERMINATED)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread (a test calling the library): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- what to do ---------------------------------------------------------------------------------
