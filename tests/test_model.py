@@ -73,8 +73,8 @@ def test_artifact_manifest_records_everything(tiny_model: Path) -> None:
         "schema_version", "format", "name", "classes", "class_info", "architecture", "tile_px",
         "tile_physical_px", "overlap", "intensity", "normalisation", "reference_pixel_size_nm",
         "reference_magnification", "head_hidden", "novelty_k", "unknown_threshold", "unknown_calibration",
-        "temperature", "training", "validation", "metrics", "split", "semwatch_version", "created_at",
-        "weights_sha256", "manifest_sha256",
+        "novelty", "temperature", "training", "validation", "metrics", "split", "semwatch_version",
+        "created_at", "weights_sha256", "manifest_sha256",
     }
     assert raw["schema_version"] == manifest.schema_version == SCHEMA_VERSION
     assert manifest.to_json() == raw  # read back exactly as written

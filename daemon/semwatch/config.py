@@ -117,9 +117,11 @@ class QualitySettings:
     dynamic_range_min: float = 0.08
     blank_std_min: float = 0.01
     streak_rows_max: float = 0.03
+    tear_rows_max: float = 0.02
 
     def validate(self) -> None:
         _fraction("[quality] streak_rows_max", self.streak_rows_max)
+        _fraction("[quality] tear_rows_max", self.tear_rows_max)
         _fraction("[quality] focus_min", self.focus_min)
         _fraction("[quality] saturated_max", self.saturated_max)
         _fraction("[quality] dynamic_range_min", self.dynamic_range_min)

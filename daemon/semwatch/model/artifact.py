@@ -5,8 +5,10 @@ edited artifact is refused before anything is built from it. The model id is a h
 manifest's content, which includes the weights' hash: same weights and same manifest, same id.
 
 Schema versions: 1 had no `schema_version` key (every model trained before the key existed);
-2 adds it and nothing else. A manifest is read back exactly as it was written (unknown keys
-kept in `extra`), so its checksum and its model id survive the round trip.
+2 adds it and nothing else; 3 adds `novelty` (which detector scores novelty and how it was fitted:
+`{"detector": "layers", ...}`; a manifest without it uses the old PCA score, `"pca"`). A manifest
+is read back exactly as it was written (unknown keys kept in `extra`), so its checksum and its
+model id survive the round trip.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from semwatch.values import ClassInfo
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 FORMAT = "semwatch-model/1"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REQUIRED_KEYS = (
     "format",
     "classes",
@@ -67,6 +69,7 @@ class Manifest:
     reference_pixel_size_nm: float | None = None
     reference_magnification: float | None = None
     unknown_calibration: Record = field(default_factory=dict)
+    novelty: Record = field(default_factory=dict)  # schema 3: the novelty detector; {} = the old PCA score
     temperature: float | None = None
     training: Record = field(default_factory=dict)
     validation: Record = field(default_factory=dict)
@@ -81,6 +84,12 @@ class Manifest:
     extra: Record = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
+    def detector(self) -> str:
+        """The novelty detector the weights hold: "layers" (schema 3) or "pca" (older models)."""
+        value = self.novelty.get("detector", "pca")
+        return value if isinstance(value, str) else "pca"
+
+    @property
     def model_id(self) -> str:
         """Short content hash of the manifest (which holds the weights' hash)."""
         text = json.dumps(self.to_json(), sort_keys=True, default=str)
@@ -90,6 +99,8 @@ class Manifest:
         out: dict[str, Json] = dict(self.extra)
         for f in dataclasses.fields(self):
             if f.name in ("extra", "schema_version"):
+                continue
+            if f.name == "novelty" and not self.novelty:  # absent before schema 3: keep ids stable
                 continue
             out[f.name] = _plain(getattr(self, f.name))
         if self.schema_version >= 2:  # version 1 is the absence of the key
@@ -125,6 +136,7 @@ class Manifest:
             reference_pixel_size_nm=r.optional_number("reference_pixel_size_nm"),
             reference_magnification=r.optional_number("reference_magnification"),
             unknown_calibration=r.record("unknown_calibration"),
+            novelty=r.record("novelty"),
             temperature=r.optional_number("temperature"),
             training=r.record("training"),
             validation=r.record("validation"),

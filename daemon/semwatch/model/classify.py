@@ -64,6 +64,7 @@ class Classifier:
                 hidden=manifest.head_hidden,
                 novelty_k=manifest.novelty_k,
                 pretrained=False,
+                detector=manifest.detector,
             )
             net.load_state_dict(state, strict=True)
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -228,14 +229,21 @@ def aggregate(
         best = int(probs.argmax())
         agreement = float(np.mean(output.probabilities.argmax(axis=1) == best))
         novelty = float(np.median(output.novelty))
+    # Reasons are read by operators: each says which test refused the image, in their words first,
+    # the figures after.
     out_of_range = not prepared.scale_ok
     if out_of_range:
         reasons.append(
-            f"scale x{prepared.scale.factor:.2f} ({prepared.scale.basis}) is outside the model's range"
+            f"scale x{prepared.scale.factor:.2f} ({prepared.scale.basis}) is outside the model's range: "
+            "the image was taken at a magnification the model was not trained for"
         )
     foreign = n > 0 and novelty > unknown_threshold
     if foreign:
-        reasons.append(f"unlike the training images (novelty {novelty:.2f} > {unknown_threshold:.2f})")
+        beyond = int(np.count_nonzero(output.novelty > unknown_threshold))
+        reasons.append(
+            f"unlike the training images: the specimen does not look like the NCM cathodes the model "
+            f"knows (novelty {novelty:.2f} > {unknown_threshold:.2f}, {beyond} of {n} tiles)"
+        )
     quality_bad = prepared.quality is not None and not prepared.quality.ok
     if quality_bad and prepared.quality is not None:
         reasons.extend(prepared.quality.reasons or ("quality gate failed",))
@@ -249,7 +257,9 @@ def aggregate(
     confidence = float(probs.max()) if n else 0.0
     low_conf = n > 0 and confidence < min_confidence
     if low_conf:
-        reasons.append(f"low confidence {confidence:.2f} < {min_confidence:.2f}")
+        reasons.append(
+            f"low confidence {confidence:.2f} < {min_confidence:.2f}: the model cannot tell the classes apart"
+        )
 
     if out_of_range or foreign or too_small:
         status = "unknown"

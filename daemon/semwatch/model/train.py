@@ -11,12 +11,13 @@ The split is by image, stratified and seeded, and is recorded in the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,9 +31,9 @@ from torch import nn
 from semwatch import __version__
 from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
-from semwatch.model.artifact import Json, Manifest, save_artifact
+from semwatch.model.artifact import SCHEMA_VERSION, Json, Manifest, save_artifact
 from semwatch.model.augment import augment_tile, geometric
-from semwatch.model.backbone import TileNet, architecture
+from semwatch.model.backbone import LAYERS, TileNet, architecture
 from semwatch.model.runtime import autocast_for, cpu_bfloat16, select_device
 from semwatch.output import Output
 from semwatch.reading.tiles import cut_tiles, fit, resample, scale_for, tile_usable, to_network
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
 HEAD_HIDDEN = 512
 NOVELTY_K = 64
+# Shrinkage of each layer's tied covariance towards a multiple of the identity: a few thousand
+# tiles cannot estimate the smallest of 1,280 variances, and their inverse would dominate.
+NOVELTY_SHRINK = 0.05
 FEATURE_BATCH = 32
 
 
@@ -211,6 +215,10 @@ class FeatureSet:
     labels: torch.Tensor  # (T,) tile labels
     image_of: torch.Tensor  # (T,) index of the image in its split list
     image_labels: torch.Tensor  # (I,)
+    # (T, S) the novelty detector's per-layer statistics; (T,) bool: the tile as cut (flipped or
+    # rotated), not an augmented copy. Empty where a caller has only pooled features.
+    stats: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 0)))
+    plain: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
 
 def _read(path: Path, settings: Settings) -> Micrograph | MicrographError:
@@ -222,19 +230,14 @@ def _read(path: Path, settings: Settings) -> Micrograph | MicrographError:
         return exc
 
 
-def extract_features(
-    net: TileNet,
+def stream_tiles(
     items: list[LabelledImage],
     make_tiles: Callable[[int, Micrograph], np.ndarray],
     settings: Settings,
-    device: torch.device,
-    tick: Callable[[int], None],
     skipped: list[str],
-) -> FeatureSet:
-    """Decode and tile on worker threads while the backbone runs; pooled features per tile."""
-    feats: list[torch.Tensor] = []
-    labels: list[int] = []
-    image_of: list[int] = []
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`(index, tiles)` of each readable image in order, decoded and tiled on worker threads while
+    the consumer runs the network; unreadable images are named in `skipped` (and yield no tiles)."""
 
     def job(i: int) -> np.ndarray | str:
         m = _read(items[i].path, settings)
@@ -256,22 +259,49 @@ def extract_features(
             result = window.popleft().result()
             if isinstance(result, str):
                 skipped.append(f"{items[i].rel}: {result}")
-            elif len(result):
-                for s in range(0, len(result), FEATURE_BATCH):
-                    x = torch.from_numpy(result[s : s + FEATURE_BATCH]).to(device)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.inference_mode(), autocast_for(device, settings):
-                        f, _ = net.backbone(x)
-                    feats.append(f.float().cpu())
-                labels += [items[i].label] * len(result)
-                image_of += [i] * len(result)
-            tick(1)
-    dim = net.backbone.dim
+                result = np.zeros((0,), np.float32)
+            yield i, result
+
+
+def extract_features(
+    net: TileNet,
+    items: list[LabelledImage],
+    make_tiles: Callable[[int, Micrograph], np.ndarray],
+    settings: Settings,
+    device: torch.device,
+    tick: Callable[[int], None],
+    skipped: list[str],
+    *,
+    plain_every: int = 1,
+) -> FeatureSet:
+    """Decode and tile on worker threads while the backbone runs; pooled and novelty features per
+    tile. Of each image's tiles, every `plain_every`-th is un-augmented (`training_tiles` order)."""
+    feats: list[torch.Tensor] = []
+    stats: list[torch.Tensor] = []
+    labels: list[int] = []
+    image_of: list[int] = []
+    plain: list[bool] = []
+    for i, tiles in stream_tiles(items, make_tiles, settings, skipped):
+        plain += [j % plain_every == 0 for j in range(len(tiles))]
+        if len(tiles):
+            for s in range(0, len(tiles), FEATURE_BATCH):
+                x = torch.from_numpy(tiles[s : s + FEATURE_BATCH]).to(device)
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), autocast_for(device, settings):
+                    f, st = net.backbone.features(x)
+                feats.append(f.float().cpu())
+                stats.append(st.float().cpu())
+            labels += [items[i].label] * len(tiles)
+            image_of += [i] * len(tiles)
+        tick(1)
+    dim, sdim = net.backbone.dim, net.backbone.stats_dim
     return FeatureSet(
         torch.cat(feats) if feats else torch.zeros((0, dim)),
         torch.tensor(labels, dtype=torch.long),
         torch.tensor(image_of, dtype=torch.long),
         torch.tensor([im.label for im in items], dtype=torch.long),
+        torch.cat(stats) if stats else torch.zeros((0, sdim)),
+        torch.tensor(plain, dtype=torch.bool),
     )
 
 
@@ -392,7 +422,7 @@ def validation_metrics(net: TileNet, val: FeatureSet, threshold: float, min_conf
     n_images = len(val.image_labels)
     with torch.no_grad():
         logits = net.head(val.feats)
-        novelty = net.novelty(val.feats)
+    novelty = tile_novelty(net, val)
     seen = torch.bincount(val.image_of, minlength=n_images) > 0
     lp = image_log_probs(logits, val.image_of, n_images)[seen]
     conf, pred = lp.exp().max(dim=1)
@@ -537,7 +567,8 @@ def _features(
         return training_tiles(m, recipe, t.tiles_per_image, t.augment_copies, rng)
 
     with Progress(out, len(split["train"]) + len(split["val"]), "features (train)") as bar:
-        train = extract_features(net, split["train"], train_tiles, settings, device, bar.tick, skipped)
+        train = extract_features(net, split["train"], train_tiles, settings, device, bar.tick, skipped,
+                                 plain_every=1 + t.augment_copies)
         bar.describe("features (val)")
         val = extract_features(
             net, split["val"], lambda _i, m: grid_tiles(m, recipe), settings, device, bar.tick, skipped
@@ -556,30 +587,165 @@ class Fit:
 
 
 def fit_head_and_novelty(net: TileNet, features: Features, n_classes: int, settings: Settings,
-                         epochs: int) -> Fit:
-    """Train the head, calibrate its temperature, fit the novelty score and its threshold, and
-    measure the result on the validation images."""
+                         epochs: int, *, head_trained: tuple[int, float] | None = None) -> Fit:
+    """Train the head (unless `head_trained` says it was: epochs run, validation loss), calibrate
+    its temperature, fit the novelty score and its threshold, and measure the result on the
+    validation images."""
     train, val = features.train, features.val
-    ran, val_loss = train_head(net, train, val, n_classes, settings, epochs)
+    ran, val_loss = head_trained or train_head(net, train, val, n_classes, settings, epochs)
     temperature, temperature_basis = calibrate_temperature(net, val)
     net.novelty.fit(train.feats, train.labels, n_classes)
-    threshold = novelty_threshold(net, features, settings)
+    threshold = fit_detector(net, train, val, n_classes, settings)
     validation = validation_metrics(net, val, threshold, settings.model.min_confidence)
     validation.update(val_loss=round(val_loss, 5), temperature=round(temperature, 4),
                       temperature_basis=temperature_basis, epochs_run=ran)
     return Fit(ran, threshold, temperature, validation)
 
 
-def novelty_threshold(net: TileNet, features: Features, settings: Settings) -> float:
+# --- fine-tuning ----------------------------------------------------------------------------------
+
+# Linear warm-up over this share of the fine-tuning steps, then a cosine decay to zero: the head,
+# trained on frozen features, must not be torn up by the first large steps of a pretrained backbone.
+WARMUP_SHARE = 0.1
+# Tiles of several images are shuffled together in a buffer of this many batches (the images come
+# class by class; a batch of one class would swing the BatchNorm-free updates from class to class).
+SHUFFLE_BATCHES = 4
+
+
+def backbone_mode(settings: Settings, device: torch.device) -> str:
+    """`[train] backbone` resolved: "finetune" or "frozen" ("auto": fine-tune on CUDA only)."""
+    mode = settings.train.backbone
+    if mode == "auto":
+        return "finetune" if device.type == "cuda" else "frozen"
+    return mode
+
+
+def finetune(
+    net: TileNet,
+    items: list[LabelledImage],
+    recipe: Recipe,
+    n_classes: int,
+    settings: Settings,
+    device: torch.device,
+    out: Output | None,
+) -> dict[str, Json]:
+    """Train the whole backbone and the head end to end on freshly augmented training tiles.
+
+    Starts from the head fitted on frozen features. AdamW (the head at 10x the backbone's rate),
+    linear warm-up then cosine decay, float16 autocast with gradient scaling on CUDA (bfloat16 on a
+    CPU that does it natively). BatchNorm statistics stay those of the pretrained network (batches
+    of one or two images' tiles would make poor statistics); drop-connect is on."""
+    t = settings.train
+    net.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net.train()
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    tiles_per_epoch = len(items) * t.tiles_per_image * (1 + t.augment_copies)
+    total = max(1, t.finetune_epochs * math.ceil(tiles_per_epoch / t.batch_size))
+    warmup = max(1, int(total * WARMUP_SHARE))
+    opt = torch.optim.AdamW(
+        [
+            {"params": net.backbone.parameters(), "lr": t.finetune_learning_rate},
+            {"params": net.head.mlp.parameters(), "lr": t.finetune_learning_rate * 10},
+        ],
+        weight_decay=t.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (step + 1) / warmup if step < warmup
+        else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and settings.model.mixed_precision)
+    counts = torch.zeros(n_classes).index_add_(0, torch.tensor([im.label for im in items]),
+                                               torch.ones(len(items))).clamp_min(1.0)
+    loss_fn = nn.CrossEntropyLoss(weight=(counts.sum() / (n_classes * counts)).clamp(max=20.0).to(device),
+                                  label_smoothing=0.05)
+    rng = np.random.default_rng([t.seed, 7])
+    steps, losses = 0, []
+
+    def step(x: np.ndarray, y: np.ndarray) -> None:
+        nonlocal steps
+        xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+        yb = torch.from_numpy(y).to(device)
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(device, settings):
+            feats, _ = net.backbone(xb)
+            loss = loss_fn(net.head(feats.float()), yb)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if steps < total:
+            sched.step()
+        steps += 1
+        losses.append(float(loss.detach()))
+
+    skipped: list[str] = []
+    with Progress(out, len(items) * t.finetune_epochs, "fine-tuning") as bar:
+        for epoch in range(t.finetune_epochs):
+            order = [items[i] for i in rng.permutation(len(items))]
+
+            def tiles(i: int, m: Micrograph, epoch: int = epoch) -> np.ndarray:
+                r = np.random.default_rng([t.seed, i, epoch, 11])
+                return training_tiles(m, recipe, t.tiles_per_image, t.augment_copies, r)
+
+            xs: list[np.ndarray] = []
+            ys: list[np.ndarray] = []
+            for i, batch in stream_tiles(order, tiles, settings, skipped):
+                if len(batch):
+                    xs.append(batch)
+                    ys.append(np.full(len(batch), order[i].label, np.int64))
+                bar.tick(1)
+                last = i == len(order) - 1
+                if sum(len(x) for x in xs) >= SHUFFLE_BATCHES * t.batch_size or (last and xs):
+                    x, y = np.concatenate(xs), np.concatenate(ys)
+                    perm = rng.permutation(len(x))
+                    x, y = x[perm], y[perm]
+                    for s in range(0, len(x), t.batch_size):
+                        step(x[s : s + t.batch_size], y[s : s + t.batch_size])
+                    xs, ys = [], []
+    net.eval()
+    return {"steps": steps, "epochs": t.finetune_epochs, "warmup_steps": warmup,
+            "first_loss": round(losses[0], 4) if losses else None,
+            "last_loss": round(float(np.mean(losses[-10:])), 4) if losses else None}
+
+
+DETECTOR_STATISTIC = ("median over tiles of the largest per-layer squared Mahalanobis distance to the "
+                      "nearest class (tied shrunk covariance), each layer scaled by its validation median")
+
+
+def detector_record() -> dict[str, Json]:
+    """The manifest's `novelty` entry for the layer-wise detector."""
+    return {"detector": LAYERS, "shrinkage": NOVELTY_SHRINK, "fitted_on": "un-augmented training tiles",
+            "layers": "channel means of blocks 1, 3, 5, 7, 10, 14, 15 and of the head"}
+
+
+def tile_novelty(net: TileNet, fs: FeatureSet) -> torch.Tensor:
+    """The novelty score `TileNet.forward` gives these tiles (from their cached features)."""
+    with torch.no_grad():
+        return net.layers(fs.stats) if net.detector == LAYERS else net.novelty(fs.feats)
+
+
+def fit_detector(
+    net: TileNet, train: FeatureSet, val: FeatureSet, n_classes: int, settings: Settings
+) -> float:
+    """Fit the layer-wise detector on the un-augmented training tiles, scale each layer by its
+    validation tiles' median, and return the unknown threshold (`novelty_threshold`)."""
+    if net.detector == LAYERS:
+        keep = train.plain if bool(train.plain.any()) else torch.ones(len(train.labels), dtype=torch.bool)
+        net.layers.fit(train.stats[keep], train.labels[keep], n_classes, NOVELTY_SHRINK)
+        basis = val.stats if len(val.stats) else train.stats[keep]
+        with torch.no_grad():
+            net.layers.reference.copy_(net.layers.layer_scores(basis).median(dim=0).values.clamp_min(1e-6))
+    return novelty_threshold(net, train, val, settings)
+
+
+def novelty_threshold(net: TileNet, train: FeatureSet, val: FeatureSet, settings: Settings) -> float:
     """`[train] unknown_quantile` of the validation images' novelty (the training tiles' where no
     validation image has tiles), times `unknown_margin`."""
     t = settings.train
-    val = features.val
-    with torch.no_grad():
-        val_scores = image_novelty(net.novelty(val.feats), val.image_of, len(val.image_labels))
-        train_scores = net.novelty(features.train.feats)
+    val_scores = image_novelty(tile_novelty(net, val), val.image_of, len(val.image_labels))
     finite = val_scores[np.isfinite(val_scores)]
-    basis = finite if len(finite) else train_scores.numpy()
+    basis = finite if len(finite) else tile_novelty(net, train).numpy()
     return float(np.quantile(basis, t.unknown_quantile)) * t.unknown_margin
 
 
@@ -629,8 +795,9 @@ def describe_model(
         unknown_calibration={
             "quantile": t.unknown_quantile,
             "margin": t.unknown_margin,
-            "statistic": "median tile Mahalanobis distance (whitened PCA) to nearest class",
+            "statistic": DETECTOR_STATISTIC,
         },
+        novelty=detector_record(),
         temperature=round(fit.temperature, 5),
         training={
             "data_dir": path_text(data_dir.resolve()),
@@ -690,13 +857,85 @@ def train_model(
         raise UserError(
             f"{data_dir}: no usable training tiles (all images unreadable or blank)", ExitStatus.INPUT_FAILED
         )
-    net.backbone.to("cpu")
-    fit = fit_head_and_novelty(net, features, len(classes), settings, epochs or t.epochs)
+    mode = backbone_mode(settings, device)
+    tuned: dict[str, Json] = {}
+    head_trained: tuple[int, float] | None = None
+    if mode == "finetune":
+        head_trained = train_head(net, features.train, features.val, len(classes), settings,
+                                  epochs or t.epochs)
+        tuned = finetune(net, split["train"], recipe, len(classes), settings, device,
+                         (out or Output()) if progress else None)
+        # The head's features moved with the backbone: the cached ones are recomputed (un-augmented
+        # copies are what calibration and the novelty detector describe).
+        net.head.to("cpu")
+        net.backbone.eval()
+        features = _features(net, split, recipe, settings, device, (out or Output()) if progress else None)
+    net.to("cpu")
+    fit = fit_head_and_novelty(net, features, len(classes), settings, epochs or t.epochs,
+                               head_trained=head_trained)
     manifest = describe_model(out_dir, data_dir, settings, classes, images, split, recipe, features, fit,
                               device, time.monotonic() - started)
+    manifest = dataclasses.replace(manifest, training={**manifest.training, "backbone": mode,
+                                                       **({"finetune": tuned} if tuned else {})})
     saved = save_artifact(out_dir, dict(net.state_dict()), manifest)
     return TrainResult(out_dir, saved, len(split["train"]), len(split["val"]), len(split["test"]),
                        time.monotonic() - started, features.skipped)
+
+
+def refit_novelty(model_dir: Path, data_dir: Path, out_dir: Path, settings: Settings, *,
+                  out: Output | None = None) -> Manifest:
+    """Give an existing model the layer-wise novelty detector (fitted again, or for the first time on
+    a model of schema 1-2) without retraining its head: the split its manifest records, the grid
+    tiles of its training images as they are, its threshold calibrated on its validation images.
+    Writes a new artifact to `out_dir` (a new model id); the source is not changed. Costs one
+    backbone pass over the training and validation images (minutes), not a training run."""
+    from semwatch.model.artifact import load_artifact
+
+    state, manifest = load_artifact(model_dir)
+    classes = list(manifest.classes)
+    net = TileNet(manifest.architecture, manifest.tile_px, len(classes), hidden=manifest.head_hidden,
+                  novelty_k=manifest.novelty_k, pretrained=False, detector=LAYERS)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("layers.") for k in missing):
+        raise UserError(f"{model_dir}: weights do not match the manifest")
+    _, images = discover(data_dir, settings.train.class_map)
+    by_rel = {im.rel: im for im in images}
+    index = {c: i for i, c in enumerate(classes)}
+    split: dict[str, list[LabelledImage]] = {}
+    for name in ("train", "val"):
+        rels = [r for r in manifest.split.get(name, ()) if r in by_rel]
+        if not rels:
+            raise UserError(f"{data_dir}: none of the model's '{name}' images are in this folder")
+        split[name] = [LabelledImage(by_rel[r].path, r, index[r.split("/")[0]]) for r in rels]
+    tiling = settings.tiling
+    recipe = Recipe(manifest.tile_px, manifest.tile_physical_px, manifest.overlap or tiling.overlap,
+                    tiling.max_tiles, tiling.tile_std_min, tiling.tile_saturated_max, manifest.intensity,
+                    manifest.reference_pixel_size_nm, manifest.reference_magnification)
+    device = select_device(settings.model.device)
+    net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    skipped: list[str] = []
+    with Progress(out, len(split["train"]) + len(split["val"]), "novelty features") as bar:
+        fs = {name: extract_features(net, items, lambda _i, m: grid_tiles(m, recipe), settings, device,
+                                     bar.tick, skipped) for name, items in split.items()}
+    net.to("cpu")
+    threshold = fit_detector(net, fs["train"], fs["val"], len(classes), settings)
+    validation = {**manifest.validation,
+                  **validation_metrics(net, fs["val"], threshold, settings.model.min_confidence)}
+    t = settings.train
+    new = dataclasses.replace(
+        manifest,
+        name=out_dir.name,
+        unknown_threshold=round(threshold, 5),
+        unknown_calibration={"quantile": t.unknown_quantile, "margin": t.unknown_margin,
+                             "statistic": DETECTOR_STATISTIC},
+        novelty={**detector_record(), "fitted_on": "grid tiles of the training images (refit)",
+                 "refit_of": manifest.model_id},
+        validation=validation,
+        metrics={**manifest.metrics, "validation": validation},
+        schema_version=SCHEMA_VERSION,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    return save_artifact(out_dir, dict(net.state_dict()), new)
 
 
 def train_folder(

@@ -1,0 +1,383 @@
+"""Out-of-distribution benchmark: does the classifier refuse what is not an NCM cathode at x500?
+
+    nice -n 10 .venv/bin/python benchmarks/ood_bench.py [--model /tmp/bench/ncm] [--label before]
+
+Not a test (about 3 min on 2 CPU cores). Every image is generated at the model's own scale, so
+scale cannot refuse it: 1280 x 960 grey JPEGs whose bottom 65 rows are a real SNE data bar, with a
+real SNE sidecar (x500) beside them. Families:
+
+- synthetic: Gaussian noise at several blurs, Perlin-like (multi-octave value) noise, checkerboards,
+  sine gratings, smooth gradients, salt and pepper, blocky JPEG noise, a featureless stub;
+- damaged NCM, made from held-out images of the model's `test` split: charging (bright horizontal
+  bands), drift (row shifts), heavy defocus, half the field saturated;
+- foreign specimens: the shared vendor TIFFs (lung cells, alloys), their specimen area resized to
+  the SNE frame (`vendor_x500`, as if imaged at x500), and resampled to the model's physical pixel
+  size (266 nm, from the 100 um scale bar of the SNE data bar) with no metadata (`vendor_physical`).
+
+Reports per family the share refused (status unknown or rejected); for damaged NCM also how many are
+refused or right and how many are confidently wrong (status ok, wrong class); for the held-out NCM
+images the unknown/refused rate and image accuracy at the same threshold. Writes
+benchmarks/results/<date>-ood-<label>.json and .md. Generated images live in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+WIDTH, HEIGHT, BAR = 1280, 960, 65
+SPECIMEN = HEIGHT - BAR
+# 100 um scale bar of the SNE x500 data bar: 376 px (measured on the shared images) -> 266 nm/px.
+NCM_PIXEL_NM = 100_000 / 376
+PER_FAMILY = 8
+
+Maker = Callable[[np.random.Generator], np.ndarray]  # -> (SPECIMEN, WIDTH) float32 in [0, 1]
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    family: str
+    kind: str  # "synthetic", "damaged", "foreign", "ncm"
+    truth: str | None = None  # the class of damaged and held-out NCM images
+
+
+def _norm(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / max(hi - lo, 1e-6)
+
+
+def _noise(sigma: float) -> Maker:
+    def make(rng: np.random.Generator) -> np.ndarray:
+        a = rng.normal(0.5, 0.2, (SPECIMEN, WIDTH)).astype(np.float32)
+        if sigma > 0:
+            a = cv2.GaussianBlur(a, (0, 0), sigma)
+        return np.clip((a - a.mean()) / max(float(a.std()), 1e-6) * 0.18 + 0.5, 0, 1)
+
+    return make
+
+
+def _perlin(rng: np.random.Generator) -> np.ndarray:
+    """Multi-octave value noise (smoothly interpolated random grids), the usual stand-in for Perlin."""
+    out = np.zeros((SPECIMEN, WIDTH), np.float32)
+    base = int(rng.integers(4, 12))
+    for octave in range(5):
+        cells = base * 2**octave
+        grid = rng.random((cells + 1, cells * WIDTH // SPECIMEN + 1)).astype(np.float32)
+        out += cv2.resize(grid, (WIDTH, SPECIMEN), interpolation=cv2.INTER_CUBIC) * 0.55**octave
+    return _norm(out)
+
+
+def _checker(rng: np.random.Generator) -> np.ndarray:
+    period = int(rng.integers(16, 160))
+    angle = float(rng.uniform(0, np.pi))
+    y, x = np.mgrid[0:SPECIMEN, 0:WIDTH].astype(np.float32)
+    u, v = x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
+    board = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    return np.clip(board * 0.6 + 0.2 + rng.normal(0, 0.02, board.shape).astype(np.float32), 0, 1)
+
+
+def _grating(rng: np.random.Generator) -> np.ndarray:
+    period = float(rng.uniform(8, 120))
+    angle = float(rng.uniform(0, np.pi))
+    y, x = np.mgrid[0:SPECIMEN, 0:WIDTH].astype(np.float32)
+    wave = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+    return (0.5 + 0.3 * wave + rng.normal(0, 0.02, wave.shape)).clip(0, 1).astype(np.float32)
+
+
+def _gradient(rng: np.random.Generator) -> np.ndarray:
+    y, x = np.mgrid[0:SPECIMEN, 0:WIDTH].astype(np.float32)
+    if rng.random() < 0.5:
+        angle = float(rng.uniform(0, 2 * np.pi))
+        ramp = x * np.cos(angle) + y * np.sin(angle)
+    else:
+        cy, cx = rng.uniform(0, SPECIMEN), rng.uniform(0, WIDTH)
+        ramp = np.hypot(y - cy, x - cx)
+    return (_norm(ramp) * 0.8 + 0.1 + rng.normal(0, 0.01, ramp.shape)).clip(0, 1).astype(np.float32)
+
+
+def _salt_pepper(rng: np.random.Generator) -> np.ndarray:
+    a = np.full((SPECIMEN, WIDTH), float(rng.uniform(0.3, 0.7)), np.float32)
+    a += rng.normal(0, 0.03, a.shape).astype(np.float32)
+    hit = rng.random(a.shape)
+    share = float(rng.uniform(0.02, 0.2))
+    a[hit < share / 2] = 0.0
+    a[hit > 1 - share / 2] = 1.0
+    return np.clip(a, 0, 1)
+
+
+def _jpeg_blocks(rng: np.random.Generator) -> np.ndarray:
+    a = _noise(float(rng.uniform(0, 2)))(rng)
+    quality = [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(2, 8))]
+    ok, buf = cv2.imencode(".jpg", (a * 255).astype(np.uint8), quality)
+    assert ok
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+
+
+def _stub(rng: np.random.Generator) -> np.ndarray:
+    """An empty aluminium stub: one grey level, faint shading, detector noise."""
+    y, x = np.mgrid[0:SPECIMEN, 0:WIDTH].astype(np.float32)
+    shade = 0.05 * np.cos((x / WIDTH - 0.5) * 2) * np.cos((y / SPECIMEN - 0.5) * 2)
+    a = float(rng.uniform(0.3, 0.6)) + shade + rng.normal(0, 0.03, shade.shape)
+    return cv2.GaussianBlur(a.astype(np.float32), (0, 0), 0.7).clip(0, 1)
+
+
+SYNTHETIC: dict[str, Maker] = {
+    "noise_blur0": _noise(0),
+    "noise_blur1": _noise(1),
+    "noise_blur2": _noise(2),
+    "noise_blur4": _noise(4),
+    "noise_blur8": _noise(8),
+    "perlin": _perlin,
+    "checkerboard": _checker,
+    "grating": _grating,
+    "gradient": _gradient,
+    "salt_pepper": _salt_pepper,
+    "jpeg_blocks": _jpeg_blocks,
+    "stub": _stub,
+}
+
+
+# --- damage done to real NCM images ----------------------------------------------------------------
+
+
+def _charging(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = a.copy()
+    for _ in range(int(rng.integers(3, 8))):
+        y = int(rng.integers(0, SPECIMEN - 10))
+        h = int(rng.integers(4, 40))
+        out[y : y + h] = np.clip(out[y : y + h] * 0.4 + float(rng.uniform(0.6, 0.9)), 0, 1)
+    # and a bright smear to the right of bright features (charge build-up along the scan)
+    return cv2.blur(out, (int(rng.integers(9, 40)), 1))
+
+
+def _drift(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = a.copy()
+    shift = 0
+    for y in range(0, SPECIMEN, int(rng.integers(8, 40))):
+        shift += int(rng.integers(-25, 26))
+        out[y:] = np.roll(a[y:], shift, axis=1)
+    return out
+
+
+def _defocus(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return cv2.GaussianBlur(a, (0, 0), float(rng.uniform(6, 12)))
+
+
+def _half_saturated(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = a.copy()
+    side = int(rng.integers(4))
+    if side == 0:
+        out[:, : WIDTH // 2] = 1.0
+    elif side == 1:
+        out[:, WIDTH // 2 :] = 1.0
+    elif side == 2:
+        out[: SPECIMEN // 2] = 1.0
+    else:
+        out[SPECIMEN // 2 :] = 1.0
+    return out
+
+
+DAMAGE: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "charging": _charging,
+    "drift": _drift,
+    "defocus": _defocus,
+    "half_saturated": _half_saturated,
+}
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def _write(path: Path, specimen: np.ndarray, bar: np.ndarray, sidecar: str | None) -> Path:
+    img = np.vstack([(np.clip(specimen, 0, 1) * 255 + 0.5).astype(np.uint8), bar])
+    if not cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 92]):
+        raise OSError(f"cannot write {path}")
+    if sidecar is not None:
+        path.with_name(path.name + ".txt").write_text(sidecar, encoding="utf-8", newline="")
+    return path
+
+
+def _grey(path: Path) -> np.ndarray:
+    from semwatch.config import load_settings
+    from semwatch.reading.micrograph import read_micrograph
+
+    return read_micrograph(path, load_settings(None, environ={})).pixels
+
+
+def generate(out: Path, test_images: list[Path], seed: int = 0, per_family: int = PER_FAMILY) -> list[Item]:
+    """Write every family's images under `out`; the held-out NCM images are used where they are."""
+    rng = np.random.default_rng(seed)
+    ref = test_images[0]
+    bar = cv2.imread(str(ref), cv2.IMREAD_GRAYSCALE)[-BAR:]
+    sidecar = ref.with_name(ref.name + ".txt").read_bytes().decode("utf-8-sig")
+    items: list[Item] = []
+    for family, make in SYNTHETIC.items():
+        for i in range(per_family):
+            path = _write(out / f"{family}_{i:02d}.jpg", make(rng), bar, sidecar)
+            items.append(Item(path, family, "synthetic"))
+    # damaged: the same spread of held-out images (every class in turn) for each damage
+    step = max(1, len(test_images) // per_family)
+    chosen = test_images[::step][:per_family]
+    for family, damage in DAMAGE.items():
+        for i, src in enumerate(chosen):
+            pixels = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+            side = src.with_name(src.name + ".txt")
+            text = side.read_bytes().decode("utf-8-sig") if side.exists() else sidecar
+            damaged = damage(pixels[:SPECIMEN], rng)
+            path = _write(out / f"{family}_{i:02d}.jpg", damaged, pixels_bar(pixels), text)
+            items.append(Item(path, family, "damaged", src.parent.name))
+    items += _vendor(out, bar, sidecar)
+    items += [Item(p, "ncm_heldout", "ncm", p.parent.name) for p in test_images]
+    return items
+
+
+def pixels_bar(pixels: np.ndarray) -> np.ndarray:
+    return (pixels[SPECIMEN:] * 255 + 0.5).astype(np.uint8)
+
+
+def _vendor(out: Path, bar: np.ndarray, sidecar: str) -> list[Item]:
+    from semwatch.config import load_settings
+    from semwatch.reading.micrograph import read_micrograph
+
+    settings = load_settings(None, environ={})
+    items: list[Item] = []
+    for i, tif in enumerate(sorted((DATA / "vendor-tiff").rglob("*.tif"))):
+        m = read_micrograph(tif, settings)
+        a = m.pixels
+        # as if imaged at x500 by the SNE: the specimen area fills the frame
+        shrink = a.shape[1] > WIDTH
+        framed = cv2.resize(a, (WIDTH, SPECIMEN), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+        path = _write(out / f"vendor_x500_{i:02d}.jpg", framed, bar, sidecar)
+        items.append(Item(path, "vendor_x500", "foreign"))
+        # at the model's true pixel size, no metadata (a bare PNG): the reader cannot scale it
+        nm = m.metadata.pixel_size_nm or NCM_PIXEL_NM
+        f = nm / NCM_PIXEL_NM
+        size = (max(1, round(a.shape[1] * f)), max(1, round(a.shape[0] * f)))
+        physical = cv2.resize(a, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC)
+        path = out / f"vendor_physical_{i:02d}.png"
+        cv2.imwrite(str(path), (np.clip(physical, 0, 1) * 255 + 0.5).astype(np.uint8))
+        items.append(Item(path, "vendor_physical", "foreign"))
+    return items
+
+
+def held_out(model_dir: Path, split: str = "test") -> list[Path]:
+    from semwatch.model.artifact import read_manifest
+
+    manifest = read_manifest(model_dir)
+    return [DATA / "ncm-sem" / rel for rel in manifest.split.get(split, ())]
+
+
+# --- scoring ----------------------------------------------------------------------------------------
+
+
+def score(
+    items: list[Item], verdicts: dict[Path, object], confident: float = 0.5
+) -> dict[str, dict[str, object]]:
+    """Per family: images, share refused; damaged/ncm: right, refused-or-right, confidently wrong."""
+    from semwatch.values import ImageVerdict
+
+    table: dict[str, dict[str, object]] = {}
+    for family in dict.fromkeys(i.family for i in items):
+        mine = [i for i in items if i.family == family]
+        refused = right = wrong = 0
+        reasons: dict[str, int] = {}
+        for it in mine:
+            v = verdicts[it.path]
+            if not isinstance(v, ImageVerdict):  # unreadable counts as refused
+                refused += 1
+                reasons["error"] = reasons.get("error", 0) + 1
+                continue
+            if v.status != "ok":
+                refused += 1
+                for r in v.reasons:
+                    key = re.split(r"[(:\d]", r, maxsplit=1)[0].strip()
+                    reasons[key] = reasons.get(key, 0) + 1
+            elif it.truth is not None and v.predicted_class == it.truth:
+                right += 1
+            elif v.confidence >= confident:
+                wrong += 1
+        row: dict[str, object] = {"kind": mine[0].kind, "n": len(mine),
+                                  "refused": round(refused / len(mine), 4)}
+        if mine[0].truth is not None:
+            correct = sum(
+                1 for it in mine
+                if isinstance(verdicts[it.path], ImageVerdict)
+                and max(verdicts[it.path].probabilities, key=verdicts[it.path].probabilities.get)  # type: ignore[union-attr]
+                == it.truth
+            )
+            row.update(ok_right=right, refused_or_right=round((refused + right) / len(mine), 4),
+                       confidently_wrong=wrong, image_accuracy=round(correct / len(mine), 4))
+        row["reasons"] = reasons
+        table[family] = row
+    return table
+
+
+def run(model_dir: Path, items: list[Item], settings_overrides: dict[str, dict[str, object]] | None = None
+        ) -> tuple[dict[str, dict[str, object]], str, float]:
+    from semwatch.config import load_settings
+    from semwatch.model.classify import Classifier, outcomes
+
+    overrides = {"model": {"device": "cpu"}, **(settings_overrides or {})}
+    settings = load_settings(None, environ={}, overrides=overrides)
+    classifier = Classifier.load(model_dir, settings)
+    started = time.monotonic()
+    verdicts = {o.path: o.result for o in outcomes(classifier, [i.path for i in items])}
+    return score(items, verdicts), classifier.model_id, time.monotonic() - started
+
+
+def markdown(label: str, model_id: str, table: dict[str, dict[str, object]]) -> str:
+    lines = [f"# OOD benchmark ({label}), model {model_id}", "",
+             "| family | kind | n | refused | refused or right | confidently wrong | image acc. |",
+             "|---|---|---|---|---|---|---|"]
+    for family, r in table.items():
+        lines.append(
+            f"| {family} | {r['kind']} | {r['n']} | {float(r['refused']):.0%} | "  # type: ignore[arg-type]
+            f"{_pct(r.get('refused_or_right'))} | {r.get('confidently_wrong', '')} | "
+            f"{_pct(r.get('image_accuracy'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v: object) -> str:
+    return f"{float(v):.0%}" if isinstance(v, int | float) else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("/tmp/bench/ncm"))
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--per-family", type=int, default=PER_FAMILY)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="semwatch-ood-") as tmp:
+        items = generate(Path(tmp), held_out(args.model), per_family=args.per_family)
+        table, model_id, wall = run(args.model, items)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    record = {"label": args.label, "model_id": model_id, "machine": "2-core AMD EPYC (AVX512-BF16), CPU",
+              "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "classify_wall_s": round(wall, 1), "families": table}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{stamp}-ood-{args.label}.json").write_text(json.dumps(record, indent=2) + "\n")
+    md = markdown(args.label, model_id, table)
+    (args.results / f"{stamp}-ood-{args.label}.md").write_text(md)
+    sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
