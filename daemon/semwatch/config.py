@@ -165,7 +165,7 @@ class ModelSettings:
     min_confidence: float = 0.5
     min_tiles: int = 2
     test_time_views: int = 8
-    test_time_below: float = 0.99
+    test_time_below: float = 0.9
     reprocess_outdated: bool = False
 
     def validate(self) -> None:
