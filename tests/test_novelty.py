@@ -101,7 +101,7 @@ def test_refit_gives_an_old_model_the_detector_without_touching_its_head(
     tiny_model: Path, ncm_dir: Path, tmp_path: Path
 ) -> None:
     model = old_model(tiny_model, tmp_path / "old")
-    settings = load_settings(None, environ={}, overrides={**CPU, "tiling": {"max_tiles": 4}})
+    settings = load_settings(None, environ={}, overrides={**CPU, "tiling": {"max_tiles": 2}})
     manifest = refit_novelty(model, ncm_dir, tmp_path / "refit", settings)
     old_state, old_manifest = load_artifact(model)
     new_state, _ = load_artifact(tmp_path / "refit")
