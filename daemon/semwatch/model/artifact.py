@@ -19,13 +19,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
-
-import torch
+from typing import TYPE_CHECKING, TypeAlias
 
 from semwatch.errors import UserError
 from semwatch.safefs import write_atomic
 from semwatch.values import ClassInfo
+
+if TYPE_CHECKING:  # torch only for annotations: reading a manifest stays JSON-only (fast)
+    import torch
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -311,3 +312,14 @@ def load_artifact(model_dir: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise UserError(f"{weights}: not a valid safetensors file ({exc})") from None
     return state, manifest
+
+
+def configured_model_id(model_dir: Path) -> str | None:
+    """The id of the model at `model_dir` (its manifest only: no weights, no torch), the one results
+    are compared with to call them outdated; None when there is no readable model there."""
+    if not (model_dir / MANIFEST).is_file():
+        return None
+    try:
+        return read_manifest(model_dir).model_id
+    except (UserError, OSError):
+        return None

@@ -174,13 +174,13 @@ def load_day(settings: Settings, day: date) -> DayData:
 
 def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
     """The configured model's id (its manifest only, no weights), else the daemon's last one."""
-    from semwatch.model.artifact import read_manifest
+    from semwatch.model.artifact import configured_model_id
 
-    try:
-        return read_manifest(settings.model.path).model_id
-    except (OSError, ValueError, UserError):
-        row = conn.execute("SELECT model_id FROM daemon WHERE id = 1").fetchone()
-        return str(row["model_id"]) if row is not None and row["model_id"] else None
+    configured = configured_model_id(settings.model.path)
+    if configured is not None:
+        return configured
+    row = conn.execute("SELECT model_id FROM daemon WHERE id = 1").fetchone()
+    return str(row["model_id"]) if row is not None and row["model_id"] else None
 
 
 def _outdated(conn: sqlite3.Connection, model_id: str | None, start: str, end: str) -> Outdated | None:

@@ -24,7 +24,6 @@ from rich.table import Table
 from rich.text import Text
 
 from semwatch.config import Settings
-from semwatch.errors import UserError
 from semwatch.safefs import printable, text_safe
 from semwatch.store.messages import exit_message
 from semwatch.store.snapshot import Snapshot, parse_utc, take_snapshot
@@ -66,15 +65,9 @@ def age_text(seconds: float | None) -> str:
 def current_model_id(settings: Settings) -> str | None:
     """The id of the configured model (`[model] path`), the one results are compared with to call
     them outdated; None when it cannot be read (the views then use the daemon's model)."""
-    if not (settings.model.path / "manifest.json").is_file():
-        return None  # no model there: spare the import below
-    # Lazy: semwatch.model.artifact imports torch (for its type annotations only), seconds.
-    from semwatch.model.artifact import read_manifest
+    from semwatch.model.artifact import configured_model_id
 
-    try:
-        return read_manifest(settings.model.path).model_id
-    except (UserError, OSError):
-        return None
+    return configured_model_id(settings.model.path)
 
 
 def outdated_text(snap: Snapshot) -> Text:
