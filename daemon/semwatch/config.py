@@ -189,7 +189,7 @@ class TrainSettings:
     batch_size: int = 64
     learning_rate: float = 3e-4
     weight_decay: float = 1e-4
-    augment_copies: int = 2
+    augment_copies: int = 1  # 2 until 2026-11-26: one fewer backbone pass per training tile
     tiles_per_image: int = 16
     class_map: dict[str, str] = field(default_factory=dict)
     unknown_quantile: float = 0.99
