@@ -21,7 +21,7 @@ import sqlite3
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -31,7 +31,7 @@ from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
 from semwatch.safefs import path_text, printable, text_safe, write_atomic
 from semwatch.store import db
-from semwatch.store.browse import Outdated, count_outdated
+from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
 
 if TYPE_CHECKING:
@@ -61,19 +61,12 @@ def report_folder(settings: Settings, day: date) -> Path:
     return settings.report.folder / day.isoformat()
 
 
-def day_bounds_utc(day: date, zone: ZoneInfo) -> tuple[str, str]:
-    """[start, end) of the local `day` as UTC ISO strings comparable with the database's timestamps."""
-    start = datetime.combine(day, time(0), zone).astimezone(UTC)
-    end = datetime.combine(day + timedelta(days=1), time(0), zone).astimezone(UTC)
-    return start.isoformat(timespec="milliseconds"), end.isoformat(timespec="milliseconds")
-
-
 def day_has_images(settings: Settings, day: date) -> bool:
     """Whether any image was finished on `day` (the scheduler's catch-up skips empty days)."""
     path = settings.store.database
     if not path.is_file():
         return False
-    start, end = day_bounds_utc(day, ZoneInfo(settings.report.timezone))
+    start, end = day_bounds(day, ZoneInfo(settings.report.timezone))
     conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
     try:
         row = conn.execute(
@@ -157,7 +150,7 @@ def load_day(settings: Settings, day: date) -> DayData:
         conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
     except sqlite3.Error as exc:
         raise UserError(f"cannot open database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
-    start, end = day_bounds_utc(day, zone)
+    start, end = day_bounds(day, zone)
     try:
         image_rows, sample_rows, models = _query_day(conn, start, end)
         outdated = _outdated(conn, current_model_id(settings, conn), start, end)
