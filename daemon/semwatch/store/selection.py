@@ -16,10 +16,10 @@ from datetime import date, timedelta
 from typing import Literal
 
 from semwatch.safefs import path_from_text, path_text
+from semwatch.store.db import rollback
 from semwatch.values import FileKey, utc_now
 
 Scope = Literal["outdated", "all"]
-CLASSIFIED = ("ok", "unknown", "rejected")
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,6 @@ def select_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *
         sample = path_from_text(r["sample_id"]) if r["sample_id"] is not None else None
         yield RowRef(int(r["id"]), FileKey(path_from_text(r["path"]), int(r["size_bytes"]),
                                            int(r["mtime_ns"])), sample)
-
-
-def count_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *,
-               before: str | None = None) -> int:
-    where, params = _where(selection, model_id, before)
-    return int(conn.execute(f"SELECT count(*) FROM images WHERE {where}", params).fetchone()[0])
 
 
 def count_outdated(conn: sqlite3.Connection, model_id: str, *, since: str | None = None,
@@ -119,7 +113,7 @@ def open_run(conn: sqlite3.Connection, selection_key: str, model_id: str, engine
                            "VALUES (?, ?, ?, ?)", (selection_key, model_id, engine, started))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     assert cur.lastrowid is not None
     return Run(cur.lastrowid, started, False)
@@ -132,7 +126,7 @@ def finish_run(conn: sqlite3.Connection, run_id: int, done: int, failed: int) ->
                      "WHERE run_id = ?", (utc_now(), done, failed, run_id))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
 
 
