@@ -266,26 +266,23 @@ def _tell_error(out: Output, progress: Progress, outcome: Outcome) -> None:
 
 
 def _commit_counted(store: Store, batch: list[Message], tally: Tally) -> None:
+    """Commit, then count the results that wrote a row; the others were stale (superseded meanwhile)."""
     expected = sum(isinstance(m, Reclassified | Result) for m in batch)
-    written = _commit(store, batch, count=(Reclassified, Result))
+    finished = _commit(store, batch)
+    written = int(store.conn.execute(
+        f"SELECT count(*) FROM images WHERE id IN ({','.join('?' * len(finished))}) "
+        "AND status != 'failed'", finished).fetchone()[0]) if finished else 0
     tally.done += written
     tally.stale += expected - written
 
 
-def _commit(store: Store, batch: Sequence[Message], *,
-            count: tuple[type, ...] = ()) -> int:
-    """One transaction and its CSV lines, under the database's write lock. Returns how many of the
-    `count` messages wrote a row (the others were stale)."""
+def _commit(store: Store, batch: Sequence[Message]) -> list[int]:
+    """One transaction and its CSV lines (`Store.append_csv`), under the database's write lock;
+    the ids of the rows it finished."""
     with store.write_lock:
         finished = store.apply(batch)
-        store.write_csv_lines(finished)
-        store.mark_csv_written(finished)
-    if not count:
-        return len(finished)
-    rows = store.conn.execute(
-        f"SELECT count(*) FROM images WHERE id IN ({','.join('?' * len(finished))}) "
-        "AND status != 'failed'", finished).fetchone()[0] if finished else 0
-    return int(rows)
+        store.append_csv(finished)
+    return finished
 
 
 # --- telling the user ------------------------------------------------------------------------------
