@@ -16,10 +16,18 @@ import torch
 from semwatch.config import load_settings
 from semwatch.model.artifact import load_artifact, read_manifest, save_artifact
 from semwatch.model.classify import Classifier, outcomes
-from semwatch.model.train import refit_novelty
+from semwatch.model.train import (
+    LabelledImage,
+    Recipe,
+    extract_features,
+    grid_then,
+    grid_tiles,
+    refit_novelty,
+    training_tiles,
+)
 from semwatch.reading import quality
 from semwatch.reading.micrograph import read_micrograph
-from semwatch.values import ImageVerdict
+from semwatch.values import ImageVerdict, Micrograph
 
 CPU = {"model": {"device": "cpu"}}
 
@@ -114,6 +122,38 @@ def test_refit_gives_an_old_model_the_detector_without_touching_its_head(
     clf = Classifier.load(tmp_path / "refit", settings)
     assert clf.net.detector == "layers"
     assert clf.classify_paths([ncm_image(ncm_dir, tiny_model)])[0].n_tiles > 0  # type: ignore[union-attr]
+
+
+def test_the_detector_is_fitted_on_the_tiles_inference_cuts(tiny_model: Path, ncm_dir: Path) -> None:
+    """Training streams each image's grid tiles (as `classify` cuts them) and then its augmented
+    crops; only the grid tiles are plain, the ones the detector is fitted on."""
+    settings = load_settings(None, environ={}, overrides=CPU)
+    clf = Classifier.load(tiny_model, settings)
+    manifest = clf.manifest
+    recipe = Recipe(manifest.tile_px, manifest.tile_physical_px, manifest.overlap, settings.tiling.max_tiles,
+                    settings.tiling.tile_std_min, settings.tiling.tile_saturated_max, manifest.intensity,
+                    manifest.reference_pixel_size_nm, manifest.reference_magnification)
+    rels = manifest.split["train"][:2]
+    items = [LabelledImage(ncm_dir / rel, rel, 0) for rel in rels]
+
+    def crops(i: int, m: Micrograph) -> np.ndarray:
+        return training_tiles(m, recipe, 3, 1, np.random.default_rng(i))
+
+    n_grid: dict[int, int] = {}
+    skipped: list[str] = []
+    device = torch.device("cpu")
+    mixed = extract_features(clf.net, items, grid_then(crops, recipe, n_grid), settings, device,
+                             lambda _n: None, skipped, n_grid=n_grid)
+    grid = extract_features(clf.net, items, lambda _i, m: grid_tiles(m, recipe), settings, device,
+                            lambda _n: None, skipped)
+    assert not skipped and all(n > 0 for n in n_grid.values())
+    assert int(mixed.plain.sum()) == len(grid.labels) == sum(n_grid.values())
+    assert len(mixed.labels) > len(grid.labels)  # and the crops after them
+    assert bool(grid.plain.all())
+    np.testing.assert_allclose(mixed.stats[mixed.plain].numpy(), grid.stats.numpy(), rtol=1e-4, atol=1e-4)
+    for i in range(2):  # each image's grid tiles lead its tiles
+        mine = mixed.plain[mixed.image_of == i]
+        assert bool(mine[: n_grid[i]].all()) and not bool(mine[n_grid[i]:].any())
 
 
 def test_charging_streaks_are_a_quality_reason(ncm_dir: Path) -> None:

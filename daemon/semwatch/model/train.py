@@ -215,8 +215,8 @@ class FeatureSet:
     labels: torch.Tensor  # (T,) tile labels
     image_of: torch.Tensor  # (T,) index of the image in its split list
     image_labels: torch.Tensor  # (I,)
-    # (T, S) the novelty detector's per-layer statistics; (T,) bool: the tile as cut (flipped or
-    # rotated), not an augmented copy. Empty where a caller has only pooled features.
+    # (T, S) the novelty detector's per-layer statistics; (T,) bool: a tile of the grid inference
+    # cuts, as cut (what the detector is fitted on). Empty where a caller has only pooled features.
     stats: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 0)))
     plain: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
@@ -263,6 +263,21 @@ def stream_tiles(
             yield i, result
 
 
+def grid_then(
+    extra: Callable[[int, Micrograph], np.ndarray], recipe: Recipe, n_grid: dict[int, int]
+) -> Callable[[int, Micrograph], np.ndarray]:
+    """A `make_tiles` giving an image's grid tiles (as inference cuts them) followed by `extra`'s;
+    how many lead is noted in `n_grid` (what `extract_features` marks as plain)."""
+
+    def make(i: int, m: Micrograph) -> np.ndarray:
+        grid = grid_tiles(m, recipe)
+        n_grid[i] = len(grid)
+        more = extra(i, m)
+        return np.concatenate([grid, more]) if len(more) else grid
+
+    return make
+
+
 def extract_features(
     net: TileNet,
     items: list[LabelledImage],
@@ -272,17 +287,19 @@ def extract_features(
     tick: Callable[[int], None],
     skipped: list[str],
     *,
-    plain_every: int = 1,
+    n_grid: dict[int, int] | None = None,
 ) -> FeatureSet:
     """Decode and tile on worker threads while the backbone runs; pooled and novelty features per
-    tile. Of each image's tiles, every `plain_every`-th is un-augmented (`training_tiles` order)."""
+    tile. Every tile is plain (a grid tile as cut) unless `n_grid` says how many of an image's tiles
+    lead as such (`grid_then`)."""
     feats: list[torch.Tensor] = []
     stats: list[torch.Tensor] = []
     labels: list[int] = []
     image_of: list[int] = []
     plain: list[bool] = []
     for i, tiles in stream_tiles(items, make_tiles, settings, skipped):
-        plain += [j % plain_every == 0 for j in range(len(tiles))]
+        lead = len(tiles) if n_grid is None else n_grid.get(i, 0)
+        plain += [j < lead for j in range(len(tiles))]
         if len(tiles):
             for s in range(0, len(tiles), FEATURE_BATCH):
                 x = torch.from_numpy(tiles[s : s + FEATURE_BATCH]).to(device)
@@ -558,17 +575,20 @@ def _features(
     device: torch.device,
     out: Output | None,
 ) -> Features:
-    """Training images as random augmented crops, validation images as the grid inference cuts."""
+    """Training images as the grid inference cuts (what the novelty detector is fitted on: random
+    rotated crops widen its notion of NCM enough to let JPEG-blocked noise through) followed by
+    random augmented crops; validation images as the grid."""
     t = settings.train
     skipped: list[str] = []
 
-    def train_tiles(i: int, m: Micrograph) -> np.ndarray:
+    def crops(i: int, m: Micrograph) -> np.ndarray:
         rng = np.random.default_rng([t.seed, i])
         return training_tiles(m, recipe, t.tiles_per_image, t.augment_copies, rng)
 
+    n_grid: dict[int, int] = {}
     with Progress(out, len(split["train"]) + len(split["val"]), "features (train)") as bar:
-        train = extract_features(net, split["train"], train_tiles, settings, device, bar.tick, skipped,
-                                 plain_every=1 + t.augment_copies)
+        train = extract_features(net, split["train"], grid_then(crops, recipe, n_grid), settings, device,
+                                 bar.tick, skipped, n_grid=n_grid)
         bar.describe("features (val)")
         val = extract_features(
             net, split["val"], lambda _i, m: grid_tiles(m, recipe), settings, device, bar.tick, skipped
@@ -715,7 +735,7 @@ DETECTOR_STATISTIC = ("median over tiles of the largest per-layer squared Mahala
 
 def detector_record() -> dict[str, Json]:
     """The manifest's `novelty` entry for the layer-wise detector."""
-    return {"detector": LAYERS, "shrinkage": NOVELTY_SHRINK, "fitted_on": "un-augmented training tiles",
+    return {"detector": LAYERS, "shrinkage": NOVELTY_SHRINK, "fitted_on": "grid tiles of the training images",
             "layers": "channel means of blocks 1, 3, 5, 7, 10, 14, 15 and of the head"}
 
 
@@ -728,7 +748,7 @@ def tile_novelty(net: TileNet, fs: FeatureSet) -> torch.Tensor:
 def fit_detector(
     net: TileNet, train: FeatureSet, val: FeatureSet, n_classes: int, settings: Settings
 ) -> float:
-    """Fit the layer-wise detector on the un-augmented training tiles, scale each layer by its
+    """Fit the layer-wise detector on the training images' grid tiles (`plain`), scale each layer by its
     validation tiles' median, and return the unknown threshold (`novelty_threshold`)."""
     if net.detector == LAYERS:
         keep = train.plain if bool(train.plain.any()) else torch.ones(len(train.labels), dtype=torch.bool)
@@ -865,8 +885,8 @@ def train_model(
                                   epochs or t.epochs)
         tuned = finetune(net, split["train"], recipe, len(classes), settings, device,
                          (out or Output()) if progress else None)
-        # The head's features moved with the backbone: the cached ones are recomputed (un-augmented
-        # copies are what calibration and the novelty detector describe).
+        # The head's features moved with the backbone: the cached ones are recomputed (the grid
+        # tiles are what calibration and the novelty detector describe).
         net.head.to("cpu")
         net.backbone.eval()
         features = _features(net, split, recipe, settings, device, (out or Output()) if progress else None)
