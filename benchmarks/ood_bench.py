@@ -7,9 +7,12 @@ scale cannot refuse it: 1280 x 960 grey JPEGs whose bottom 65 rows are a real SN
 real SNE sidecar (x500) beside them. Families:
 
 - synthetic: Gaussian noise at several blurs, Perlin-like (multi-octave value) noise, checkerboards,
-  sine gratings, smooth gradients, salt and pepper, blocky JPEG noise, a featureless stub;
+  sine gratings, smooth gradients, salt and pepper, blocky JPEG noise, a featureless stub; and two
+  look-alikes added after the detector was chosen (never tuned against): shaded spheres (a powder
+  that is not NCM) and flat Voronoi flakes (a graphite-like electrode);
 - damaged NCM, made from held-out images of the model's `test` split: charging (bright horizontal
-  bands), drift (row shifts), heavy defocus, half the field saturated;
+  bands), drift (row shifts), heavy defocus, half the field saturated; and, added later, beam damage
+  (dark scan windows) and half the field out of focus;
 - foreign specimens: the shared vendor TIFFs (lung cells, alloys), their specimen area resized to
   the SNE frame (`vendor_x500`, as if imaged at x500), and resampled to the model's physical pixel
   size (266 nm, from the 100 um scale bar of the SNE data bar) with no metadata (`vendor_physical`).
@@ -136,6 +139,38 @@ def _stub(rng: np.random.Generator) -> np.ndarray:
     return cv2.GaussianBlur(a.astype(np.float32), (0, 0), 0.7).clip(0, 1)
 
 
+def _spheres(rng: np.random.Generator) -> np.ndarray:
+    """A powder look-alike that is not NCM: smooth shaded balls (no primary-particle facets) of one
+    size range on a dark background, as a spherical LCO or carbon-black agglomerate might look."""
+    a = np.full((SPECIMEN, WIDTH), float(rng.uniform(0.05, 0.2)), np.float32)
+    y, x = np.mgrid[0:SPECIMEN, 0:WIDTH].astype(np.float32)
+    r_lo = float(rng.uniform(8, 30))
+    for _ in range(int(rng.integers(150, 500))):
+        cy, cx, r = rng.uniform(0, SPECIMEN), rng.uniform(0, WIDTH), rng.uniform(r_lo, r_lo * 2.5)
+        y0, y1 = max(0, int(cy - r)), min(SPECIMEN, int(cy + r) + 1)
+        x0, x1 = max(0, int(cx - r)), min(WIDTH, int(cx + r) + 1)
+        d2 = ((y[y0:y1, x0:x1] - cy) ** 2 + (x[y0:y1, x0:x1] - cx) ** 2) / (r * r)
+        ball = np.sqrt(np.clip(1 - d2, 0, 1)) * 0.6 + 0.25 + 0.15 * (x[y0:y1, x0:x1] - cx) / r
+        a[y0:y1, x0:x1] = np.where(d2 < 1, ball, a[y0:y1, x0:x1])
+    return np.clip(a + rng.normal(0, 0.02, a.shape).astype(np.float32), 0, 1)
+
+
+def _flakes(rng: np.random.Generator) -> np.ndarray:
+    """A graphite-electrode look-alike: flat facets (Voronoi cells, one grey level each) with bright
+    edges, as large flakes lying flat look in secondary electrons."""
+    n = int(rng.integers(40, 300))
+    seeds = np.stack([rng.uniform(0, SPECIMEN, n), rng.uniform(0, WIDTH, n)], 1).astype(np.float32)
+    small = 4  # Voronoi labels on a quarter-size grid, then upscaled (cheap and blocky enough)
+    y, x = np.mgrid[0 : SPECIMEN // small, 0 : WIDTH // small].astype(np.float32) * small
+    d = (y[..., None] - seeds[:, 0]) ** 2 + (x[..., None] - seeds[:, 1]) ** 2
+    label = d.argmin(-1)
+    shade = rng.uniform(0.2, 0.7, n).astype(np.float32)[label]
+    a = cv2.resize(shade, (WIDTH, SPECIMEN), interpolation=cv2.INTER_NEAREST)
+    edges = cv2.morphologyEx(a, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0.01
+    a = np.where(edges, 0.9, a).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(a, (0, 0), 1.0) + rng.normal(0, 0.02, a.shape).astype(np.float32), 0, 1)
+
+
 SYNTHETIC: dict[str, Maker] = {
     "noise_blur0": _noise(0),
     "noise_blur1": _noise(1),
@@ -149,6 +184,8 @@ SYNTHETIC: dict[str, Maker] = {
     "salt_pepper": _salt_pepper,
     "jpeg_blocks": _jpeg_blocks,
     "stub": _stub,
+    "spheres": _spheres,
+    "flakes": _flakes,
 }
 
 
@@ -192,11 +229,34 @@ def _half_saturated(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _beam_damage(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark scan windows burnt in by earlier imaging at higher magnification (contamination)."""
+    out = a.copy()
+    for _ in range(int(rng.integers(1, 4))):
+        h, w = int(rng.integers(120, 400)), int(rng.integers(160, 530))
+        y, x = int(rng.integers(0, SPECIMEN - h)), int(rng.integers(0, WIDTH - w))
+        out[y : y + h, x : x + w] *= float(rng.uniform(0.35, 0.7))
+    return out
+
+
+def _half_focus(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Half the field out of focus (a tilted or uneven specimen): one half heavily blurred."""
+    out = a.copy()
+    blurred = cv2.GaussianBlur(a, (0, 0), float(rng.uniform(5, 10)))
+    if rng.random() < 0.5:
+        out[:, WIDTH // 2 :] = blurred[:, WIDTH // 2 :]
+    else:
+        out[SPECIMEN // 2 :] = blurred[SPECIMEN // 2 :]
+    return out
+
+
 DAMAGE: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "charging": _charging,
     "drift": _drift,
     "defocus": _defocus,
     "half_saturated": _half_saturated,
+    "beam_damage": _beam_damage,
+    "half_focus": _half_focus,
 }
 
 
@@ -363,12 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="run")
     parser.add_argument("--per-family", type=int, default=PER_FAMILY)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="another seed draws other images of every family (a check on tuning to a draw)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="semwatch-ood-") as tmp:
-        items = generate(Path(tmp), held_out(args.model), per_family=args.per_family)
+        items = generate(Path(tmp), held_out(args.model), seed=args.seed, per_family=args.per_family)
         table, model_id, wall = run(args.model, items)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    record = {"label": args.label, "model_id": model_id, "machine": "2-core AMD EPYC (AVX512-BF16), CPU",
+    record = {"label": args.label, "model_id": model_id, "seed": args.seed,
+              "machine": "2-core AMD EPYC (AVX512-BF16), CPU",
               "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "classify_wall_s": round(wall, 1), "families": table}
     args.results.mkdir(parents=True, exist_ok=True)
