@@ -21,15 +21,18 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU does bfloat16 natively (oneDNN: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
 def cpu_bfloat16(settings: Settings) -> bool:
-    """bfloat16 on CPU: asked for, or "auto" and the CPU does it natively (oneDNN)."""
+    """bfloat16 on CPU: asked for, or "auto" and the CPU does it natively."""
     choice = settings.model.cpu_precision
-    if choice == "auto":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-            return False
-    return choice == "bfloat16"
+    return native_bfloat16() if choice == "auto" else choice == "bfloat16"
 
 
 def autocast_for(device: torch.device, settings: Settings) -> contextlib.AbstractContextManager[object]:
