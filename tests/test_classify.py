@@ -39,9 +39,11 @@ def prepared(n: int, *, scale_ok: bool = True, candidates: int = 4) -> PreparedI
     )
 
 
-def verdict(probs: list[list[float]], novelty: float = 0.1, *, scale_ok: bool = True) -> ImageVerdict:
+def verdict(
+    probs: list[list[float]], novelty: float | list[float] = 0.1, *, scale_ok: bool = True
+) -> ImageVerdict:
     p = np.array(probs, np.float32)
-    out = TileOutput(p, np.full(len(p), novelty, np.float32))
+    out = TileOutput(p, np.broadcast_to(np.asarray(novelty, np.float32), (len(p),)).copy())
     return aggregate(
         prepared(len(p), scale_ok=scale_ok),
         out,
@@ -66,6 +68,23 @@ def test_aggregation_marginals_and_agreement() -> None:
     assert v.tile_agreement == pytest.approx(2 / 3, abs=1e-4)
     assert sum(v.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
     assert v.n_tiles == 3 and v.model_id == "m"
+
+
+def test_tiles_unlike_the_training_images_do_not_vote() -> None:
+    """A damaged image (a burnt scan window) whose foreign tiles are sure of the wrong class: the
+    familiar ones decide; too few familiar tiles make the image unknown."""
+    right, wrong = [0.02, 0.94, 0.02, 0.02], [1e-5, 1e-5, 0.99997, 1e-5]
+    damaged = verdict([right, right, right, right, wrong, wrong], novelty=[0.2, 0.3, 0.4, 0.5, 3.0, 9.0])
+    assert damaged.status == "ok" and damaged.predicted_class == "333_cycled"
+    assert damaged.tile_agreement == 1.0 and damaged.n_tiles == 6
+    # every tile voting, the two sure wrong tiles would have won
+    assert verdict([right] * 4 + [wrong] * 2).predicted_class == "811"
+    mostly_foreign = verdict([right, wrong, wrong], novelty=[0.2, 0.9, 5.0])
+    assert mostly_foreign.status == "ok"  # median 0.9: two familiar tiles are enough (min_tiles 2)
+    lone = verdict([right, wrong, wrong, wrong], novelty=[0.2, 0.9, 5.0, 6.0])
+    assert lone.status == "unknown" and "2 of 4 tiles" in lone.reasons[0]
+    one_familiar = verdict([right, wrong], novelty=[0.2, 1.5])
+    assert one_familiar.status == "unknown" and "only 1 of 2 tiles look like" in one_familiar.reasons[0]
 
 
 def test_foreign_low_confidence_few_tiles_and_scale() -> None:

@@ -441,7 +441,11 @@ def validation_metrics(net: TileNet, val: FeatureSet, threshold: float, min_conf
         logits = net.head(val.feats)
     novelty = tile_novelty(net, val)
     seen = torch.bincount(val.image_of, minlength=n_images) > 0
-    lp = image_log_probs(logits, val.image_of, n_images)[seen]
+    # as `classify.aggregate` votes: the familiar tiles, or all of an image's tiles if none is
+    familiar = ~(novelty > threshold)
+    has_familiar = torch.zeros(n_images, dtype=torch.bool).index_fill_(0, val.image_of[familiar], True)
+    voters = familiar | ~has_familiar[val.image_of]
+    lp = image_log_probs(logits[voters], val.image_of[voters], n_images)[seen]
     conf, pred = lp.exp().max(dim=1)
     truth = val.image_labels[seen]
     nov = image_novelty(novelty, val.image_of, n_images)[seen.numpy()]
