@@ -1,6 +1,6 @@
 """The layer-wise novelty detector: in the artifact, refusing foreign textures at the model's own
-scale, older models keeping their score, refitting without retraining; the charging check of the
-quality gate."""
+scale, older models keeping their score, refitting without retraining; the quality gate's checks
+for damage (charging, drift, heavy compression, noise)."""
 
 from __future__ import annotations
 
@@ -179,10 +179,46 @@ def test_stage_drift_is_a_quality_reason(ncm_dir: Path) -> None:
     assert not q.ok and any(r.startswith("stage drift") for r in q.reasons)
 
 
-@pytest.mark.parametrize("key", ["streak_rows_max", "tear_rows_max"])
+def test_heavy_jpeg_compression_is_a_quality_reason(ncm_dir: Path, tmp_path: Path) -> None:
+    """The same real micrograph saved again at JPEG quality 5: its 8-px blocks are refused, the
+    original (an SNE JPEG itself) is not."""
+    settings = load_settings(None, environ={})
+    src = sorted((ncm_dir / "523").glob("*.jpg"))[0]
+    pixels = read_micrograph(src, settings).pixels
+    assert quality.blockiness(pixels) < settings.quality.blockiness_max
+    ok, buf = cv2.imencode(".jpg", (pixels * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 5])
+    assert ok
+    blocky = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    q = quality.assess(blocky, settings.quality)
+    assert not q.ok and any(r.startswith("heavy JPEG compression") for r in q.reasons)
+    # the pattern is found whatever the grid's offset (a cropped export)
+    assert quality.blockiness(blocky[3:, 5:]) > settings.quality.blockiness_max
+
+
+def test_low_dose_noise_is_a_quality_reason(ncm_dir: Path) -> None:
+    settings = load_settings(None, environ={})
+    pixels = read_micrograph(sorted((ncm_dir / "811_cycled").glob("*.jpg"))[0], settings).pixels
+    assert not any("noisy" in r for r in quality.assess(pixels, settings.quality).reasons)
+    rng = np.random.default_rng(3)
+    noisy = np.clip(pixels + rng.normal(0, 0.12, pixels.shape).astype(np.float32), 0, 1)
+    q = quality.assess(noisy, settings.quality)
+    assert not q.ok and any(r.startswith("too noisy") for r in q.reasons)
+    # smooth structure is not noise: a strong ramp alone scores next to nothing
+    ramp = np.tile(np.linspace(0, 1, 640, dtype=np.float32), (480, 1))
+    assert quality.noise_level(ramp, 1.0) < 0.001
+
+
+@pytest.mark.parametrize("key", ["streak_rows_max", "tear_rows_max", "noise_max"])
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_quality_limits_are_validated(key: str, value: float) -> None:
     from semwatch.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key):
         load_settings(None, environ={}, overrides={"quality": {key: value}})
+
+
+def test_blockiness_limit_is_validated() -> None:
+    from semwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="blockiness_max"):
+        load_settings(None, environ={}, overrides={"quality": {"blockiness_max": 0.9}})

@@ -118,10 +118,17 @@ class QualitySettings:
     blank_std_min: float = 0.01
     streak_rows_max: float = 0.03
     tear_rows_max: float = 0.02
+    blockiness_max: float = 1.8
+    noise_max: float = 0.08
 
     def validate(self) -> None:
         _fraction("[quality] streak_rows_max", self.streak_rows_max)
         _fraction("[quality] tear_rows_max", self.tear_rows_max)
+        if not self.blockiness_max >= 1.0:
+            raise ConfigError(
+                f"[quality] blockiness_max must be >= 1 (1 = no block pattern), got {self.blockiness_max}"
+            )
+        _fraction("[quality] noise_max", self.noise_max)
         _fraction("[quality] focus_min", self.focus_min)
         _fraction("[quality] saturated_max", self.saturated_max)
         _fraction("[quality] dynamic_range_min", self.dynamic_range_min)
@@ -162,7 +169,7 @@ class ModelSettings:
     cpu_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     cpu_threads: int = 0
     unknown_threshold: float = -1.0
-    min_confidence: float = 0.5
+    min_confidence: float = 0.9
     min_tiles: int = 2
     test_time_views: int = 8
     test_time_below: float = 0.9

@@ -17,6 +17,15 @@ All measures are computed on the specimen area (data bar removed), grey in [0, 1
   have next to none (at most 1.1 % of boundaries in the shared NCM images); rows shifted by a
   drifting stage make a torn, sheared picture whose particles the network misreads (2.3-7.9 % in
   the out-of-distribution benchmark). Only a reason, like streaks.
+- blockiness (heavy JPEG compression): how much more the grey level jumps across one phase of the
+  8-px grid than across the others (the largest of the 8 column phases' mean neighbour difference
+  over their median, rows and columns averaged). 1 is no block pattern; the shared NCM JPEGs score
+  1.07-1.37, the same images saved at JPEG quality 3-10 score 2.4-5.4, and the network reads their
+  blocks as surface texture (two of eight confidently wrong). Only a reason.
+- noise (low dose, fast scan): the standard deviation of the pixel noise (Immerkaer's estimate, a
+  3x3 second-difference filter that cancels smooth structure) over the dynamic range. The shared
+  NCM images: 0.004-0.042; with Gaussian noise of sigma 0.08-0.2 added, 0.11-0.20, where the
+  network's verdicts become guesses. Only a reason.
 """
 
 from __future__ import annotations
@@ -88,6 +97,35 @@ def tear_share(pixels: np.ndarray) -> float:
     return float(np.mean((np.abs(best) >= TEAR_MIN_SHIFT) & (gain > TEAR_GAIN)))
 
 
+# JPEG's block size: the grid on which heavy compression leaves steps.
+JPEG_BLOCK = 8
+# Immerkaer (1996), "Fast noise variance estimation": this kernel is zero on constant, linear and
+# quadratic grey levels; on white noise of sigma s, the mean absolute response is 6 s sqrt(2/pi).
+NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def blockiness(pixels: np.ndarray) -> float:
+    """Strength of an 8-px block pattern, 1 = none (see the module docstring)."""
+    ratios = []
+    for img in (pixels, pixels.T):
+        steps = cv2.absdiff(img[:, 1:], img[:, :-1]).mean(axis=0, dtype=np.float64)
+        n = len(steps) // JPEG_BLOCK * JPEG_BLOCK
+        if n < 4 * JPEG_BLOCK:
+            return 1.0
+        phases = steps[:n].reshape(-1, JPEG_BLOCK).mean(axis=0)
+        ratios.append(float(phases.max() / max(float(np.median(phases)), 1e-9)))
+    return float(np.mean(ratios))
+
+
+def noise_level(pixels: np.ndarray, dynamic_range: float) -> float:
+    """Pixel noise (standard deviation) as a share of the dynamic range (see the module docstring)."""
+    if dynamic_range <= 0 or min(pixels.shape) < 3:
+        return 0.0
+    response = cv2.filter2D(pixels, cv2.CV_32F, NOISE_KERNEL)[1:-1, 1:-1]
+    sigma = float(np.sqrt(np.pi / 2) * cv2.mean(np.abs(response))[0] / 6)
+    return sigma / dynamic_range
+
+
 def assess(pixels: np.ndarray, settings: QualitySettings) -> Quality:
     """Measure `pixels` (2-D float32 in [0, 1]) and judge them against `settings`."""
     if pixels.ndim != 2 or pixels.size == 0 or min(pixels.shape) < 3:
@@ -124,6 +162,18 @@ def assess(pixels: np.ndarray, settings: QualitySettings) -> Quality:
             reasons.append(
                 f"charging streaks (bright horizontal bands over {streaks:.1%} of rows > "
                 f"{settings.streak_rows_max:.1%})"
+            )
+        blocks = blockiness(pixels)
+        if blocks > settings.blockiness_max:
+            reasons.append(
+                f"heavy JPEG compression (8-px block steps {blocks:.2f}x the others > "
+                f"{settings.blockiness_max:.2f})"
+            )
+        noise = noise_level(pixels, dynamic_range)
+        if noise > settings.noise_max:
+            reasons.append(
+                f"too noisy: low dose or fast scan (noise {noise:.1%} of the dynamic range > "
+                f"{settings.noise_max:.1%})"
             )
     if saturated > settings.saturated_max:
         reasons.append(f"saturated ({saturated:.1%} of pixels at black/white > {settings.saturated_max:.1%})")
