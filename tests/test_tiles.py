@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from semwatch.config import Settings
-from semwatch.model.augment import augment_tile, intensity_jitter
+from semwatch.model.augment import augment_tile, intensity_jitter, uneven_illumination
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.reading.tiles import (
     cut_tiles,
@@ -118,6 +118,16 @@ def test_augmentation_keeps_shape_and_range() -> None:
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     jittered = intensity_jitter(tile, rng)
     assert not np.allclose(jittered, tile)
+
+
+def test_uneven_illumination_darkens_one_side_smoothly() -> None:
+    rng = np.random.default_rng(1)
+    flat = np.full((96, 96), 0.8, np.float32)
+    for _ in range(10):
+        lit = uneven_illumination(flat, rng)
+        ratio = lit / flat
+        assert 0.3 - 1e-5 <= float(ratio.min()) <= 0.7 + 1e-5 and float(ratio.max()) <= 1.0
+        assert float(np.abs(np.diff(ratio, axis=0)).max()) < 0.05  # a fall-off, not an edge
 
 
 def test_dark_real_micrograph_keeps_its_tiles(ncm_dir: Path, settings: Settings) -> None:

@@ -22,9 +22,24 @@ def intensity_jitter(tile: np.ndarray, rng: np.random.Generator, strength: float
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def uneven_illumination(tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A smooth fall-off of brightness across the tile (vignetting, a tilted specimen, detector
+    shadowing), down to 30-70 % at its far side: per-tile equalisation cannot undo it, and without
+    it a vignetted 811_cycled image was read as 811_formation at 0.92."""
+    h, w = tile.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = rng.uniform(-0.5, 1.5) * h, rng.uniform(-0.5, 1.5) * w
+    dist = ((y - cy) / h) ** 2 + ((x - cx) / w) ** 2
+    field = 1.0 - float(rng.uniform(0.3, 0.7)) * dist / max(float(dist.max()), 1e-6)
+    return np.clip(tile * field, 0.0, 1.0).astype(np.float32)
+
+
 def augment_tile(tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Intensity jitter, slight blur, noise, flips and 90° rotations of one square tile."""
+    """Intensity jitter, uneven illumination, slight blur, noise, flips and 90° rotations of one
+    square tile."""
     out = intensity_jitter(tile, rng)
+    if rng.random() < 0.5:
+        out = uneven_illumination(out, rng)
     if rng.random() < 0.5:
         sigma = float(rng.uniform(0.3, 1.2))
         out = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma)
