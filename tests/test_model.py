@@ -166,7 +166,10 @@ def test_the_loaded_network_answers_like_a_float32_cpu_reference(tiny_model: Pat
     assert got.probabilities.shape == want.probabilities.shape == (len(tiles), 12)
     assert np.allclose(got.probabilities.sum(axis=1), 1.0, atol=1e-4)
     assert np.allclose(got.probabilities, want.probabilities, atol=0.02)
-    assert np.allclose(got.novelty, want.novelty, rtol=0.05, atol=0.05)
+    # The novelty score keeps the backbone's low-variance directions (where foreign textures show),
+    # and there bfloat16's 8-bit mantissa moves it: on the full model's held-out images the image
+    # novelty in bfloat16 is 0.79-1.08 times the float32 one, with the same unknown decisions.
+    assert np.allclose(got.novelty, want.novelty, rtol=0.25, atol=0.05)
 
 
 def _copy(model: Path, tmp_path: Path) -> Path:
