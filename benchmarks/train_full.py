@@ -38,6 +38,8 @@ KEYS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from semwatch.config import load_settings
     from semwatch.model.classify import Classifier
     from semwatch.model.evaluate import evaluate_model
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-precision", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--backbone", choices=("auto", "frozen", "finetune"), default="auto")
     parser.add_argument("--ood", action="store_true", help="then run benchmarks/ood_bench.py on the model")
+    parser.add_argument("--max-images-per-class", type=int, default=None,
+                        help="train on at most this many images per class (a quick check of the script)")
     args = parser.parse_args(argv)
     settings = load_settings(None, environ={}, overrides={
         "model": {"device": "auto", "cpu_precision": args.cpu_precision},
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                                "backbone": args.backbone}
 
     if not (args.reuse and (args.out / "manifest.json").is_file()):
-        result = train_model(ncm, args.out, settings, progress=True)
+        result = train_model(ncm, args.out, settings, progress=True,
+                             max_images_per_class=args.max_images_per_class)
         summary["train"] = result.to_json()
         print(f"trained in {result.wall_s:.0f} s", file=sys.stderr)
     weights = args.out / "model.safetensors"
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "verdicts": verdicts,
     }
     summary["bench"] = run_bench(ncm, args.out, settings, max_images=args.bench_images).to_json()
+    if torch.cuda.is_available():
+        summary["gpu_peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     text = json.dumps(summary, indent=2)
     (args.out / "benchmark.json").write_text(text + "\n", encoding="utf-8")
     print(text)
