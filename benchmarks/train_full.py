@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-precision", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--backbone", choices=("auto", "frozen", "finetune"), default="auto")
     parser.add_argument("--ood", action="store_true", help="then run benchmarks/ood_bench.py on the model")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="overrides [train] finetune_epochs")
     parser.add_argument("--max-images-per-class", type=int, default=None,
                         help="train on at most this many images per class (a quick check of the script)")
     args = parser.parse_args(argv)
     settings = load_settings(None, environ={}, overrides={
         "model": {"device": "auto", "cpu_precision": args.cpu_precision},
-        "train": {"backbone": args.backbone},
+        "train": {"backbone": args.backbone,
+                  **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {})},
     })
     ncm, vendor = args.data / "ncm-sem", args.data / "vendor-tiff"
     summary: dict[str, Any] = {"machine": machine(), "cpu_precision": args.cpu_precision,
