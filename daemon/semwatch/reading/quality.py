@@ -54,11 +54,19 @@ def _subsample(pixels: np.ndarray) -> np.ndarray:
     return pixels[::step, ::step]
 
 
-def _total_variation(img: np.ndarray) -> float:
-    """Mean absolute difference between vertical plus horizontal neighbours."""
-    vertical = cv2.mean(cv2.absdiff(img[1:], img[:-1]))[0]
-    horizontal = cv2.mean(cv2.absdiff(img[:, 1:], img[:, :-1]))[0]
-    return float(vertical + horizontal)
+def step_profiles(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean absolute grey-level step between neighbours, per column boundary (horizontal neighbours,
+    averaged down the rows) and per row boundary (vertical neighbours, averaged along the columns):
+    their means are the total variation, their 8-px periodicity the JPEG block pattern."""
+    horizontal = cv2.absdiff(img[:, 1:], img[:, :-1]).mean(axis=0, dtype=np.float64)
+    vertical = cv2.absdiff(img[1:], img[:-1]).mean(axis=1, dtype=np.float64)
+    return horizontal, vertical
+
+
+def _total_variation(profiles: tuple[np.ndarray, np.ndarray]) -> float:
+    """Mean absolute difference between horizontal plus vertical neighbours."""
+    horizontal, vertical = profiles
+    return float(horizontal.mean() + vertical.mean())
 
 
 def streak_share(pixels: np.ndarray, dynamic_range: float) -> float:
@@ -106,9 +114,13 @@ NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
 def blockiness(pixels: np.ndarray) -> float:
     """Strength of an 8-px block pattern, 1 = none (see the module docstring)."""
+    return block_pattern(step_profiles(np.ascontiguousarray(pixels, dtype=np.float32)))
+
+
+def block_pattern(profiles: tuple[np.ndarray, np.ndarray]) -> float:
+    """`blockiness` from the image's `step_profiles`."""
     ratios = []
-    for img in (pixels, pixels.T):
-        steps = cv2.absdiff(img[:, 1:], img[:, :-1]).mean(axis=0, dtype=np.float64)
+    for steps in profiles:
         n = len(steps) // JPEG_BLOCK * JPEG_BLOCK
         if n < 4 * JPEG_BLOCK:
             return 1.0
@@ -138,12 +150,13 @@ def assess(pixels: np.ndarray, settings: QualitySettings) -> Quality:
     k_lo, k_hi = int(0.01 * (sample.size - 1)), int(0.99 * (sample.size - 1))
     part = np.partition(sample, (k_lo, k_hi))
     dynamic_range = float(part[k_hi] - part[k_lo])
-    variation = _total_variation(pixels)
+    steps = step_profiles(pixels)
+    variation = _total_variation(steps)
     if variation > 0:
-        focus = max(0.0, 1.0 - _total_variation(cv2.GaussianBlur(pixels, (5, 5), 1.0)) / variation)
+        blurred = cv2.GaussianBlur(pixels, (5, 5), 1.0)
+        focus = max(0.0, 1.0 - _total_variation(step_profiles(blurred)) / variation)
     else:
         focus = 0.0
-    streaks = streak_share(pixels, dynamic_range)
     reasons: list[str] = []
     if std < settings.blank_std_min:
         reasons.append(f"blank image (grey-level std {std:.4f} < {settings.blank_std_min})")
@@ -158,12 +171,13 @@ def assess(pixels: np.ndarray, settings: QualitySettings) -> Quality:
                 f"stage drift (rows torn sideways at {tears:.1%} of row boundaries > "
                 f"{settings.tear_rows_max:.1%})"
             )
+        streaks = streak_share(pixels, dynamic_range)
         if streaks > settings.streak_rows_max:
             reasons.append(
                 f"charging streaks (bright horizontal bands over {streaks:.1%} of rows > "
                 f"{settings.streak_rows_max:.1%})"
             )
-        blocks = blockiness(pixels)
+        blocks = block_pattern(steps)
         if blocks > settings.blockiness_max:
             reasons.append(
                 f"heavy JPEG compression (8-px block steps {blocks:.2f}x the others > "
