@@ -594,9 +594,29 @@ def _features(
         train = extract_features(net, split["train"], grid_then(crops, recipe, n_grid), settings, device,
                                  bar.tick, skipped, n_grid=n_grid)
         bar.describe("features (val)")
-        val = extract_features(
-            net, split["val"], lambda _i, m: grid_tiles(m, recipe), settings, device, bar.tick, skipped
-        )
+        val = extract_features(net, split["val"], _as_cut(recipe), settings, device, bar.tick, skipped)
+    return Features(train, val, skipped)
+
+
+def _as_cut(recipe: Recipe) -> Callable[[int, Micrograph], np.ndarray]:
+    return lambda _i, m: grid_tiles(m, recipe)
+
+
+def _grid_features(
+    net: TileNet,
+    split: dict[str, list[LabelledImage]],
+    recipe: Recipe,
+    settings: Settings,
+    device: torch.device,
+    out: Output | None,
+    label: str,
+) -> Features:
+    """The training and validation images as the grid inference cuts, and nothing else: all that
+    the novelty detector and the calibration describe (after fine-tuning, and for a refit)."""
+    skipped: list[str] = []
+    with Progress(out, len(split["train"]) + len(split["val"]), label) as bar:
+        train, val = (extract_features(net, split[name], _as_cut(recipe), settings, device, bar.tick, skipped)
+                      for name in ("train", "val"))
     return Features(train, val, skipped)
 
 
@@ -884,18 +904,20 @@ def train_model(
     mode = backbone_mode(settings, device)
     tuned: dict[str, Json] = {}
     head_trained: tuple[int, float] | None = None
+    described = features  # what calibration and the novelty detector are fitted on
     if mode == "finetune":
         head_trained = train_head(net, features.train, features.val, len(classes), settings,
                                   epochs or t.epochs)
         tuned = finetune(net, split["train"], recipe, len(classes), settings, device,
                          (out or Output()) if progress else None)
-        # The head's features moved with the backbone: the cached ones are recomputed (the grid
-        # tiles are what calibration and the novelty detector describe).
+        # The features moved with the backbone: the grid tiles, all that calibration and the
+        # detector use once the head is trained, are taken again (not the augmented crops).
         net.head.to("cpu")
         net.backbone.eval()
-        features = _features(net, split, recipe, settings, device, (out or Output()) if progress else None)
+        described = _grid_features(net, split, recipe, settings, device,
+                                   (out or Output()) if progress else None, "features (fine-tuned)")
     net.to("cpu")
-    fit = fit_head_and_novelty(net, features, len(classes), settings, epochs or t.epochs,
+    fit = fit_head_and_novelty(net, described, len(classes), settings, epochs or t.epochs,
                                head_trained=head_trained)
     manifest = describe_model(out_dir, data_dir, settings, classes, images, split, recipe, features, fit,
                               device, time.monotonic() - started)
@@ -937,14 +959,11 @@ def refit_novelty(model_dir: Path, data_dir: Path, out_dir: Path, settings: Sett
                     manifest.reference_pixel_size_nm, manifest.reference_magnification)
     device = select_device(settings.model.device)
     net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
-    skipped: list[str] = []
-    with Progress(out, len(split["train"]) + len(split["val"]), "novelty features") as bar:
-        fs = {name: extract_features(net, items, lambda _i, m: grid_tiles(m, recipe), settings, device,
-                                     bar.tick, skipped) for name, items in split.items()}
+    fs = _grid_features(net, split, recipe, settings, device, out, "novelty features")
     net.to("cpu")
-    threshold = fit_detector(net, fs["train"], fs["val"], len(classes), settings)
+    threshold = fit_detector(net, fs.train, fs.val, len(classes), settings)
     validation = {**manifest.validation,
-                  **validation_metrics(net, fs["val"], threshold, settings.model.min_confidence)}
+                  **validation_metrics(net, fs.val, threshold, settings.model.min_confidence)}
     t = settings.train
     new = dataclasses.replace(
         manifest,
