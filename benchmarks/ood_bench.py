@@ -42,6 +42,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import host  # benchmarks/host.py: the machine, for the results file
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMWATCH_DATA", ROOT.parent / "shared" / "data"))
 WIDTH, HEIGHT, BAR = 1280, 960, 65
@@ -475,21 +477,6 @@ def markdown(label: str, model_id: str, table: dict[str, dict[str, object]]) -> 
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
-    """The CPU's model name and, where CUDA runs the network, the GPU's."""
-    import platform
-
-    import torch
-
-    name = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{name} ({os.cpu_count()} cores){gpu}"
-
-
 def _pct(v: object) -> str:
     return f"{float(v):.0%}" if isinstance(v, int | float) else ""
 
@@ -509,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         table, model_id, wall = run(args.model, items, device=args.device)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     record = {"label": args.label, "model_id": model_id, "seed": args.seed,
-              "machine": machine(),
+              "machine": host.summary(),
               "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "classify_wall_s": round(wall, 1), "families": table}
     args.results.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import host  # benchmarks/host.py: the machine, for the results file
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 BAR = 65
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                              "refused": round(refused / len(mine), 3),
                              "image_accuracy": round(right / len(mine), 3), "reasons": why})
                 print(json.dumps(rows[-1]), flush=True)
-    record = {"model_id": clf.model_id, "machine": "2-core AMD EPYC (AVX512-BF16), CPU",
+    record = {"model_id": clf.model_id, "machine": host.summary(),
               "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "max_scale_ratio": settings.tiling.max_scale_ratio, "rows": rows}
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import host  # benchmarks/host.py: the machine, for the results file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                   **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {})},
     })
     ncm, vendor = args.data / "ncm-sem", args.data / "vendor-tiff"
-    summary: dict[str, Any] = {"machine": machine(), "cpu_precision": args.cpu_precision,
+    summary: dict[str, Any] = {"machine": host.describe(), "cpu_precision": args.cpu_precision,
                                "backbone": args.backbone}
 
     if not (args.reuse and (args.out / "manifest.json").is_file()):
@@ -118,27 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return ood_bench.main(["--model", str(args.out), "--label", args.out.name])
     return 0
-
-
-def machine() -> dict[str, Any]:
-    """The CPU (model name and whether it has native bfloat16) and the GPU, if any."""
-    import platform
-
-    import torch
-
-    from semwatch.model.runtime import native_bfloat16
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": name, "cores": os.cpu_count(), "cpu_bfloat16": native_bfloat16(), "gpu": gpu,
-            "torch": torch.__version__}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+import host  # benchmarks/host.py: the machine, for the results file
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 BELOW = (0.9, 0.99, 0.999)  # `test_time_below` settings replayed
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "model_id": clf.model_id, "split": args.split, "n_images": len(rels), "n_tiles": len(tiles),
         "device": f"cpu ({'bfloat16' if args.precision != 'float32' else 'float32'} autocast), "
-                  "2-core AMD EPYC (AVX512-BF16)",
+                  f"{host.summary()}",
         "precision": args.precision,
         "bare_tiles_per_s": round(bare_rate, 1),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
