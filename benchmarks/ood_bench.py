@@ -128,12 +128,16 @@ def _salt_pepper(rng: np.random.Generator) -> np.ndarray:
     return np.clip(a, 0, 1)
 
 
-def _jpeg_blocks(rng: np.random.Generator) -> np.ndarray:
-    a = _noise(float(rng.uniform(0, 2)))(rng)
-    quality = [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(2, 8))]
-    ok, buf = cv2.imencode(".jpg", (a * 255).astype(np.uint8), quality)
+def _as_jpeg(a: np.ndarray, quality: int) -> np.ndarray:
+    """`a` saved as a JPEG of this quality and read back."""
+    ok, buf = cv2.imencode(".jpg", (a * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+
+
+def _jpeg_blocks(rng: np.random.Generator) -> np.ndarray:
+    a = _noise(float(rng.uniform(0, 2)))(rng)
+    return _as_jpeg(a, int(rng.integers(2, 8)))
 
 
 def _stub(rng: np.random.Generator) -> np.ndarray:
@@ -262,10 +266,7 @@ def _low_dose(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _jpeg_heavy(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Saved again at a JPEG quality of 3-10 (a thumbnail mailed round, a careless export)."""
-    quality = [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(3, 10))]
-    ok, buf = cv2.imencode(".jpg", (a * 255).astype(np.uint8), quality)
-    assert ok
-    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    return _as_jpeg(a, int(rng.integers(3, 10)))
 
 
 def _motion(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
