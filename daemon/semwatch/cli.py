@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
@@ -327,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.INTERRUPTED
     except BrokenPipeError:  # `semwatch inspect --json ... | head`: the reader has all it wanted
         return ExitStatus.OK
+    except sqlite3.Error as exc:  # a database error no command turned into words: still one line
+        out.say(f"database error: {exc}")
+        return ExitStatus.DATABASE
     except OSError as exc:  # a folder or file the command could not use: one line, not a traceback
         where = f": {path_text(exc.filename)}" if isinstance(exc.filename, str) else ""
         out.say(f"{exc.strerror or exc}{where}")

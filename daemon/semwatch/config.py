@@ -87,9 +87,11 @@ class StoreSettings:
     database: Path = Path("var/semwatch.db")
     results_csv: Path = Path("var/results.csv")
     busy_timeout_ms: int = 10000
+    write_retry_seconds: float = 300.0
 
     def validate(self) -> None:
         _positive("[store] busy_timeout_ms", self.busy_timeout_ms)
+        _positive("[store] write_retry_seconds", self.write_retry_seconds)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ class ExitStatus(enum.IntEnum):
     OK = 0
     INPUT_FAILED = 1  # some inputs failed (classify, inspect), or the daemon stopped on an error
     USAGE = 2  # bad command-line arguments, a missing or refused model/folder
-    LOCKED = 75  # EX_TEMPFAIL: another daemon holds this database
+    DATABASE = 74  # EX_IOERR: the database was deleted or replaced under a writer, stayed
+    # unwritable past [store] write_retry_seconds, or SQLite failed; nothing more was written
+    LOCKED = 75  # EX_TEMPFAIL: another daemon holds this database (or one of another version)
     CONFIG = 78  # EX_CONFIG: config.toml, or a setting the machine cannot honour
     INTERRUPTED = 130  # SIGINT
     TERMINATED = 143  # SIGTERM, after a second signal

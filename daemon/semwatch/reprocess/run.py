@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from semwatch.reprocess.progress import Progress
 from semwatch.reprocess.work import Outcome, WorkItem
 from semwatch.safefs import path_text
 from semwatch.store import selection as sel
-from semwatch.store.ledger import Store, open_store
+from semwatch.store.access import open_readonly, open_writer
+from semwatch.store.ledger import DatabaseReplaced, Store
 from semwatch.store.messages import Failed, Message, Pending, Reclassified, Refused, Result
+from semwatch.store.writer import DatabaseUnwritable, Retry, commit_batch
 from semwatch.values import FileKey, utc_now
 
 log = logging.getLogger("semwatch.reprocess")
@@ -88,34 +91,59 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
     for folder in request.folders:
         if not folder.is_dir():
             raise UserError(f"not a folder: {path_text(folder)}", ExitStatus.USAGE)
-    store = open_store(settings)
+    if request.dry_run:  # reads only: never creates, migrates or locks the database
+        return _dry_run(settings, request, model_id, engine_name, out)
+    store = open_writer(settings)
+    retry = Retry(give_up_after=settings.store.write_retry_seconds)
     try:
-        _refuse_if_daemon_disagrees(store, model_id, settings)
-        if request.dry_run:  # writes nothing, not even the run's record
-            run = (sel.find_run(store.conn, _run_key(request), model_id)
-                   or sel.Run(0, utc_now(), resumed=False))
-            items, _ = _plan(store, settings, request, model_id, run)
-            return _report_plan(out, items, run, engine_name)
+        _refuse_if_daemon_disagrees(store.conn, model_id, settings)
         repaired = store.reconcile_csv()
         if repaired:
             log.warning("results CSV: appended %d line(s) missing after an unclean stop", repaired)
-        run = sel.open_run(store.conn, _run_key(request), model_id, engine_name)
+        with store.batch():
+            run = sel.open_run(store.conn, _run_key(request), model_id, engine_name)
         items, refused = _plan(store, settings, request, model_id, run)
         if refused:
-            _commit(store, refused)
+            _commit(store, refused, retry)
         engine = _engine(engine_name, settings, model_dir)
         try:
             if engine.model_id != model_id:
                 raise UserError(f"the model changed while starting: {model_id} -> {engine.model_id}")
             with _sigterm_as_interrupt():
-                tally = _drive(store, engine, items, run, out)
+                tally = _drive(store, engine, items, run, out, retry)
         finally:
             engine.close()
-        sel.finish_run(store.conn, run.run_id, tally.done, tally.failed)
+        with store.batch():
+            sel.finish_run(store.conn, run.run_id, tally.done, tally.failed)
+    except (DatabaseReplaced, DatabaseUnwritable) as exc:
+        raise UserError(f"{exc}; stopped, nothing more was written (what was committed before is in "
+                        f"the database and its results CSV)", ExitStatus.DATABASE) from None
     finally:
         store.close()
     _summary(out, tally, engine_name, model_id)
     return ExitStatus.INPUT_FAILED if tally.failed or tally.kept else ExitStatus.OK
+
+
+def _dry_run(settings: Settings, request: ReprocessRequest, model_id: str, engine_name: EngineName,
+             out: Output) -> int:
+    """The plan, from a read-only connection (`access.open_readonly`): a database of an older schema
+    is read through a migrated copy in memory, the file itself is left exactly as it was."""
+    conn = open_readonly(settings.store.database, busy_timeout_ms=settings.store.busy_timeout_ms,
+                         older="copy")
+    try:
+        _refuse_if_daemon_disagrees(conn, model_id, settings)
+        run = sel.find_run(conn, _run_key(request), model_id) or sel.Run(0, utc_now(), resumed=False)
+        items, _ = _plan(_Reader(conn), settings, request, model_id, run)
+        return _report_plan(out, items, run, engine_name)
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """What `_plan` reads: a connection (the writer's Store, or a read-only one for a dry run)."""
+
+    conn: sqlite3.Connection
 
 
 @contextlib.contextmanager
@@ -141,7 +169,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # --- what to do ---------------------------------------------------------------------------------
 
 
-def _plan(store: Store, settings: Settings, request: ReprocessRequest, model_id: str,
+def _plan(store: Store | _Reader, settings: Settings, request: ReprocessRequest, model_id: str,
           run: sel.Run) -> tuple[list[WorkItem], list[Message]]:
     """The work items, and `Refused` records for archive paths too long to open."""
     if not request.folders:
@@ -183,10 +211,10 @@ def _run_key(request: ReprocessRequest) -> str:
     return request.selection.key()
 
 
-def _refuse_if_daemon_disagrees(store: Store, model_id: str, settings: Settings) -> None:
+def _refuse_if_daemon_disagrees(conn: sqlite3.Connection, model_id: str, settings: Settings) -> None:
     """A running daemon with another model would write new files with it while this run writes
     them with this one, and each would call the other's results outdated: refuse, say what to do."""
-    row = store.conn.execute("SELECT pid, state, heartbeat_at, model_id FROM daemon WHERE id = 1").fetchone()
+    row = conn.execute("SELECT pid, state, heartbeat_at, model_id FROM daemon WHERE id = 1").fetchone()
     if row is None or row["state"] not in ("starting", "running") or row["model_id"] == model_id:
         return
     try:
@@ -214,7 +242,8 @@ def _engine(name: EngineName, settings: Settings, model_dir: Path) -> Engine:
 # --- doing it ------------------------------------------------------------------------------------
 
 
-def _drive(store: Store, engine: Engine, items: Sequence[WorkItem], run: sel.Run, out: Output) -> Tally:
+def _drive(store: Store, engine: Engine, items: Sequence[WorkItem], run: sel.Run, out: Output,
+           retry: Retry) -> Tally:
     tally = Tally()
     progress = Progress(out, total=len(items), label=f"reprocess ({engine.name}, {engine.device})")
     pending: list[Message] = []
@@ -226,11 +255,13 @@ def _drive(store: Store, engine: Engine, items: Sequence[WorkItem], run: sel.Run
                 _tell_error(out, progress, outcome)
             progress.advance()
             if len(pending) >= COMMIT_EVERY or time.monotonic() - last >= COMMIT_SECONDS:
-                _commit_counted(store, pending, tally)
-                pending, last = [], time.monotonic()
+                batch, pending = pending, []  # handed over once: a failed commit is not tried again below
+                _commit_counted(store, batch, tally, retry)
+                last = time.monotonic()
     finally:  # an interrupt still commits what is done (a kill -9 loses only this batch)
         if pending:
-            _commit_counted(store, pending, tally)
+            batch, pending = pending, []
+            _commit_counted(store, batch, tally, retry)
         progress.close()
     return tally
 
@@ -265,10 +296,10 @@ def _tell_error(out: Output, progress: Progress, outcome: Outcome) -> None:
                      + (" (the earlier result stays)" if kept else ""))
 
 
-def _commit_counted(store: Store, batch: list[Message], tally: Tally) -> None:
+def _commit_counted(store: Store, batch: list[Message], tally: Tally, retry: Retry) -> None:
     """Commit, then count the results that wrote a row; the others were stale (superseded meanwhile)."""
     expected = sum(isinstance(m, Reclassified | Result) for m in batch)
-    finished = _commit(store, batch)
+    finished = _commit(store, batch, retry)
     written = int(store.conn.execute(
         f"SELECT count(*) FROM images WHERE id IN ({','.join('?' * len(finished))}) "
         "AND status != 'failed'", finished).fetchone()[0]) if finished else 0
@@ -276,13 +307,11 @@ def _commit_counted(store: Store, batch: list[Message], tally: Tally) -> None:
     tally.stale += expected - written
 
 
-def _commit(store: Store, batch: Sequence[Message]) -> list[int]:
-    """One transaction and its CSV lines (`Store.append_csv`), under the database's write lock;
-    the ids of the rows it finished."""
-    with store.write_lock:
-        finished = store.apply(batch)
-        store.append_csv(finished)
-    return finished
+def _commit(store: Store, batch: Sequence[Message], retry: Retry) -> list[int]:
+    """One transaction and its CSV lines, as the daemon's writer commits them (`commit_batch`: under
+    the write lock, the database's identity checked, a full disk retried); the ids of the rows it
+    finished."""
+    return commit_batch(store, batch, retry, store.write_lock)
 
 
 # --- telling the user ------------------------------------------------------------------------------

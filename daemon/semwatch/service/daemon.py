@@ -53,7 +53,8 @@ from semwatch.service.scheduler import ReportScheduler
 from semwatch.service.sdnotify import Notifier
 from semwatch.service.watcher import Watcher, resolve_mode
 from semwatch.store import db
-from semwatch.store.ledger import LedgerState, Store, load_ledger, open_store
+from semwatch.store.access import lock_daemon, open_writer
+from semwatch.store.ledger import LedgerState, Store, load_ledger
 from semwatch.store.messages import DaemonStatus, Gone, exit_message
 from semwatch.store.writer import Writer
 
@@ -144,7 +145,7 @@ class Service:
             raise ConfigError(f"[watch] folder {what}: {self.folder}")
         mode, fstype = resolve_mode(settings.watch.mode, self.folder)
         try:
-            lock_fd = db.lock_database(settings.store.database)
+            lock_fd = lock_daemon(settings.store.database)
         except db.DatabaseLocked as exc:
             raise UserError(str(exc), ExitStatus.LOCKED) from None
         except OSError as exc:
@@ -159,7 +160,7 @@ class Service:
         self.signals.install()
         try:
             classifier = self._load_classifier()
-            store = open_store(self.settings)
+            store = open_writer(self.settings)
         except BaseException:
             self.signals.restore()
             raise
@@ -200,10 +201,11 @@ class Service:
     def _prepare_store(self, store: Store, classifier: Classifier, mode: str) -> LedgerState:
         """Record the model and this daemon, repair the CSV after an unclean stop, read the ledger."""
         manifest = classifier.manifest
-        store.register_model(classifier.model_id, manifest.name or None, classifier.classes,
-                             manifest.created_at or None, manifest.metrics, self.settings.model.path)
-        store.start_daemon(device=classifier.device, model_id=classifier.model_id,
-                           watch_folder=self.folder, watch_mode=mode)
+        with store.batch():
+            store.register_model(classifier.model_id, manifest.name or None, classifier.classes,
+                                 manifest.created_at or None, manifest.metrics, self.settings.model.path)
+            store.start_daemon(device=classifier.device, model_id=classifier.model_id,
+                               watch_folder=self.folder, watch_mode=mode)
         repaired = store.reconcile_csv()
         if repaired:
             log.warning("results CSV: appended %d line(s) missing after an unclean stop", repaired)

@@ -17,16 +17,16 @@ database file is deleted or replaced under the writer, it stops before writing a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from semwatch.config import SampleSettings, Settings
-from semwatch.errors import ConfigError
+from semwatch.config import SampleSettings
 from semwatch.safefs import path_from_text, path_text, text_safe
 from semwatch.store import db
 from semwatch.store import results_csv as live_csv
@@ -43,12 +43,12 @@ from semwatch.store.messages import (
     Started,
 )
 from semwatch.store.samples import TouchedSamples, update_samples
-from semwatch.store.schema import create_schema
+from semwatch.store.schema import SCHEMA_VERSION, VERSION_TAG, create_schema, schema_version
 from semwatch.values import FileKey, ImageVerdict, utc_now
 
 __all__ = [
-    "DatabaseReplaced", "LedgerState", "Store", "find_verdict_by_content",
-    "load_ledger", "open_store",
+    "DatabaseReplaced", "HeldByOtherVersion", "LedgerState", "Store", "find_verdict_by_content",
+    "load_ledger",
 ]
 
 @dataclass(frozen=True)
@@ -94,30 +94,47 @@ def find_verdict_by_content(conn: sqlite3.Connection, sha256: str, model_id: str
 
 
 class DatabaseReplaced(RuntimeError):
-    """The database file was deleted or replaced while the daemon had it open: writing on would
-    go into a file nobody reads. The daemon exits; systemd restarts it on the new file."""
+    """The database file was deleted or replaced while a writer had it open: writing on would
+    go into a file nobody reads. The daemon exits (systemd restarts it on the new file); `semwatch
+    reprocess` stops (exit 74) having written nothing more."""
+
+
+class HeldByOtherVersion(db.DatabaseLocked):
+    """A daemon of another semwatch version holds the database, and opening it here would migrate
+    its schema under that daemon (which would then refuse to start again: "schema too new")."""
 
 
 class Store:
     """The writer's connection and every write the daemon makes. Not thread-safe: one owner at a time
     (opened by the service, then used only by the writer thread). Opening it creates or migrates
-    the schema (`schema.create_schema`)."""
+    the schema (`schema.create_schema`), under the write lock (`db.WriteLock`): a new database, which
+    moves an earlier results.csv aside, never appears between another writer's identity check and
+    its CSV lines. Every process that writes the database opens it through this class
+    (`access.open_writer`) and writes only under `batch()` / the write lock."""
 
     def __init__(self, database: Path, results_csv: Path | None, *, busy_timeout_ms: int = 10000,
                  check_same_thread: bool = False, sample_settings: SampleSettings | None = None) -> None:
-        self.conn = db.connect(database, busy_timeout_ms=busy_timeout_ms, check_same_thread=check_same_thread)
+        self.write_lock = db.WriteLock(database)  # taken by every writer around each batch
         try:
-            applied = create_schema(self.conn)
-            self.identity = _identity(database)
-        except Exception:
-            self.conn.close()
+            with self.write_lock:
+                self.conn = db.connect(database, busy_timeout_ms=busy_timeout_ms,
+                                       check_same_thread=check_same_thread)
+                try:
+                    if schema_version(self.conn) < SCHEMA_VERSION:
+                        _refuse_other_daemon(database)
+                    applied = create_schema(self.conn)
+                    self.identity = _identity(database)
+                    if 1 in applied and results_csv is not None:  # a new database
+                        live_csv.set_aside_orphan(results_csv)
+                except BaseException:
+                    self.conn.close()
+                    raise
+        except BaseException:
+            self.write_lock.close()
             raise
         self.database = database
-        self.write_lock = db.WriteLock(database)  # taken by the writer around each batch
         self.csv_path = results_csv
         self.sample_settings = sample_settings or SampleSettings()
-        if 1 in applied and results_csv is not None:  # a new database
-            live_csv.set_aside_orphan(results_csv)
 
     def close(self) -> None:
         self.conn.close()
@@ -131,6 +148,14 @@ class Store:
             raise DatabaseReplaced(f"the database file was deleted: {self.database}") from None
         if now != self.identity:
             raise DatabaseReplaced(f"the database file was replaced by another file: {self.database}")
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """The write lock, and the database checked to be the file this Store has open: every write
+        outside the writer's batches (a run's record, the daemon row at start) goes under this."""
+        with self.write_lock:
+            self.check_identity()
+            yield
 
     # --- models and daemon row --------------------------------------------------------------
 
@@ -356,7 +381,7 @@ class Store:
         Returns how many were appended."""
         if self.csv_path is None:
             return 0
-        with self.write_lock:  # no other process between its commit and its CSV marks
+        with self.batch():  # no other process between its commit and its CSV marks
             return self._reconcile_csv(self.csv_path)
 
     def _reconcile_csv(self, csv_path: Path) -> int:
@@ -380,19 +405,13 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def open_store(settings: Settings) -> Store:
-    """The writer's Store on `[store] database` and `results_csv`, checked up front: an unusable
-    one is a configuration error (78), for the daemon and `semwatch reprocess` alike."""
-    csv_path = settings.store.results_csv
-    try:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "ab"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise ConfigError(f"[store] results_csv cannot be written: {csv_path}: {reason}") from None
-    try:
-        return Store(settings.store.database, csv_path, busy_timeout_ms=settings.store.busy_timeout_ms,
-                     sample_settings=settings.samples)
-    except (sqlite3.Error, OSError, RuntimeError) as exc:
-        raise ConfigError(f"[store] database cannot be used: {settings.store.database}: {exc}") from None
+def _refuse_other_daemon(database: Path) -> None:
+    """Before a migration: refuse while a daemon of another version holds the database."""
+    holder = db.daemon_holding(database)
+    if holder is None or holder[1] == VERSION_TAG:
+        return
+    pid, tag = holder
+    raise HeldByOtherVersion(
+        f"a semwatch daemon of another version (pid {pid}, {tag or 'a release that did not record it'}) "
+        f"holds the database {database}, and this {VERSION_TAG} would migrate its schema: stop that "
+        f"daemon (or upgrade it) first")

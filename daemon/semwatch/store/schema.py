@@ -222,6 +222,9 @@ def _script(sql: str) -> Migration:
 MIGRATIONS: Sequence[Migration] = (_script(SCHEMA_V1), _script(SCHEMA_V2), _script(SCHEMA_V3))
 SCHEMA_VERSION = len(MIGRATIONS)
 LOGGED_FROM = 2  # the first version whose database has `schema_migrations`
+# Who a daemon is, written into `<database>.lock` (`db.lock_database`) so that a command that would
+# migrate the database can tell a daemon of another version from one of its own (`ledger.Store`).
+VERSION_TAG = f"semwatch {semwatch.__version__} (schema {SCHEMA_VERSION})"
 
 
 class SchemaTooNew(RuntimeError):
@@ -247,6 +250,29 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def last_migrated_by(conn: sqlite3.Connection) -> str | None:
+    """Which semwatch last migrated (or created) the database, and when: its newest
+    `schema_migrations` row, e.g. "semwatch 0.1.0 (to schema 3, 2026-12-04T19:00:00.000Z)"; None for a
+    database that has no such row (created before version 2 and not migrated since, or not
+    semwatch's)."""
+    try:
+        row = conn.execute("SELECT version, applied_at, semwatch_version FROM schema_migrations "
+                           "ORDER BY version DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # no such table
+        return None
+    if row is None:
+        return None
+    return f"semwatch {row[2]} (to schema {row[0]}, {row[1]})"
+
+
+def too_new(conn: sqlite3.Connection, version: int, latest: int = SCHEMA_VERSION) -> str:
+    """The message for a database of a newer semwatch: both versions, and who migrated it."""
+    by = last_migrated_by(conn)
+    return (f"database schema version {version}{f' (last migrated by {by})' if by else ''} is newer "
+            f"than this semwatch {semwatch.__version__}'s ({latest}): use the newer "
+            f"semwatch, or another [store] database")
+
+
 def create_schema(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
     """Create the schema, or bring an older one to the current version, in one transaction (all
     steps or none). Returns the versions applied (empty when the database was current). Raises
@@ -256,8 +282,7 @@ def create_schema(conn: sqlite3.Connection, migrations: Sequence[Migration] = MI
     try:
         version = schema_version(conn)
         if version > latest:
-            raise SchemaTooNew(f"database schema version {version} is newer than this semwatch's "
-                               f"({latest}): use the newer semwatch, or another [store] database")
+            raise SchemaTooNew(too_new(conn, version, latest))
         applied = list(range(version + 1, latest + 1))
         for target in applied:
             migrations[target - 1](conn)

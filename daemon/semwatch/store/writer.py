@@ -10,12 +10,13 @@ replaced or deleted database file ends the writer (`error`), and the service exi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from semwatch.liveness import Stage
@@ -37,6 +38,79 @@ class Ledger(Protocol):
     def mark_csv_written(self, row_ids: Sequence[int]) -> None: ...
 
 
+class DatabaseUnwritable(RuntimeError):
+    """A batch could not be written within the retry limit (a writer that may give up: `reprocess`)."""
+
+
+class Retry:
+    """Back-off for a batch that hit a transient error (a full disk, an I/O error, a lock held too
+    long): the real error logged once a minute, waits doubling up to `max_backoff`. `give_up_after`
+    seconds of failing raise `DatabaseUnwritable` (None: never, the daemon's choice: it stays up and
+    says so). `degraded` is the error being retried, if any; `beat` is called at each retry (the
+    daemon's liveness: retrying on purpose is not stuck)."""
+
+    def __init__(self, *, max_backoff: float = 30.0, give_up_after: float | None = None,
+                 beat: Callable[[], None] | None = None) -> None:
+        self.max_backoff = max_backoff
+        self.give_up_after = give_up_after
+        self.beat = beat
+        self.degraded: str | None = None
+        self._since = self._last_log = 0.0
+        self._delay = 0.5
+
+    def failed(self, exc: BaseException, records: int) -> None:
+        """After a failed attempt: log, wait, or give up."""
+        now = time.monotonic()
+        if self.degraded is None:
+            self._since, self._delay, self._last_log = now, 0.5, 0.0
+        if self.give_up_after is not None and now - self._since >= self.give_up_after:
+            raise DatabaseUnwritable(f"cannot write the database for {now - self._since:.0f} s: {exc}; "
+                                     f"gave up ({records} record(s) not written)") from exc
+        if self.degraded is None or now - self._last_log >= 60.0:
+            log.error("cannot write the database: %s; keeping %d record(s) and retrying", exc, records)
+            self._last_log = now
+        self.degraded = str(exc)
+        if self.beat is not None:
+            self.beat()
+        time.sleep(self._delay)
+        self._delay = min(self.max_backoff, self._delay * 2)
+
+    def succeeded(self) -> None:
+        if self.degraded is not None:
+            log.warning("database writable again after %.0f s (%s)", time.monotonic() - self._since,
+                        self.degraded)
+            self.degraded = None
+
+
+def commit_batch(store: Ledger, batch: Sequence[Message], retry: Retry,
+                 lock: WriteLock | None = None) -> list[int]:
+    """Write one batch: its transaction, its results.csv lines, their marks; the ids of the rows it
+    finished. The one way every writer (the daemon's thread, `semwatch reprocess`) commits.
+
+    Under `lock` (held through retries: the batch's CSV lines are written by one process), the
+    database's identity is checked before each attempt (`DatabaseReplaced`: nothing more is
+    written). Each step runs once: a failed CSV append is retried without committing the batch
+    again, and a retried commit was rolled back, so no batch is committed twice and no line
+    written twice; rows whose CSV append failed are appended as soon as the disk has room."""
+    with lock if lock is not None else contextlib.nullcontext():
+        finished: list[int] | None = None
+        csv_written = False
+        while True:
+            store.check_identity()
+            try:
+                if finished is None:
+                    finished = store.apply(batch)
+                if not csv_written:
+                    store.write_csv_lines(finished)
+                    csv_written = True
+                store.mark_csv_written(finished)
+                break
+            except (sqlite3.OperationalError, OSError) as exc:
+                retry.failed(exc, len(batch))
+        retry.succeeded()
+    return finished
+
+
 class Writer(threading.Thread):
     """The single writer thread over `store` (see the module docstring). `degraded` is the transient
     error being retried, if any (the daemon row shows it); `error` what ended the thread."""
@@ -49,9 +123,12 @@ class Writer(threading.Thread):
         self.max_batch = max_batch
         self.error: BaseException | None = None
         self.stage = stage or Stage("writer")
-        self.max_backoff = max_backoff
-        self.degraded: str | None = None
+        self.retry = Retry(max_backoff=max_backoff, beat=self.stage.beat)
         self.lock = lock  # shared with other writing processes (`db.WriteLock`), per batch
+
+    @property
+    def degraded(self) -> str | None:
+        return self.retry.degraded
 
     def put(self, msg: Message) -> None:
         self.queue.put(msg)
@@ -81,7 +158,10 @@ class Writer(threading.Thread):
             batch, stopping = self._batch(first)
             if batch:
                 self.stage.busy(f"writing {len(batch)} record(s)")
-                self._write(batch)
+                commit_batch(self.store, batch, self.retry, self.lock)
+                for msg in batch:
+                    if isinstance(msg, Started) and msg.done is not None:
+                        msg.done.set()
             self.stage.idle()
 
     def _batch(self, first: Message | None) -> tuple[list[Message], bool]:
@@ -98,41 +178,3 @@ class Writer(threading.Thread):
                 return batch, True
             batch.append(nxt)
         return batch, False
-
-    def _write(self, batch: list[Message]) -> None:
-        if self.lock is None:
-            self._write_batch(batch)
-            return
-        with self.lock:  # held through retries: the batch's CSV lines are written by one process
-            self._write_batch(batch)
-
-    def _write_batch(self, batch: list[Message]) -> None:
-        delay, since, last_log = 0.5, time.monotonic(), 0.0
-        finished: list[int] | None = None
-        csv_written = False
-        while True:
-            self.store.check_identity()
-            try:  # each step once: a retry never writes a CSV line twice
-                if finished is None:
-                    finished = self.store.apply(batch)
-                if not csv_written:
-                    self.store.write_csv_lines(finished)
-                    csv_written = True
-                self.store.mark_csv_written(finished)
-                break
-            except (sqlite3.OperationalError, OSError) as exc:
-                now = time.monotonic()
-                if self.degraded is None or now - last_log >= 60.0:
-                    log.error("cannot write the database: %s; keeping %d record(s) and retrying",
-                              exc, len(batch))
-                    last_log = now
-                self.degraded = str(exc)
-                self.stage.beat()  # retrying on purpose: alive, not stuck
-                time.sleep(delay)
-                delay = min(self.max_backoff, delay * 2)
-        if self.degraded is not None:
-            log.warning("database writable again after %.0f s (%s)", time.monotonic() - since, self.degraded)
-            self.degraded = None
-        for msg in batch:
-            if isinstance(msg, Started) and msg.done is not None:
-                msg.done.set()
