@@ -30,7 +30,7 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
 from semwatch.safefs import path_text, printable, text_safe, write_atomic
-from semwatch.store import db
+from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
 
@@ -63,11 +63,11 @@ def report_folder(settings: Settings, day: date) -> Path:
 
 def day_has_images(settings: Settings, day: date) -> bool:
     """Whether any image was finished on `day` (the scheduler's catch-up skips empty days)."""
-    path = settings.store.database
-    if not path.is_file():
-        return False
     start, end = day_bounds(day, ZoneInfo(settings.report.timezone))
-    conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
+    try:
+        conn = open_readonly(settings.store.database, busy_timeout_ms=settings.store.busy_timeout_ms)
+    except ReadRefused:
+        return False
     try:
         row = conn.execute(
             "SELECT 1 FROM images WHERE processed_at >= ? AND processed_at < ? AND status != 'pending' "
@@ -143,13 +143,8 @@ class DayData:
 def load_day(settings: Settings, day: date) -> DayData:
     """The day's finished images (every version finished that day) and the samples they belong to."""
     path = settings.store.database
-    if not path.is_file():
-        raise UserError(f"no database at {path} (has the daemon run?)", ExitStatus.INPUT_FAILED)
     zone = ZoneInfo(settings.report.timezone)
-    try:
-        conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
-    except sqlite3.Error as exc:
-        raise UserError(f"cannot open database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
+    conn = open_readonly(path, busy_timeout_ms=settings.store.busy_timeout_ms)  # ReadRefused: one line
     start, end = day_bounds(day, zone)
     try:
         image_rows, sample_rows, models = _query_day(conn, start, end)

@@ -77,7 +77,8 @@ def open_readonly(path: Path, *, busy_timeout_ms: int = 10000, check_same_thread
     the caller reads what a migrated database would hold, and the file is not changed."""
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise ReadRefused(f"no database: {path} {what} (has the daemon run? is [store] database right?)",
+        raise ReadRefused(f"no database yet at {path}: it {what} (has the daemon run? is [store] "
+                          "database right?)",
                           ExitStatus.INPUT_FAILED)
     try:
         conn = db.connect(path, readonly=True, busy_timeout_ms=busy_timeout_ms,

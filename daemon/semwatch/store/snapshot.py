@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from semwatch.config import Settings
 from semwatch.store import db
+from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import NO_OUTDATED, Outdated, SampleRow, count_outdated, day_bounds, sample_row
 
 
@@ -89,12 +90,10 @@ def take_snapshot(settings: Settings, *, now: datetime | None = None, max_sample
     results are compared with for the outdated counts (None: the daemon row's model)."""
     path = settings.store.database
     now = now or datetime.now(UTC)
-    if not path.is_file():
-        return Snapshot(path, now, problem=f"no database yet at {path} (has the daemon run?)")
     try:
-        conn = db.connect(path, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
-    except sqlite3.Error as exc:
-        return Snapshot(path, now, problem=f"cannot open {path}: {exc}")
+        conn = open_readonly(path, busy_timeout_ms=settings.store.busy_timeout_ms)
+    except ReadRefused as exc:
+        return Snapshot(path, now, problem=str(exc))
     try:
         today = day_bounds(now.astimezone(ZoneInfo(settings.report.timezone)).date(),
                            ZoneInfo(settings.report.timezone))

@@ -41,6 +41,7 @@ from textual.widgets import DataTable, Footer, Input, Select, Static, TabbedCont
 from semwatch.config import Settings
 from semwatch.safefs import printable, text_safe
 from semwatch.store import browse, db
+from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.snapshot import DaemonRow, heartbeat_age, parse_utc, read_daemon
 from semwatch.views.live import STATUS_STYLE, VERDICT_STYLE, age_text, fmt_conf, shown
 
@@ -388,14 +389,10 @@ class ConsoleApp(App[int]):
     def _open(self) -> db.TrackedConnection | None:
         path = self.settings.store.database
         if self.conn is None:
-            if not path.is_file():
-                self.problem = f"no database yet at {path} (has the daemon run?)"
-                return None
             try:
-                self.conn = db.connect(path, readonly=True,
-                                       busy_timeout_ms=self.settings.store.busy_timeout_ms)
-            except sqlite3.Error as exc:
-                self.problem = f"cannot open {path}: {exc}"
+                self.conn = open_readonly(path, busy_timeout_ms=self.settings.store.busy_timeout_ms)
+            except ReadRefused as exc:
+                self.problem = str(exc)
                 return None
         return self.conn
 
