@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semwatch.config import Settings
+from semwatch.config import Settings, is_loopback
 from semwatch.store import db
 from semwatch.store.selection import count_outdated
 
@@ -171,7 +171,13 @@ class Metrics:
         assert address is not None
         host, port = address
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, self._server.server_port)
+        shown = f"[{host}]" if ":" in host else host
+        if is_loopback(host):
+            log.info("metrics on http://%s:%d/metrics", shown, self._server.server_port)
+        else:  # allowed by [metrics] allow_remote (config.py refuses it otherwise)
+            log.warning("metrics on http://%s:%d/metrics, NOT loopback ([metrics] allow_remote = true): "
+                        "anyone who can reach this port reads them, without authentication",
+                        shown, self._server.server_port)
 
     @property
     def port(self) -> int | None:
