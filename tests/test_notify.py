@@ -26,6 +26,7 @@ from semwatch.config import Settings, load_settings
 from semwatch.errors import ConfigError
 from semwatch.liveness import Stuck
 from semwatch.service.events import HealthTracker, SamplePoller, health_conditions
+from semwatch.service.folderprobe import FolderState
 from semwatch.service.notify import start_alerts, state_path
 from semwatch.store import db
 from test_daemon import Daemon, copy_image, ncm_images
@@ -392,17 +393,21 @@ def test_health_tracker_reports_degraded_and_recovered(tmp_path: Path) -> None:
     tracker = HealthTracker("lab-pc")
     folder = tmp_path / "gone"
     cond = health_conditions(stuck=[Stuck("reader-0", 95.0, "reading /x/a.tif")], database="disk I/O error",
-                             folder=folder, observer_restarts=0)
+                             folder=FolderState(folder, False, 0.0, False), observer_restarts=0)
     assert set(cond) == {"stuck:reader-0", "database", "folder"}
     first = tracker.update(cond)
     assert {e.key for e in first} == {"daemon_degraded:stuck:reader-0", "daemon_degraded:database",
                                       "daemon_degraded:folder"}
     assert tracker.update(cond) == []  # still degraded: nothing new
-    folder.mkdir()
-    later = tracker.update(health_conditions(stuck=[], database=None, folder=folder, observer_restarts=1))
+    back = FolderState(folder, True, 0.0, False)
+    later = tracker.update(health_conditions(stuck=[], database=None, folder=back, observer_restarts=1))
     assert {e.key for e in later} == {"daemon_degraded:observer", "daemon_recovered:stuck:reader-0",
                                       "daemon_recovered:database", "daemon_recovered:folder"}
     assert all(e.kind == "daemon_degraded" for e in later)
+    frozen = health_conditions(stuck=[], database=None, folder=FolderState(folder, True, 12.4, True),
+                               observer_restarts=0)
+    assert frozen == {"folder_unreachable": f"watch folder unreachable: {folder} has not answered for 12 s "
+                                            "(a frozen network share?)"}
 
 
 def test_alerts_in_process_each_event_once_also_after_a_restart(tmp_path: Path, receiver: Receiver) -> None:
