@@ -23,9 +23,11 @@ All measures are computed on the specimen area (data bar removed), grey in [0, 1
   phase stand out alone. An image enlarged k times by pixel replication (digital zoom, an upscaled
   export) steps only every k pixels: it is measured as it was before (`replication`), and a
   pattern of several equal phases (every 2nd or 4th pixel) is no block pattern either; before, 2x
-  enlargements scored 2.0-2.4 and 4x ones 1e7-1e8 against the median. The shared NCM JPEGs score
-  SHARED_RANGE, the same images saved at JPEG quality 3-5 score Q35_RANGE, and the
-  network reads their blocks as surface texture (two of eight confidently wrong). Only a reason.
+  enlargements scored 2.0-2.4 and 4x ones 1e7-1e8 against the median. All 737 shared NCM JPEGs
+  score 1.03-1.33 (none found replicated), 2x digital zooms of a third of them 1.02-1.36; the same
+  images saved at JPEG quality 3 score 2.6-11, at quality 5 2.0-5.2 (all refused), at quality 9
+  1.6-3.0 (86 % refused; 87 % with the old median measure); the network reads their blocks as
+  surface texture (two of eight confidently wrong). Only a reason.
 - noise (low dose, fast scan): the standard deviation of the pixel noise (Immerkaer's estimate, a
   3x3 second-difference filter that cancels smooth structure) over the dynamic range. The shared
   NCM images: 0.004-0.042; with Gaussian noise of sigma 0.08-0.2 added, 0.11-0.20, where the
