@@ -96,6 +96,14 @@ def test_config_toml_values_are_the_defaults() -> None:
         ("[samples]\nexpect = [{ pattern = 'a' }]\n", ["[samples] expect[0]", "class"]),
         ("[train]\nclass_map = { a = 1 }\n", ["[train] class_map", "strings"]),
         ("[model\ndevice = 'cpu'\n", ["not valid TOML"]),
+        ("[metrics]\nlisten = '::9464'\n", ["[metrics] listen", "'::9464'"]),
+        ("[metrics]\nlisten = 'host:'\n", ["[metrics] listen", "'host:'"]),
+        ("[metrics]\nlisten = ':99999'\n", ["[metrics] listen", "':99999'"]),
+        ("[metrics]\nlisten = '[::1'\n", ["[metrics] listen", "'[::1'"]),
+        ("[metrics]\nlisten = '0.0.0.0:9464'\n", ["[metrics] listen", "not a loopback", "allow_remote"]),
+        ("[metrics]\nlisten = '[::]:9464'\n", ["[metrics] listen", "not a loopback", "allow_remote"]),
+        ("[metrics]\nlisten = '192.168.1.20:9464'\n", ["[metrics] listen", "allow_remote"]),
+        ("[metrics]\nallow_remote = 'yes'\n", ["[metrics] allow_remote", "true or false"]),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(text: str, words: list[str], tmp_path: Path) -> None:
@@ -210,6 +218,16 @@ def test_bad_config_exits_78_on_every_command(command: list[str], cli: Cli, tmp_
     assert run.code == ExitStatus.CONFIG, (run.out, run.err)
     assert run.err.strip().count("\n") == 0 and "Traceback" not in run.err
     assert run.err.startswith("semwatch: configuration error: [model] batch_size")
+
+
+def test_malformed_or_remote_metrics_listen_exits_78_at_load(cli: Cli, tmp_path: Path) -> None:
+    """Refused when the settings are read, by any command, not when the daemon starts serving."""
+    for listen in ("::9464", "0.0.0.0:9464"):
+        (tmp_path / "config.toml").write_text(f"[metrics]\nlisten = {listen!r}\n", encoding="utf-8")
+        run = cli("top", "--once")
+        assert run.code == ExitStatus.CONFIG, (run.out, run.err)
+        assert run.err.startswith("semwatch: configuration error: [metrics] listen")
+        assert run.err.strip().count("\n") == 0 and "Traceback" not in run.err
 
 
 def test_bad_config_from_env_and_missing_file_exit_78(cli: Cli, tmp_path: Path) -> None:

@@ -395,3 +395,16 @@ def test_mouse_tabs_rows_and_footer(settings: Settings) -> None:
         assert app.return_code == 0 and not app.is_running
 
     _drive(settings, script, quit_at_end=False)
+
+
+def test_the_header_shows_the_daemons_problem(settings: Settings) -> None:
+    """A running daemon's message (a frozen share, a full disk, a stuck stage) is on the first line."""
+    now = datetime.now(UTC)
+    make_database(settings.store.database, now=now, images=[{"processed_at": iso(now)}],
+                  message="watch folder unreachable: /mnt/sem has not answered for 12 s")
+
+    async def script(app: ConsoleApp, pilot: Pilot[int]) -> None:
+        first = _summary(app).splitlines()[0]
+        assert "daemon running" in first and "watch folder unreachable: /mnt/sem" in first
+
+    _drive(settings, script, size=(200, 24))

@@ -126,8 +126,10 @@ def test_hung_read_is_abandoned_and_recorded(settings: Settings, tiny_model: Pat
             time.sleep(0.05)
         assert row["status"] == "pending"
         pipeline.submit(_candidate(ok))
-        time.sleep(1.5)
-        assert [s.stage for s in liveness.stuck(1.0)] == ["reader-0"]  # alive, but not moving
+        deadline = time.monotonic() + 60
+        while [s.stage for s in liveness.stuck(1.0)] != ["reader-0"]:  # alive, but not moving
+            assert time.monotonic() < deadline, liveness.stuck(1.0)
+            time.sleep(0.05)
         pipeline.check_readers()
         assert liveness.stuck(1.0) == []  # the stuck thread no longer counts; a new one reads
         deadline = time.monotonic() + 60

@@ -107,15 +107,45 @@ def test_metrics_scraped_from_a_running_daemon_match_its_database(
 
 
 def test_metrics_listen_is_checked() -> None:
-    def listen(text: str) -> tuple[str, int] | None:
-        return load_settings(None, environ={}, overrides={"metrics": {"listen": text}}).metrics.address()
+    def listen(text: str, allow_remote: bool = False) -> tuple[str, int] | None:
+        return load_settings(None, environ={}, overrides={
+            "metrics": {"listen": text, "allow_remote": allow_remote}}).metrics.address()
 
     assert listen("") is None
     assert listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert listen("127.8.0.1:9464") == ("127.8.0.1", 9464)
     assert listen("[::1]:9464") == ("::1", 9464)
-    for bad in ("9464", "localhost", "127.0.0.1:", ":9464", "127.0.0.1:99999", "127.0.0.1:http"):
+    assert listen("localhost:9464") == ("localhost", 9464)
+    for bad in ("9464", "localhost", "127.0.0.1:", ":9464", "127.0.0.1:99999", "127.0.0.1:http", "::9464",
+                "host:", ":99999", "[::1", "[::1]", "[::1]9464", "::1:9464", "[nothost]:9464", "1.2.3:9464",
+                "a b:9464", "127.0.0.1:0", "127.0.0.1:９４６４"):
         with pytest.raises(ConfigError, match=r"\[metrics\] listen must be host:port"):
             listen(bad)
+        with pytest.raises(ConfigError, match=r"\[metrics\] listen must be host:port"):
+            listen(bad, allow_remote=True)
+    for remote in ("0.0.0.0:9464", "[::]:9464", "192.168.1.20:9464", "[fe80::1]:9464", "metrics-host:9464",
+                   "sem.lab.example:9464"):
+        with pytest.raises(ConfigError, match=r"\[metrics\] listen = .* not a loopback .*allow_remote"):
+            listen(remote)
+        assert listen(remote, allow_remote=True) is not None
+
+
+def test_a_remote_listen_address_is_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    """With `allow_remote`, the daemon's metrics start serving on 0.0.0.0 and say so as a warning."""
+    from semwatch.service.metrics import start_metrics
+
+    port = free_port()
+    settings = load_settings(None, environ={}, overrides={
+        "metrics": {"listen": f"0.0.0.0:{port}", "allow_remote": True}})
+    metrics = start_metrics(settings, model_id="m", device="cpu", depths=lambda: {})
+    assert metrics is not None
+    try:
+        assert metrics.port == port
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == [f"metrics on http://0.0.0.0:{port}/metrics, NOT loopback ([metrics] allow_remote "
+                            "= true): anyone who can reach this port reads them, without authentication"]
+    finally:
+        metrics.stop()
 
 
 def _merged(dropin: Path, tmp_path: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import re
 import socket
 import threading
@@ -25,6 +26,7 @@ from semwatch.config import Settings, load_settings
 from semwatch.errors import ConfigError
 from semwatch.liveness import Stuck
 from semwatch.service.events import HealthTracker, SamplePoller, health_conditions
+from semwatch.service.folderprobe import FolderState
 from semwatch.service.notify import start_alerts, state_path
 from semwatch.store import db
 from test_daemon import Daemon, copy_image, ncm_images
@@ -237,7 +239,7 @@ def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver,
     config = tmp_path / "config.toml"
     config.write_text(f'[notify]\nurls = ["{receiver.url}"]\n', encoding="utf-8")
     run = cli("notify", "--test")
-    assert run.code == 0 and run.out.strip() == f"json://127.0.0.1:{receiver.port}/alerts: delivered"
+    assert run.code == 0 and run.out.strip() == f"json://127.0.0.1:{receiver.port} (urls[0]): delivered"
     assert [m["title"].startswith("semwatch: test message") for m in receiver.messages] == [True]
     with socket.socket() as closed:  # a port nobody listens on: refused at once
         closed.bind(("127.0.0.1", 0))
@@ -254,6 +256,97 @@ def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver,
     run = cli("notify", "--test")
     assert run.code == 78 and "urls[0] is not a URL apprise can send to" in run.err
     assert "nosuchscheme" not in caplog.text  # a URL may hold a token: never logged
+
+
+def _dead_port() -> int:
+    with socket.socket() as closed:  # a port nobody listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        return int(closed.getsockname()[1])
+
+
+def _secret_urls(port: int) -> tuple[list[str], list[str]]:
+    """Alert URLs with a secret in every part, and the secrets. The loopback ones go to `port`
+    (nobody listens); the others name hosts that `offline` does not resolve."""
+    urls = [
+        f"json://ju1:jpw1@127.0.0.1:{port}/api/webhooks/JSONSECRET1?token=QTOKEN1",
+        f"form://127.0.0.1:{port}/hooks/FORMSECRET2",
+        f"xml://127.0.0.1:{port}/XMLSECRET3",
+        f"ntfys://127.0.0.1:{port}/secret-topic-4",
+        "ntfy://ntfy.lab.example/semwatchTopic5",
+        f"gotify://127.0.0.1:{port}/GOTIFYTOKEN6",
+        f"matrix://mxuser7:mxpass7@127.0.0.1:{port}/!room7:lab.example",
+        f"mailtos://semwatch8:mailpw8@lab.example?smtp=127.0.0.1&port={port}&to=team8@lab.example",
+        "tgram://123456789:AAHbotSecret9/-100200300",
+        "discord://4174216298/DISCORDTOKEN10",
+        "slack://T1JJ3T3L2/A1BRTD4JD/SLACKSECRET11/#general",
+        "pover://userkey12@apptoken12",
+        f"json://localhost:{port}/LOCALSECRET13",
+        "ntfy://bare-secret-topic14",
+    ]
+    secrets = ["ju1", "jpw1", "JSONSECRET1", "QTOKEN1", "webhooks", "FORMSECRET2", "XMLSECRET3",
+               "secret-topic-4", "semwatchTopic5", "GOTIFYTOKEN6", "mxuser7", "mxpass7", "room7",
+               "semwatch8", "mailpw8", "team8", "123456789", "AAHbotSecret9", "100200300", "4174216298",
+               "DISCORDTOKEN10", "T1JJ3T3L2", "A1BRTD4JD", "SLACKSECRET11", "general", "userkey12",
+               "apptoken12", "LOCALSECRET13", "bare-secret-topic14"]
+    return urls, secrets
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault of a machine without a route out: names other than loopback do not resolve (so no
+    test message leaves this machine for Telegram, Discord, ...)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in ("127.0.0.1", "localhost", "::1", b"127.0.0.1", b"localhost"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_no_secret_in_notify_test_output_or_alert_logs(cli: Any, tmp_path: Path, offline: None,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 18 item 3: `notify --test` (plain and JSON) and the "failed; retry" / "not delivered"
+    lines of a real send show each URL as `urls.mask_url` does, with its place in the list; not one
+    secret of any scheme appears, even with every logger at DEBUG."""
+    caplog.set_level(logging.DEBUG)
+    urls, secrets = _secret_urls(_dead_port())
+    config = tmp_path / "config.toml"
+    config.write_text(f"[notify]\nurls = {json.dumps(urls)}\ntimeout_seconds = 2.0\n", encoding="utf-8")
+    run = cli("notify", "--test")
+    assert run.code == 1
+    lines = run.out.splitlines()
+    assert len(lines) == len(urls) and all(line.endswith(": FAILED") for line in lines)
+    assert lines[0] == f"json://127.0.0.1:{urls[0].split(':')[3].split('/')[0]} (urls[0]): FAILED"
+    assert lines[8] == "tgram://<hidden> (urls[8]): FAILED"
+    assert lines[4] == "ntfy://ntfy.lab.example (urls[4]): FAILED"
+    shown = run.out + run.err
+    run = cli("notify", "--test", "--json")
+    assert run.code == 1
+    assert [json.loads(line)["delivered"] for line in run.out.splitlines()] == [False] * len(urls)
+    shown += run.out + run.err
+
+    database = tmp_path / "semwatch.db"
+    make_database(database, now=datetime.now(UTC), images=[{}])
+    settings = load_settings(None, environ={}, overrides={
+        "store": {"database": str(database)},
+        "notify": {"urls": urls, "poll_seconds": 0.1, "retries": 1, "timeout_seconds": 2.0}})
+    alerts = start_alerts(settings)
+    assert alerts is not None
+    try:
+        alerts.health({"folder": "watch folder gone: /export"})
+        deadline = time.monotonic() + 60
+        while "not delivered" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text[-3000:]
+            time.sleep(0.1)
+    finally:
+        alerts.stop()
+    assert "alert daemon_degraded:folder to json://127.0.0.1:" in caplog.text
+    assert "failed; retry 1/1" in caplog.text and "tgram://<hidden> (urls[8])" in caplog.text
+    shown += caplog.text + "\n".join(r.getMessage() for r in caplog.records)
+    leaked = [s for s in secrets if s in shown]
+    assert not leaked, leaked
 
 
 def test_notify_settings_are_checked() -> None:
@@ -300,17 +393,21 @@ def test_health_tracker_reports_degraded_and_recovered(tmp_path: Path) -> None:
     tracker = HealthTracker("lab-pc")
     folder = tmp_path / "gone"
     cond = health_conditions(stuck=[Stuck("reader-0", 95.0, "reading /x/a.tif")], database="disk I/O error",
-                             folder=folder, observer_restarts=0)
+                             folder=FolderState(folder, False, 0.0, False), observer_restarts=0)
     assert set(cond) == {"stuck:reader-0", "database", "folder"}
     first = tracker.update(cond)
     assert {e.key for e in first} == {"daemon_degraded:stuck:reader-0", "daemon_degraded:database",
                                       "daemon_degraded:folder"}
     assert tracker.update(cond) == []  # still degraded: nothing new
-    folder.mkdir()
-    later = tracker.update(health_conditions(stuck=[], database=None, folder=folder, observer_restarts=1))
+    back = FolderState(folder, True, 0.0, False)
+    later = tracker.update(health_conditions(stuck=[], database=None, folder=back, observer_restarts=1))
     assert {e.key for e in later} == {"daemon_degraded:observer", "daemon_recovered:stuck:reader-0",
                                       "daemon_recovered:database", "daemon_recovered:folder"}
     assert all(e.kind == "daemon_degraded" for e in later)
+    frozen = health_conditions(stuck=[], database=None, folder=FolderState(folder, True, 12.4, True),
+                               observer_restarts=0)
+    assert frozen == {"folder_unreachable": f"watch folder unreachable: {folder} has not answered for 12 s "
+                                            "(a frozen network share?)"}
 
 
 def test_alerts_in_process_each_event_once_also_after_a_restart(tmp_path: Path, receiver: Receiver) -> None:

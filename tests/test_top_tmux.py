@@ -40,15 +40,16 @@ def _screen(base: list[str]) -> str:
     return out.stdout
 
 
-def _wait_for(base: list[str], needle: str, timeout: float = 30.0) -> str:
+def _wait_for(base: list[str], needle: str, timeout: float = 30.0, *, present: bool = True) -> str:
+    """The screen once `needle` is on it (`present=False`: once it is not)."""
     deadline = time.monotonic() + timeout
     screen = ""
     while time.monotonic() < deadline:
         screen = _screen(base)
-        if needle in screen:
+        if (needle in screen) == present:
             return screen
         time.sleep(0.2)
-    raise AssertionError(f"{needle!r} not on screen:\n{screen}")
+    raise AssertionError(f"{needle!r} {'not ' if present else 'still '}on screen:\n{screen}")
 
 
 def _start(base: list[str], command: str, config: Path, done_file: Path,
@@ -106,8 +107,9 @@ def test_top_follows_the_database_in_a_terminal(settings: Settings, tmp_path: Pa
     screen = _wait_for(tmux, "second.tif")
     assert "failed" in screen and "first.tif" in screen
 
-    _keys(tmux, "/")  # search by name (typed after the focus moved, as a person types)
-    time.sleep(0.5)
+    assert "Detail" in screen  # the table has the focus: its key is in the footer
+    _keys(tmux, "/")  # search by name, typed once the focus has moved, as a person types
+    _wait_for(tmux, "Detail", present=False)  # the search field has it: the table's key left the footer
     _keys(tmux, "second", "Enter")
     _wait_for(tmux, "1 shown")
     _keys(tmux, "Enter")  # the detail of the one row left

@@ -9,8 +9,10 @@ naming the key; the CLI turns that into a one-line message and exit code 78.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -341,24 +343,62 @@ class NotifySettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str = ""
+    allow_remote: bool = False
 
     def validate(self) -> None:
         if self.listen:
-            listen_address(self.listen)
+            host, _ = listen_address(self.listen)
+            if not self.allow_remote and not is_loopback(host):
+                raise ConfigError(f"[metrics] listen = {self.listen!r} is not a loopback address and the "
+                                  "endpoint has no authentication: set [metrics] allow_remote = true to "
+                                  "serve it beyond this machine")
 
     def address(self) -> tuple[str, int] | None:
         """(host, port) to serve on; None when metrics are off."""
         return listen_address(self.listen) if self.listen else None
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def listen_address(text: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" → (host, port); ConfigError naming `[metrics] listen` otherwise."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"[metrics] listen must be host:port (e.g. 127.0.0.1:9464), got {text!r}")
+    """"host:port" or "[v6]:port" → (host, port); ConfigError naming `[metrics] listen` otherwise.
+    The host is an IPv4 address, a bracketed IPv6 address or a host name: `::9464` (an IPv6
+    address without brackets and port), `host:`, `:9464`, `[::1` are refused here, at load, not
+    when the daemon starts serving."""
+    bad = ConfigError("[metrics] listen must be host:port or [ipv6]:port (e.g. 127.0.0.1:9464), "
+                      f"got {text!r}")
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or not rest.startswith(":"):
+            raise bad
+        port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, port = text.partition(":")
+        if not sep or ":" in port:
+            raise bad
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if host.split(".")[-1].isdigit() or not all(_HOST_LABEL.fullmatch(x) for x in host.split(".")):
+                raise bad from None
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost"; any other name may resolve anywhere, so it is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import numpy as np
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.reprocess.work import Outcome, Prepared, WorkItem, classify_items, read_item
+from semwatch.urls import mask_url, mask_urls_in
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -110,8 +111,9 @@ class RayEngine:
             else:  # "local": a new Ray even where RAY_ADDRESS or a `ray start` on this machine exists
                 ray.init(address="local", include_dashboard=False, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {address!r} ([scale] ray_address)" if address else "a local Ray"
-            raise UserError(f"cannot start or join {where}: {str(exc).strip().splitlines()[0]}",
+            shown = mask_url(address) if "://" in address else address  # ray://user:pass@head:10001
+            where = f"the Ray cluster at {shown!r} ([scale] ray_address)" if address else "a local Ray"
+            raise UserError(f"cannot start or join {where}: {mask_urls_in(str(exc).strip().splitlines()[0])}",
                             ExitStatus.CONFIG) from None
         self._connected = True
 

@@ -44,6 +44,7 @@ from semwatch.liveness import Liveness, Stuck
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.catchup import CatchUp
 from semwatch.service.events import health_conditions
+from semwatch.service.folderprobe import FolderProbe, FolderState, unreachable_after
 from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
 from semwatch.service.metrics import Metrics, queue_depths, start_metrics
@@ -137,6 +138,8 @@ class Service:
         self._stuck_logged: set[str] = set()
         self.alerts: Alerts | None = None  # [notify]: started before the threads, stopped last
         self.metrics: Metrics | None = None  # [metrics]: started with the threads, stopped first
+        # Whether the watch folder answers, asked without blocking (a frozen share blocks the caller).
+        self.probe = FolderProbe(self.folder, unreachable_after=unreachable_after(settings.watch))
 
     def run(self) -> int:
         settings = self.settings
@@ -168,11 +171,13 @@ class Service:
         code: int = ExitStatus.OK
         try:
             ledger = self._prepare_store(store, classifier, mode)
+            self.probe.start()
             self.alerts = start_alerts(self.settings)
             pipeline, watcher = self._start_threads(parts, classifier, ledger, mode)
             self.metrics = start_metrics(self.settings, model_id=classifier.model_id,
                                          device=classifier.device,
-                                         depths=lambda: queue_depths(pipeline, watcher, parts.writer))
+                                         depths=lambda: queue_depths(pipeline, watcher, parts.writer),
+                                         folder=self.probe.state)
             pipeline.observer = self.metrics
             log.info("watching %s (%s on %s), model %s on %s, database %s", self.folder, mode, fstype,
                      classifier.model_id, classifier.device, self.settings.store.database)
@@ -268,11 +273,15 @@ class Service:
         queued, in_progress = pipeline.counts()
         ips, tps = pipeline.rates.rates()
         waiting = watcher.counts.waiting + queued
-        stuck = self._stuck()
+        folder = self.probe.check()
+        stuck = self._stuck(folder)
         if self.alerts is not None:
-            self.alerts.health(health_conditions(stuck=stuck, database=writer.degraded, folder=self.folder,
+            self.alerts.health(health_conditions(stuck=stuck, database=writer.degraded, folder=folder,
                                                  observer_restarts=watcher.observer_restarts()))
         message = writer.degraded and f"database not writable: {writer.degraded}"
+        problem = folder.problem()
+        if problem is not None:
+            message = problem[1]
         if stuck:
             message = "stuck: " + "; ".join(f"{s.stage} {s.doing} for {s.seconds:.0f} s" for s in stuck)
         writer.put(DaemonStatus("running", waiting=waiting, in_progress=in_progress,
@@ -284,9 +293,13 @@ class Service:
             self.notifier.notify("WATCHDOG=1", f"STATUS={pipeline.done} done, {pipeline.failed} failed, "
                                  f"{waiting} waiting, {in_progress} in progress, {ips:.2f} images/s")
 
-    def _stuck(self) -> list[Stuck]:
-        """Busy stages that have not moved within the threshold; each is logged once per episode."""
+    def _stuck(self, folder: FolderState) -> list[Stuck]:
+        """Busy stages that have not moved within the threshold; each is logged once per episode.
+        While the watch folder does not answer, the watcher waiting on it is not stuck: the share is
+        (reported as such); restarting the daemon would not help."""
         stuck = self.liveness.stuck(self.stuck_after)
+        if folder.unreachable:
+            stuck = [s for s in stuck if s.stage != "watcher"]
         names = {s.stage for s in stuck}
         for s in stuck:
             if s.stage not in self._stuck_logged:
@@ -359,6 +372,7 @@ class Service:
             parts.store.close()
         if self.alerts is not None:
             self.alerts.stop()  # after the writer: the last results are committed, a last poll sees them
+        self.probe.stop()
         summary = self.limiter.roll(force=True)
         if summary:
             log.warning("%s", summary)

@@ -24,6 +24,7 @@ from pathlib import Path
 from semwatch.config import NotifySettings
 from semwatch.liveness import Stuck
 from semwatch.safefs import printable, text_safe
+from semwatch.service.folderprobe import FolderState
 
 MAX_PATHS = 5  # image paths named in a sample message; the rest are counted
 DIGEST_OVER = 10  # more sample events than this in one poll round become one digest message
@@ -193,15 +194,17 @@ class SamplePoller:
                       f"or a model that does not fit what is being imaged. Newest result at {newest}.")]
 
 
-def health_conditions(*, stuck: Iterable[Stuck], database: str | None, folder: Path,
+def health_conditions(*, stuck: Iterable[Stuck], database: str | None, folder: FolderState,
                       observer_restarts: int) -> dict[str, str]:
-    """The daemon's problems right now, by name (see `HealthTracker`)."""
+    """The daemon's problems right now, by name (see `HealthTracker`). The folder as the probe last
+    saw it: looking at it here could block the caller on a frozen share."""
     conditions = {f"stuck:{s.stage}": f"stage {s.stage} has not moved for {s.seconds:.0f} s ({s.doing})"
                   for s in stuck}
     if database:
         conditions["database"] = f"database not writable (disk full?): {database}"
-    if not folder.is_dir():
-        conditions["folder"] = f"watch folder gone: {folder}"
+    problem = folder.problem()
+    if problem is not None:
+        conditions[problem[0]] = problem[1]
     if observer_restarts:
         conditions["observer"] = (f"the inotify observer died and was restarted {observer_restarts} "
                                   "time(s) in the last 5 minutes")

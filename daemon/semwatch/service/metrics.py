@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semwatch.config import Settings
+from semwatch.config import Settings, is_loopback
 from semwatch.store import db
 from semwatch.store.selection import count_outdated
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from prometheus_client.metrics_core import Metric
 
+    from semwatch.service.folderprobe import FolderState
     from semwatch.service.pipeline import Pipeline
     from semwatch.service.watcher import Watcher
     from semwatch.store.writer import Writer
@@ -126,8 +127,9 @@ class _DatabaseCollector:
 class Metrics:
     """The registry, the pipeline's observer and the HTTP server (`start`/`stop`)."""
 
-    def __init__(self, settings: Settings, *, model_id: str, device: str, depths: Depths) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+    def __init__(self, settings: Settings, *, model_id: str, device: str, depths: Depths,
+                 folder: Callable[[], FolderState] | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
         self.settings = settings
         self.registry = CollectorRegistry()
@@ -145,6 +147,10 @@ class Metrics:
         Info("semwatch_model", "The daemon's model and device", registry=self.registry).info(
             {"model_id": model_id, "device": device})
         self.registry.register(_DatabaseCollector(settings.store.database, model_id, depths))
+        if folder is not None:
+            Gauge("semwatch_watch_folder_reachable", "1 while the watch folder answers a stat within "
+                  "the limit, 0 while it does not (a frozen share) or is gone",
+                  registry=self.registry).set_function(lambda: float(folder().problem() is None))
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, resident memory, fds
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -171,7 +177,13 @@ class Metrics:
         assert address is not None
         host, port = address
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, self._server.server_port)
+        shown = f"[{host}]" if ":" in host else host
+        if is_loopback(host):
+            log.info("metrics on http://%s:%d/metrics", shown, self._server.server_port)
+        else:  # allowed by [metrics] allow_remote (config.py refuses it otherwise)
+            log.warning("metrics on http://%s:%d/metrics, NOT loopback ([metrics] allow_remote = true): "
+                        "anyone who can reach this port reads them, without authentication",
+                        shown, self._server.server_port)
 
     @property
     def port(self) -> int | None:
@@ -186,12 +198,13 @@ class Metrics:
             thread.join(5.0)
 
 
-def start_metrics(settings: Settings, *, model_id: str, device: str, depths: Depths) -> Metrics | None:
+def start_metrics(settings: Settings, *, model_id: str, device: str, depths: Depths,
+                  folder: Callable[[], FolderState] | None = None) -> Metrics | None:
     """The metrics server, started; None when `[metrics] listen` is empty or it cannot listen (the
     daemon classifies without it: logged as an error)."""
     if not settings.metrics.listen:
         return None
-    metrics = Metrics(settings, model_id=model_id, device=device, depths=depths)
+    metrics = Metrics(settings, model_id=model_id, device=device, depths=depths, folder=folder)
     try:
         metrics.start()
     except OSError as exc:

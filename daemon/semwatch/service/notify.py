@@ -46,6 +46,7 @@ from semwatch.service.events import (
     report_event,
 )
 from semwatch.store import db
+from semwatch.urls import mask_url
 
 if TYPE_CHECKING:
     from apprise import Apprise
@@ -112,9 +113,17 @@ class SentLog:
             log.warning("cannot save alert state %s: %s", self.path, exc.strerror or exc)
 
 
+def _silence_apprise() -> None:
+    """apprise's own log lines quote URLs, tokens and chat ids as each plugin sees fit ("Unparseable
+    URL", debug lines with the whole POST URL and request errors, warnings naming a chat): none is
+    shown. What failed is said by our lines, naming the target by `Target.name`."""
+    logging.getLogger("apprise").disabled = True
+
+
 @dataclass(frozen=True)
 class Target:
-    """One configured URL, ready to send; `name` is the URL with its secrets masked (for logs)."""
+    """One configured URL, ready to send; `name` is how it is shown anywhere (`urls.mask_url`, and
+    its place in `[notify] urls`, since two URLs may share a host)."""
 
     name: str
     apprise: Apprise
@@ -125,6 +134,7 @@ def build_targets(urls: tuple[str, ...], timeout: float) -> list[Target]:
     seconds to connect and to read. A URL apprise does not understand is a ConfigError."""
     import apprise
 
+    _silence_apprise()
     targets = []
     for i, url in enumerate(urls):
         # In the calling thread (no apprise pool threads: our send thread is the one place that
@@ -133,23 +143,17 @@ def build_targets(urls: tuple[str, ...], timeout: float) -> list[Target]:
         ap = apprise.Apprise(asset=asset)
         sep = "&" if "?" in url else "?"
         timed = url if ("cto=" in url or "rto=" in url) else f"{url}{sep}cto={timeout:g}&rto={timeout:g}"
-        apprise_log = logging.getLogger("apprise")
-        apprise_log.disabled = True  # its "Unparseable URL" line would print the URL's secrets
-        try:
-            added = ap.add(timed)
-        finally:
-            apprise_log.disabled = False
-        if not added:
+        if not ap.add(timed):
             raise ConfigError(f"[notify] urls[{i}] is not a URL apprise can send to")
-        targets.append(Target(ap[0].url(privacy=True).partition("?")[0], ap))
+        targets.append(Target(f"{mask_url(url)} (urls[{i}])", ap))
     return targets
 
 
 def deliver(target: Target, event: Event) -> bool:
     try:
         return bool(target.apprise.notify(body=event.body, title=event.title))
-    except Exception as exc:  # a plugin's bug must not kill the send thread
-        log.warning("alert to %s raised %s: %s", target.name, type(exc).__name__, exc)
+    except Exception as exc:  # a plugin's bug must not kill the send thread; its text may quote the URL
+        log.warning("alert to %s raised %s", target.name, type(exc).__name__)
         return False
 
 

@@ -60,17 +60,19 @@ class BenchResult:
         return self.tiles_per_s / bare if bare > 0 else 0.0
 
     def to_json(self) -> dict[str, object]:
+        """Unrounded: a figure derived from the others (`pipeline_efficiency`) must agree with them
+        recomputed, whatever their size (on a slow machine, a rate rounded to 2 places is not)."""
         return {
             "images": self.images,
             "failed": self.failed,
             "tiles": self.tiles,
-            "wall_s": round(self.wall_s, 3),
-            "images_per_s": round(self.images / self.wall_s, 3) if self.wall_s > 0 else 0.0,
-            "tiles_per_s": round(self.tiles_per_s, 2),
-            "model_only_tiles_per_s": round(self.model_only_tiles_per_s, 2),
-            "pipeline_efficiency": round(self.pipeline_efficiency, 4),
+            "wall_s": self.wall_s,
+            "images_per_s": self.images / self.wall_s if self.wall_s > 0 else 0.0,
+            "tiles_per_s": self.tiles_per_s,
+            "model_only_tiles_per_s": self.model_only_tiles_per_s,
+            "pipeline_efficiency": self.pipeline_efficiency,
             "rounds": self.rounds,
-            "round_efficiencies": [round(x, 3) for x in self.round_efficiencies],
+            "round_efficiencies": list(self.round_efficiencies),
             "batch_size": self.batch_size,
             "reader_threads": self.reader_threads,
             "device": self.device,

@@ -487,6 +487,8 @@ class ConsoleApp(App[int]):
                 lines[0].append(" (no heartbeat: not running or hung?)", style="bold red")
             lines[0].append(f" · heartbeat {age_text(age)} · {d.images_per_s:.2f} img/s · "
                             f"queue {d.waiting} · in progress {d.in_progress}")
+            if d.message and d.state == "running":  # its problem now: a frozen share, a full disk, stuck
+                lines[0].append(shown(f" · {d.message}", "bold red"))
         model = self._model()
         if model:
             lines[1].append("model ", style="dim")
