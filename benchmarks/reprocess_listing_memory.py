@@ -117,22 +117,22 @@ def main() -> int:
         print(json.dumps(measure(args.one, args.tree)))
         return 0
     made = make_tree(args.tree, args.files)
-    runs = []
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    out = ROOT / "benchmarks" / "results" / f"{day}-reprocess-listing-memory.json"
+    runs: list[dict[str, object]] = []
     for mode in args.modes.split(","):
         done = subprocess.run([sys.executable, __file__, "--tree", str(args.tree), "--one", mode],
                               capture_output=True, text=True, check=True)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), flush=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
-              "machine": host.summary(), "files": args.files, "per_folder": PER_FOLDER,
-              "tree_created_s": round(made, 1), "runs": runs,
-              "note": "zero-byte files, empty ledger; the driver's work list only (nothing read or "
-                      "classified); peak RSS per mode in its own process; the machine was shared"}
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    out = ROOT / "benchmarks" / "results" / f"{day}-reprocess-listing-memory.json"
-    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
+                  "machine": host.summary(), "files": args.files, "per_folder": PER_FOLDER,
+                  "tree_created_s": round(made, 1), "runs": runs,
+                  "note": "zero-byte files, empty ledger; the driver's work list only (nothing read or "
+                          "classified); peak RSS per mode in its own process; the machine was shared"}
+        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # after each mode
     print(out)
     return 0
 
