@@ -369,8 +369,7 @@ def test_the_catch_up_reclassifies_rows_that_reprocess_ingested_from_an_archive(
         assert r["supersedes"] == before[r["path"]]["id"] and r["revision"] == 1
         assert r["probabilities"] == before[r["path"]]["probabilities"]  # same weights
         assert r["sample_id"] == before[r["path"]]["sample_id"]
-    log = d.log_text()
-    assert "outside the watch folder" not in log and "catch-up done" in log
+    assert "outside the watch folder" not in d.log_text()
     d.start()  # the next start has nothing left to catch up on, and says nothing about it
     rc, _ = d.stop()
     assert rc == 0

@@ -180,12 +180,14 @@ def test_a_read_hung_under_ray_is_recorded_failed_and_the_run_goes_on(
         tmp_path: Path, tiny_model: Path, ncm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader task's read blocked in the kernel for good (injected: a read from a pipe nobody
     writes) is given up after `[watch] read_timeout_seconds`: recorded failed with the reason, and
-    every other file classified."""
+    every other file classified, in this chunk of the work list and the next."""
     folder = archive(tmp_path, ncm_dir, per_class=2)
     hung = sorted(folder.glob("sB/*.jpg"))[0]
     settings = settings_for(tmp_path, tiny_model, "hang", test_time_views=1)
-    settings = settings.replace(watch=dataclasses.replace(settings.watch, read_timeout_seconds=3.0))
+    # 10 s: far beyond a real read of these files even on a loaded machine, so only the hung one fails.
+    settings = settings.replace(watch=dataclasses.replace(settings.watch, read_timeout_seconds=10.0))
     monkeypatch.setenv(ray_engine.HANG_ENV, hung.name)
+    monkeypatch.setattr(ray_engine, "CHUNK_ITEMS", 3)  # the 5 files in two chunks: the stream goes on
     code, lines = run(settings, ReprocessRequest(folders=(folder,), engine="ray"))
     assert code == 1
     summary = lines[-1]

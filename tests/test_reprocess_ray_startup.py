@@ -4,9 +4,10 @@ running cluster (a real `ray start --head` on loopback, started and stopped here
 line, with exit 78, that an address nobody answers at cannot be joined.
 
 Separate from test_reprocess_ray.py, whose in-process Ray would be reused by the engine instead of
-started by it. Each Ray here is small (one CPU, one model actor) and is found again for clean-up by
-its own temporary folder on its processes' command lines (never `ray stop`, which would stop every
-Ray of this user on the machine)."""
+started by it. Each Ray here is small (one CPU, one model actor). Its processes are found again by a
+marker in their environment, which they inherit from the process that started them (never
+`ray stop`, which would stop every Ray of this user on the machine): to check that the command
+stopped its private Ray, and to end whatever is left after a test."""
 
 from __future__ import annotations
 
@@ -34,13 +35,17 @@ pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+MARKER = "SEMWATCH_TEST_RAY_MARKER"
+
+
 def ray_processes(marker: str) -> list[psutil.Process]:
+    """The processes started with `MARKER=marker` in their environment (inherited)."""
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid"]):
         try:
-            if any(marker in a for a in (p.info["cmdline"] or ())):
+            if p.environ().get(MARKER) == marker:
                 found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
 
@@ -58,8 +63,8 @@ def end(processes: list[psutil.Process]) -> None:
 
 @pytest.fixture
 def ray_temp() -> Iterator[str]:
-    """A short temporary folder for one Ray (its socket paths have a length limit); the processes
-    that carry it on their command line are ended after the test, whatever happened."""
+    """A short temporary folder for one Ray (its socket paths have a length limit), also the marker
+    of its processes: those left are ended after the test, whatever happened."""
     temp = tempfile.mkdtemp(prefix="swray", dir="/tmp")
     try:
         yield temp
@@ -101,26 +106,31 @@ def current(cfg: Path) -> list[tuple[str, str]]:
         conn.close()
 
 
-def env_without_ray(**extra: str) -> dict[str, str]:
+def env_for(marker: str) -> dict[str, str]:
+    """No cluster to find by itself; token authentication on where this user has a token (Ray >=
+    2.5x turns it on for a head where ~/.ray/auth_token exists; a driver and a joining node agree
+    only when told: docs/SCALE-OUT.md)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, "RAY_DISABLE_USAGE_STATS": "1", **extra}
+    env.update({"RAY_DISABLE_USAGE_STATS": "1", MARKER: marker})
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    return env
 
 
 def test_a_private_local_ray_is_started_and_shut_down_by_the_command(
         tmp_path: Path, tiny_model: Path, ncm_dir: Path, ray_temp: str) -> None:
     folder = archive(tmp_path, ncm_dir, per_class=1)
     cfg = config(tmp_path, tiny_model)
-    done = reprocess(folder, cfg, env_without_ray(RAY_TMPDIR=ray_temp))
+    done = reprocess(folder, cfg, env_for(ray_temp))
     assert done.returncode == 1, done.stderr  # the broken file is recorded failed
     result = summary(done.stdout)
     assert (result["engine"], result["classified"], result["failed"]) == ("ray", 2, 1)
     assert [status for _, status in current(cfg)].count("failed") == 1 and len(current(cfg)) == 3
     assert "Traceback" not in done.stderr
-    assert list(Path(ray_temp).glob("session_*")), "the private Ray did not run under RAY_TMPDIR"
-    # The command shut its Ray down: none of its processes outlive it (given time to exit).
+    # The command shut its Ray down: none of the processes it started outlive it (given time to exit).
     deadline = time.monotonic() + 60
     while left := ray_processes(ray_temp):
-        assert time.monotonic() < deadline, [p.info["cmdline"][:2] for p in left]
+        assert time.monotonic() < deadline, [" ".join(p.cmdline()[:2]) for p in left]
         time.sleep(0.5)
 
 
@@ -137,10 +147,10 @@ def test_the_command_joins_a_running_cluster_and_leaves_it_running(
     head = subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                            "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
                            "--disable-usage-stats", f"--temp-dir={ray_temp}"],
-                          capture_output=True, text=True, timeout=120, env=env_without_ray())
+                          capture_output=True, text=True, timeout=120, env=env_for(ray_temp))
     assert head.returncode == 0, head.stdout + head.stderr
     cfg = config(tmp_path, tiny_model, ray_address=f"127.0.0.1:{port}")
-    done = reprocess(folder, cfg, env_without_ray())
+    done = reprocess(folder, cfg, env_for(ray_temp))
     assert done.returncode == 1, done.stderr
     result = summary(done.stdout)
     assert (result["engine"], result["classified"], result["failed"]) == ("ray", 2, 1)
@@ -158,7 +168,7 @@ def test_an_address_nobody_answers_at_is_one_line_and_exit_78(tmp_path: Path, ti
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = config(tmp_path, tiny_model, ray_address=f"127.0.0.1:{port}")
-    done = reprocess(folder, cfg, env_without_ray(), timeout=120)
+    done = reprocess(folder, cfg, env_for("unreachable"), timeout=120)
     assert done.returncode == 78, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
