@@ -27,6 +27,7 @@ from pathlib import Path
 import host  # benchmarks/host.py: the machine, for the results file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "daemon"))  # host.py reads the machine through semwatch
 
 
 def one(checkout: Path, folder: Path, model: Path) -> dict[str, object]:
