@@ -11,7 +11,7 @@ engine's driver does with the stream: the local engine pulls items one by one (`
 keeps a bounded number in flight), the Ray engine cuts them into `ray_engine.CHUNK_ITEMS` chunks of
 pandas blocks (Ray itself is not started: the blocks are what the driver builds). No file is read
 or classified: this measures the driver's work list, not the network. Each mode runs in a process
-of its own; the figure is its peak resident memory (`ru_maxrss`) above the same process after its
+of its own; the figure is its peak resident memory (VmHWM) above the same process after its
 imports. Writes benchmarks/results/<date>-reprocess-listing-memory.json.
 """
 
@@ -51,6 +51,14 @@ def make_tree(tree: Path, files: int) -> float:
 
 
 def rss_mb() -> float:
+    """This process's peak resident memory so far: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss keeps the forking parent's peak: a child of a 220 MB parent starts "at" 220 MB)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
