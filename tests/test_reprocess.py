@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Cli
+from semwatch.config import Settings
 from semwatch.model.artifact import load_artifact, read_manifest, save_artifact
 from semwatch.store import db
 from semwatch.store.ledger import Store
@@ -195,6 +196,68 @@ def test_selection_and_stale_reclassification(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_hung_read_is_given_up_and_does_not_hold_up_the_next_ones(settings: Settings) -> None:
+    """`work.read_bounded` (both engines' readers): with one reading thread, a read that never
+    returns is given up after `[watch] read_timeout_seconds` and the next items are read on a fresh
+    thread, not queued behind the stuck one (they would all time out)."""
+    import threading
+
+    from semwatch.reprocess.work import Outcome, WorkItem, read_bounded
+
+    release = threading.Event()
+    settings = settings.replace(watch=dataclasses.replace(settings.watch, read_timeout_seconds=2.0))
+    items = [WorkItem(f"/archive/{name}.jpg", "/archive", listed=FileKey(f"/archive/{name}.jpg", 1, 2))
+             for name in ("hung", "b", "c")]
+
+    def read(item: WorkItem) -> Outcome:
+        if item.path.endswith("hung.jpg"):
+            release.wait(60)  # as a read on a dead share: only the test lets it go, at the end
+        return Outcome(item, item.listed, error="read")
+
+    try:
+        results = [r for _, r in read_bounded(items, settings, None, workers=1, prefetch=3,  # type: ignore[arg-type]
+                                              read=read)]
+    finally:
+        release.set()
+    assert [r.error for r in results] == [
+        "timed out: reading took longer than 2 s ([watch] read_timeout_seconds)", "read", "read"]
+    assert results[0].key == items[0].listed  # a listed archive file is recorded failed for its version
+
+
+def test_the_work_list_is_a_stream(tmp_path: Path) -> None:
+    """The ledger is read a page at a time by id (rows committed between pages on the same
+    connection are not taken again); the archive listing, read entry by entry, finds every file.
+    (The memory this saves is measured by benchmarks/reprocess_listing_memory.py.)"""
+    from semwatch.reading.listing import NameFilter, scan
+    from semwatch.store.selection import count_rows, paged_rows
+
+    store = Store(tmp_path / "s.db", tmp_path / "r.csv")
+    try:
+        keys = [FileKey(f"/x/a/{i}.jpg", 10 + i, 100 + i) for i in range(5)]
+        for k in keys:
+            store.append_csv(store.apply([Pending(k, utc_now()), Result(k, "h" + k.path, "a", verdict(k.path),
+                                                                         "old")]))
+        conn = store.conn
+        assert count_rows(conn, Selection(), "new") == 5
+        pages = paged_rows(conn, Selection(), "new", page=2)
+        taken = []
+        for row in pages:  # re-classify each as it comes, as `reprocess` does between pages
+            taken.append(row.key)
+            store.apply([Reclassified(row.key, row.id, "h", "a", verdict(row.key.path), "new")])
+        assert taken == keys
+        assert list(paged_rows(conn, Selection(), "new", page=2)) == []
+    finally:
+        store.close()
+    archive = tmp_path / "archive"
+    for i in range(3):
+        (archive / f"d{i}").mkdir(parents=True)
+        for j in range(3):
+            (archive / f"d{i}" / f"{j}.jpg").write_bytes(b"")
+    (archive / "d1" / "skip.txt").write_bytes(b"")
+    listed = [path for path, _ in scan(archive, NameFilter(("*.jpg",), ("*.txt",)), recursive=True)]
+    assert sorted(listed) == sorted(str(archive / f"d{i}" / f"{j}.jpg") for i in range(3) for j in range(3))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_killed_mid_run_then_rerun_is_exactly_once(cli: Cli, tmp_path: Path, tiny_model: Path,
                                                    ncm_dir: Path, sig: int) -> None:
@@ -205,7 +268,7 @@ def test_killed_mid_run_then_rerun_is_exactly_once(cli: Cli, tmp_path: Path, tin
     proc = subprocess.Popen([sys.executable, "-m", "semwatch", "reprocess", "archive"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # start-up (torch, the model) on a loaded 2-core machine
         while True:  # kill it once some, not all, results are committed
             try:
                 done = len([r for r in rows(database) if r["status"] != "pending"])
@@ -300,3 +363,43 @@ def test_the_daemon_catches_up_on_outdated_results_when_idle(daemon_factory: Cal
     assert rc == 0
     d.assert_exactly_once()
     assert "outdated result(s) will be re-classified" in d.log_text()
+
+
+def test_the_catch_up_reclassifies_rows_that_reprocess_ingested_from_an_archive(
+        daemon_factory: Callable[..., Daemon], model_v2: Path, ncm_dir: Path) -> None:
+    """Archive rows (outside the watch folder) are read under their own folder's confinement, as
+    `reprocess` reads them: re-classified, not refused as links leaving the watch folder."""
+    d: Daemon = daemon_factory()
+    archive = d.root / "archive"  # beside the watch folder, not in it
+    files = make_archive(archive, ncm_dir, per_class=2)
+    command = [sys.executable, "-m", "semwatch", "reprocess", str(archive), "--config", str(d.config),
+               "--json"]
+    ingest = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert ingest.returncode == 0, ingest.stderr
+    assert summary(ingest.stdout)["classified"] == len(files)
+    before = {r["path"]: r for r in d.rows("current = 1")}
+    assert set(before) == {str(f) for f in files}
+    model_line(d, model_v2, "reprocess_outdated = true")
+    v2 = read_manifest(model_v2).model_id
+    d.start()
+    deadline = time.monotonic() + 180
+    while True:
+        current = d.rows("current = 1")
+        if all(r["model_id"] == v2 for r in current):
+            break
+        assert time.monotonic() < deadline, d.log_text()[-3000:]
+        time.sleep(0.2)
+    rc, _ = d.stop()
+    assert rc == 0
+    d.assert_exactly_once()
+    current = d.rows("current = 1")
+    assert {r["path"] for r in current} == set(before)
+    for r in current:
+        assert r["supersedes"] == before[r["path"]]["id"] and r["revision"] == 1
+        assert r["probabilities"] == before[r["path"]]["probabilities"]  # same weights
+        assert r["sample_id"] == before[r["path"]]["sample_id"]
+    assert "outside the watch folder" not in d.log_text()
+    d.start()  # the next start has nothing left to catch up on, and says nothing about it
+    rc, _ = d.stop()
+    assert rc == 0
+    assert d.log_text().count("will be re-classified") == 1

@@ -10,6 +10,7 @@ and Ray Data's own threads end with each run: the leak check applies unchanged.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -172,3 +173,62 @@ def test_engine_ray_without_ray_says_how_to_install_it(
     assert result.code == 78, result
     assert "pip install 'semwatch[ray]'" in result.err
     assert cli("reprocess", folder, "--engine", "local", "--dry-run").code == 0  # the rest works
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_read_hung_under_ray_is_recorded_failed_and_the_run_goes_on(
+        tmp_path: Path, tiny_model: Path, ncm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader task's read blocked in the kernel for good (injected: a read from a pipe nobody
+    writes) is given up after `[watch] read_timeout_seconds`: recorded failed with the reason, and
+    every other file classified, in this chunk of the work list and the next."""
+    folder = archive(tmp_path, ncm_dir, per_class=2)
+    hung = sorted(folder.glob("sB/*.jpg"))[0]
+    settings = settings_for(tmp_path, tiny_model, "hang", test_time_views=1)
+    # 10 s: far beyond a real read of these files even on a loaded machine, so only the hung one fails.
+    settings = settings.replace(watch=dataclasses.replace(settings.watch, read_timeout_seconds=10.0))
+    monkeypatch.setenv(ray_engine.HANG_ENV, hung.name)
+    monkeypatch.setattr(ray_engine, "CHUNK_ITEMS", 3)  # the 5 files in two chunks: the stream goes on
+    code, lines = run(settings, ReprocessRequest(folders=(folder,), engine="ray"))
+    assert code == 1
+    summary = lines[-1]
+    assert (summary["classified"], summary["failed"], summary["kept"]) == (3, 2, 0), summary
+    rows = current_rows(settings)
+    assert len(rows) == 5
+    error = rows[str(hung)]["error"]
+    assert rows[str(hung)]["status"] == "failed" and "timed out" in error and "read_timeout_seconds" in error
+    assert any(line.get("event") == "error" and line["path"] == str(hung) for line in lines)
+    assert {r["path"] for r in csv_rows(settings)} == set(rows)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_only_what_reading_and_classifying_need_is_shipped_to_the_workers(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """The reader tasks' function and the model actors' arguments, as Ray pickles them, hold no alert
+    URL, token, metrics address or database path: a `WorkerSettings`, not the whole `Settings`."""
+    from ray import cloudpickle
+
+    from semwatch.config import MetricsSettings, NotifySettings
+    from semwatch.reprocess.work import WorkerSettings
+
+    secrets = ("json://hooks.example/api/webhooks/SECRET-TOKEN-1", "ntfys://user:PASSWORD-2@ntfy.example/topic-3")
+    settings = settings_for(tmp_path, tiny_model, "shipped")
+    settings = settings.replace(notify=NotifySettings(urls=secrets),
+                                metrics=MetricsSettings(listen="127.0.0.1:19464"))
+    engine = ray_engine.RayEngine(settings, tiny_model)
+    try:
+        read, actor = engine.stages()
+        shipped = cloudpickle.dumps((read, actor))
+    finally:
+        engine.close()
+    for needle in ("SECRET-TOKEN-1", "PASSWORD-2", "topic-3", "webhooks", "127.0.0.1:19464",
+                   str(settings.store.database), str(settings.store.results_csv), str(tiny_model)):
+        assert needle.encode() not in shipped, needle
+    worker = actor["worker"]
+    assert isinstance(worker, WorkerSettings) and read.keywords["worker"] is worker  # type: ignore[attr-defined]
+    # What the workers rebuild from it reads and classifies as the driver's settings do.
+    rebuilt = worker.settings()
+    assert (rebuilt.reading, rebuilt.quality, rebuilt.tiling, rebuilt.samples) == (
+        settings.reading, settings.quality, settings.tiling, settings.samples)
+    assert rebuilt.watch.follow_symlinks == settings.watch.follow_symlinks
+    assert rebuilt.model == dataclasses.replace(settings.model, path=Path())
+    assert rebuilt.notify.urls == () and rebuilt.metrics.listen == ""

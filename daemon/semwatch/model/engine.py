@@ -133,7 +133,8 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], *, workers: int, prefet
     With `timeout`, an item whose `fn` has not returned that many seconds after the consumer began
     to wait for it yields `on_timeout(item)` instead; its thread cannot be killed (Python cannot
     interrupt a read blocked in the kernel) and is left behind, which is why the pool is not
-    joined on exit then."""
+    joined on exit then. The items not yet started move to a fresh pool, so they do not wait
+    behind the stuck thread (with one worker, every later item would time out too)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
     pending: deque[tuple[T, Future[R]]] = deque()
     it = iter(items)
@@ -156,6 +157,9 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], *, workers: int, prefet
                     raise
                 abandoned = True
                 result = on_timeout(item)
+                stuck, pool = pool, ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+                pending = deque((i, pool.submit(fn, i) if f.cancel() else f) for i, f in pending)
+                stuck.shutdown(wait=False)
             yield item, result
     finally:
         for _, fut in pending:

@@ -27,6 +27,14 @@ def stat_path(path: str) -> os.stat_result:
         return os.lstat(path)
 
 
+def confinement_root(path: str, watch_folder: Path) -> str:
+    """Where reads of a recorded file are confined: the watch folder for its files, else the file's
+    own folder (a row that `semwatch reprocess FOLDER` ingested from an archive: its sidecar lies
+    beside it). `reprocess` and the daemon's catch-up both read ledger rows under it."""
+    folder, file = watch_folder.absolute(), Path(path).absolute()
+    return str(folder if file.is_relative_to(folder) else file.parent)
+
+
 @dataclass(frozen=True)
 class NameFilter:
     include: tuple[str, ...]
@@ -61,33 +69,58 @@ def scan(folder: Path, names: NameFilter, recursive: bool,
     """Every wanted entry under `folder` that is not a folder (regular files, and also FIFOs,
     devices and links, which the reader refuses with a recorded reason) with its stat. Iterative,
     so any depth is fine; links to folders are never entered; unreadable sub-folders are skipped.
-    Wanted files whose path is too long to open are appended to `too_long`."""
+    Wanted files whose path is too long to open are appended to `too_long`.
+
+    A stream: entries are yielded as the folder is read, never gathered, so a folder of a million
+    files holds memory for one entry at a time (plus the sub-folders still to enter). One folder
+    is open at a time; the consumer's pace holds it open."""
     stack = [str(folder)]
     while stack:
         current = stack.pop()
         try:
-            with os.scandir(current) as it:
-                entries = list(it)
+            listing = os.scandir(current)
         except OSError as exc:
             if current == str(folder):
                 raise
             log.debug("cannot list %s: %s", current, exc)
             continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive and names.enters(entry.name):
-                        if len(os.fsencode(entry.path)) >= PATH_MAX - 1:
-                            _too_deep(entry.path)
-                        else:
-                            stack.append(entry.path)
-                elif names.wants(entry.name):
-                    if len(os.fsencode(entry.path)) >= PATH_MAX and too_long is not None:
-                        too_long.append(TooLong(entry.path, _stat_in(current, entry.name)))
-                        continue
-                    yield entry.path, stat_path(entry.path)
-            except OSError:
-                continue
+        with listing:
+            for entry in _read(listing, current, top=current == str(folder)):
+                try:
+                    found = _wanted(entry, current, names, recursive, stack, too_long)
+                except OSError:
+                    continue
+                if found is not None:
+                    yield found
+
+
+def _read(listing: Iterator[os.DirEntry[str]], current: str, *, top: bool) -> Iterator[os.DirEntry[str]]:
+    """The entries of one folder as it is read; an error while reading a sub-folder ends that
+    folder only (the top folder's is raised, as when it cannot be opened)."""
+    try:
+        yield from listing
+    except OSError as exc:
+        if top:
+            raise
+        log.debug("cannot list %s: %s", current, exc)
+
+
+def _wanted(entry: os.DirEntry[str], current: str, names: NameFilter, recursive: bool, stack: list[str],
+            too_long: list[TooLong] | None) -> tuple[str, os.stat_result] | None:
+    """The entry with its stat if it is wanted; a sub-folder to enter goes onto `stack`."""
+    if entry.is_dir(follow_symlinks=False):
+        if recursive and names.enters(entry.name):
+            if len(os.fsencode(entry.path)) >= PATH_MAX - 1:
+                _too_deep(entry.path)
+            else:
+                stack.append(entry.path)
+        return None
+    if not names.wants(entry.name):
+        return None
+    if len(os.fsencode(entry.path)) >= PATH_MAX and too_long is not None:
+        too_long.append(TooLong(entry.path, _stat_in(current, entry.name)))
+        return None
+    return entry.path, stat_path(entry.path)
 
 
 _reported_deep: set[str] = set()

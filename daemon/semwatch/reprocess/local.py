@@ -1,19 +1,19 @@
 """The local engine: this machine's reader threads and the daemon's batching engine.
 
-Files are read and tiled on `[watch] reader_threads` threads while the network runs on the images
-before them; images are taken in order until their tiles fill a batch (`engine.batch_groups`, the
-rule `semwatch classify` and bench use) and go through `engine.predict_images` together. A read that
-does not return within `[watch] read_timeout_seconds` is given up (the file's outcome says so).
+Files are read and tiled on `[watch] reader_threads` threads (`work.read_bounded`, which Ray's
+reader tasks use too) while the network runs on the images before them; images are taken in order
+until their tiles fill a batch (`engine.batch_groups`, the rule `semwatch classify` and bench use)
+and go through `engine.predict_images` together. A read that does not return within `[watch]
+read_timeout_seconds` is given up (the file's outcome says so).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from functools import partial
 from pathlib import Path
 
 from semwatch.config import Settings
-from semwatch.reprocess.work import Outcome, Prepared, WorkItem, classify_items, read_item, timed_out
+from semwatch.reprocess.work import Outcome, Prepared, WorkItem, classify_items, read_bounded
 
 
 class LocalEngine:
@@ -28,15 +28,13 @@ class LocalEngine:
         self.device = self.classifier.device
 
     def run(self, items: Iterable[WorkItem]) -> Iterator[Outcome]:
-        """Each item's outcome, in input order."""
-        from semwatch.model.engine import batch_groups, prefetched
+        """Each item's outcome, in input order; `items` is consumed as it goes (a bounded number of
+        items read ahead), so a stream of any length holds little memory."""
+        from semwatch.model.engine import batch_groups
 
-        settings = self.settings
-        read = partial(read_item, settings=settings, manifest=self.classifier.manifest)
-        seconds = settings.watch.read_timeout_seconds
-        workers = max(1, settings.watch.reader_threads)
-        stream = prefetched(read, items, workers=workers, prefetch=max(8, 2 * workers), timeout=seconds,
-                            on_timeout=partial(timed_out, seconds=seconds), name="semwatch-reprocess")
+        workers = max(1, self.settings.watch.reader_threads)
+        stream = read_bounded(items, self.settings, self.classifier.manifest, workers=workers,
+                              prefetch=max(8, 2 * workers))
         for group in batch_groups(stream, _tiles_of, self.classifier.batch_size):
             ready = [r for _, r in group if isinstance(r, Prepared)]
             classified = iter(classify_items(self.classifier, ready) if ready else [])

@@ -17,7 +17,8 @@ LOG_EVERY = 30.0  # seconds between plain progress lines when stderr is not a te
 
 
 class Progress:
-    def __init__(self, out: Output, *, total: int, label: str) -> None:
+    def __init__(self, out: Output, *, total: int | None, label: str) -> None:
+        """`total`: None while it is not known (an archive being listed): no ETA then."""
         self.out, self.total, self.label = out, total, label
         self.done = 0
         self.started = self.last = time.monotonic()
@@ -58,13 +59,14 @@ class Progress:
             self.last = now
             r = self._record()
             eta = f", about {r['eta_s']:.0f} s left" if r["eta_s"] is not None else ""
-            self.out.say(f"{self.label}: {self.done}/{self.total} ({r['rate']:.1f} images/s{eta})")
+            of = f"/{self.total}" if self.total is not None else ""
+            self.out.say(f"{self.label}: {self.done}{of} ({r['rate']:.1f} images/s{eta})")
 
     def _record(self) -> dict[str, object]:
         rate = self.rate()
-        left = self.total - self.done
+        left = self.total - self.done if self.total is not None else None
         return {"event": "progress", "done": self.done, "total": self.total, "rate": round(rate, 2),
-                "eta_s": round(left / rate, 1) if rate > 0 else None}
+                "eta_s": round(left / rate, 1) if rate > 0 and left is not None else None}
 
     def say(self, message: str) -> None:
         """A `semwatch: ...` line on stderr; above the bar while one is shown (rich keeps it last)."""

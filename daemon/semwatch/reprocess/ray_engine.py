@@ -1,10 +1,14 @@
 """The Ray engine: Ray Data reads and tiles on CPU tasks, an actor pool holds the network.
 
-Work items → `ray.data.from_items` → `map_batches(_read_batch)` (tasks of `[scale] cpus_per_reader`
-CPUs each calling `work.read_item`) → `map_batches(_Classify)` (an actor pool of `[scale] workers`
-actors, each holding the loaded `Classifier` on a GPU or `cpus_per_worker` CPUs, calling
-`work.classify_items`) → outcomes streamed back to the driver (`run.py`), which alone writes the
-database. Both halves are the local engine's functions, so a file gets the same verdict either way.
+Work items, `CHUNK_ITEMS` at a time → pandas blocks → `map_batches(_read_batch)` (tasks of
+`[scale] cpus_per_reader` CPUs each calling `work.read_bounded`: `work.read_item` under `[watch]
+read_timeout_seconds`) → `map_batches(_Classify)` (an actor pool of `[scale] workers` actors, each
+holding the loaded `Classifier` on a GPU or `cpus_per_worker` CPUs, calling `work.classify_items`)
+→ outcomes streamed back to the driver (`run.py`), which alone writes the database. Both halves are
+the local engine's functions, so a file gets the same verdict either way. The work list is a stream
+(an archive's listing, the ledger paged by id): the driver holds one chunk of it at a time, never a
+million-file archive. Workers get a `work.WorkerSettings` (what reading and classifying need), never
+the whole `Settings` with its alert URLs.
 
 The model reaches each actor as bytes through the object store (no shared model path): the actor
 checks every file's SHA-256 and the loaded model id against what the driver sent, and refuses to
@@ -21,11 +25,13 @@ only while it is current) makes harmless.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +41,15 @@ import numpy as np
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
-from semwatch.reprocess.work import Outcome, Prepared, WorkItem, classify_items, read_item
+from semwatch.reprocess.work import (
+    Outcome,
+    Prepared,
+    WorkerSettings,
+    WorkItem,
+    classify_items,
+    read_bounded,
+    read_item,
+)
 from semwatch.urls import mask_url, mask_urls_in
 
 if TYPE_CHECKING:
@@ -51,6 +65,10 @@ INSTALL_HINT = "--engine ray needs Ray: pip install 'semwatch[ray]'"
 # reader CPU busy and a block of tiles (about 2 MB an image) stays far below Ray's block size
 # target, large enough that the per-task overhead (a few ms) is noise next to reading an image.
 ITEMS_PER_BLOCK = 4
+# Work items per Ray Data dataset: the driver builds the blocks of one chunk at a time (each chunk
+# starts its own actor pool: a few seconds of model loading per chunk, against the thousands of
+# images it holds), so its memory is bounded whatever the size of the archive.
+CHUNK_ITEMS = 20_000
 # Images per call of a model actor: cut there into `[model] batch_size` groups of tiles
 # (`engine.batch_groups`), as the local engine does; a few groups per call keep the remainder
 # group (the one smaller pass) rare.
@@ -59,6 +77,13 @@ IMAGES_PER_CALL = 16
 # at its (N+1)-th call, once per PATH (created when it dies), so that a test can check that Ray
 # restarts it, re-runs the batch, and the ledger still holds every result exactly once.
 KILL_ENV = "SEMWATCH_TEST_KILL_ACTOR_AFTER"
+# Test-only fault injection: "NAME" makes a Ray reader task's read of a file named NAME block in the
+# kernel for good (a read from a pipe nobody writes to, as a read on a dead network share blocks),
+# so that a test can check that the read is given up after `[watch] read_timeout_seconds`.
+HANG_ENV = "SEMWATCH_TEST_HANG_READ"
+# How long the head of `[scale] ray_address` may take to accept a connection before the command gives
+# up with one line (exit 78): Ray's own connect retries an unreachable address for minutes.
+CONNECT_SECONDS = 10.0
 ARTIFACT_FILES = ("manifest.json", "model.safetensors")  # what `Classifier.load` reads
 REFUSAL = "semwatch model actor:"  # how an actor's refusal starts (found again in Ray's error text)
 
@@ -82,12 +107,14 @@ class RayEngine:
 
         ray = _import_ray()
         self.settings = settings
+        self.worker = WorkerSettings.of(settings)  # all that the workers get of the settings
         self.manifest: Manifest = read_manifest(model_dir)
         self.model_id = self.manifest.model_id
         blobs = _artifact_blobs(model_dir)
         self._digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
         self._connected = False
         self._kill: tuple[int, str] | None = _kill_injection()
+        self._hang = os.environ.get(HANG_ENV) or None
         self._start(ray)
         try:
             self._configure_data(ray)
@@ -105,6 +132,11 @@ class RayEngine:
         if ray.is_initialized():  # already connected (a caller's own `ray.init`): use it, leave it
             return
         address = self.settings.scale.ray_address
+        if address:
+            unreachable = _unreachable(address, CONNECT_SECONDS)
+            if unreachable is not None:
+                raise UserError(f"cannot join the Ray cluster at {address!r} ([scale] ray_address): "
+                                f"{unreachable}", ExitStatus.CONFIG)
         try:
             if address:
                 ray.init(address=address, **quiet)
@@ -166,13 +198,25 @@ class RayEngine:
         return workers, per_gpu, device
 
     def run(self, items: Iterable[WorkItem]) -> Iterator[Outcome]:
-        """Each item's outcome, in the order Ray finishes them."""
+        """Each item's outcome, in the order Ray finishes them; `items` is consumed `CHUNK_ITEMS` at a
+        time, each chunk one Ray Data run."""
+        stream = iter(items)
+        while chunk := list(itertools.islice(stream, CHUNK_ITEMS)):
+            yield from self._run_chunk(chunk)
+
+    def stages(self) -> tuple[Callable[..., dict[str, np.ndarray]], dict[str, object]]:
+        """What the workers are sent: the reader tasks' function (its arguments bound) and the model
+        actors' constructor arguments. A test checks that no secret of the settings is in them."""
+        read = partial(_read_batch, worker=self.worker, manifest=self.manifest, hang=self._hang)
+        actor = {"worker": self.worker, "model": [self._model_ref], "digests": self._digests,
+                 "model_id": self.model_id, "threads": max(1, round(self.settings.scale.cpus_per_worker)),
+                 "kill": self._kill}
+        return read, actor
+
+    def _run_chunk(self, work: list[WorkItem]) -> Iterator[Outcome]:
         import pandas as pd
         import ray.data
 
-        work = list(items)
-        if not work:
-            return
         scale = self.settings.scale
         # One object column of Python values rather than an Arrow schema: the values are frozen
         # dataclasses holding nested records and tile arrays of varying shape; Ray pickles object
@@ -182,19 +226,17 @@ class RayEngine:
         blocks = [pd.DataFrame({"item": work[i : i + ITEMS_PER_BLOCK]})
                   for i in range(0, len(work), ITEMS_PER_BLOCK)]
         ds: Dataset = ray.data.from_pandas(blocks)
+        del blocks  # in the object store now
+        read, actor = self.stages()
         # Retries are Ray Data's defaults: a failed reader task is re-run, a dead actor restarted and
         # its batch re-sent (max_retries / max_restarts / max_task_retries = -1; passing them is
         # deprecated in Ray 2.6x).
-        ds = ds.map_batches(
-            partial(_read_batch, settings=self.settings, manifest=self.manifest),
-            batch_size=ITEMS_PER_BLOCK, batch_format="numpy", zero_copy_batch=True,
-            num_cpus=scale.cpus_per_reader)
+        ds = ds.map_batches(read, batch_size=ITEMS_PER_BLOCK, batch_format="numpy", zero_copy_batch=True,
+                            num_cpus=scale.cpus_per_reader)
         ds = ds.map_batches(
             _Classify, batch_size=IMAGES_PER_CALL, batch_format="numpy", zero_copy_batch=True,
-            fn_constructor_kwargs={"settings": self.settings, "model": [self._model_ref],
-                                   "digests": self._digests, "model_id": self.model_id,
-                                   "threads": max(1, round(scale.cpus_per_worker)), "kill": self._kill},
-            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(blocks))),
+            fn_constructor_kwargs=actor,
+            compute=ray.data.ActorPoolStrategy(size=min(self.workers, -(-len(work) // ITEMS_PER_BLOCK))),
             num_cpus=0 if self.gpus_per_worker > 0 else scale.cpus_per_worker,
             num_gpus=self.gpus_per_worker or None)
         try:
@@ -226,17 +268,34 @@ def _objects(values: list[object]) -> np.ndarray:
     return column
 
 
-def _read_batch(batch: dict[str, np.ndarray], *, settings: Settings,
-                manifest: Manifest) -> dict[str, np.ndarray]:
-    """Reader task: each work item read and tiled (`work.read_item`), or its error outcome."""
-    return {"prepared": _objects([read_item(item, settings, manifest) for item in batch["item"]])}
+def _read_batch(batch: dict[str, np.ndarray], *, worker: WorkerSettings, manifest: Manifest,
+                hang: str | None = None) -> dict[str, np.ndarray]:
+    """Reader task: each work item read and tiled, or its error outcome, through the local engine's
+    bounded read (`work.read_bounded`): a read still blocked after `[watch] read_timeout_seconds`
+    is given up (its thread left behind: nothing can interrupt a read blocked in the kernel) and
+    the item's outcome says "timed out"; the other items go on. One reading thread at a time: the
+    task has `cpus_per_reader` CPUs."""
+    settings = worker.settings()
+    items = list(batch["item"])
+    read = partial(_hanging_read, settings=settings, manifest=manifest, hang=hang) if hang else None
+    bounded = read_bounded(items, settings, manifest, workers=1, prefetch=len(items), read=read,
+                           name="semwatch-ray-read")
+    return {"prepared": _objects([result for _, result in bounded])}
+
+
+def _hanging_read(item: WorkItem, *, settings: Settings, manifest: Manifest, hang: str) -> Prepared | Outcome:
+    """Test-only (HANG_ENV): the read of a file named `hang` blocks in the kernel for good."""
+    if Path(item.path).name == hang:
+        r, _w = os.pipe()
+        os.read(r, 1)  # nobody ever writes: blocked like a read on a dead share
+    return read_item(item, settings, manifest)
 
 
 class _Classify:
     """A model actor: loads the model sent through the object store, then classifies batches."""
 
-    def __init__(self, settings: Settings, model: list[ObjectRef[dict[str, bytes]]], digests: dict[str, str],
-                 model_id: str, threads: int, kill: tuple[int, str] | None) -> None:
+    def __init__(self, worker: WorkerSettings, model: list[ObjectRef[dict[str, bytes]]],
+                 digests: dict[str, str], model_id: str, threads: int, kill: tuple[int, str] | None) -> None:
         import ray
         import torch
 
@@ -253,7 +312,7 @@ class _Classify:
             for name, blob in blobs.items():
                 (folder / name).write_bytes(blob)
             torch.set_num_threads(threads)
-            self.classifier = Classifier.load(folder, settings)
+            self.classifier = Classifier.load(folder, worker.settings())
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         if self.classifier.model_id != model_id:
@@ -310,6 +369,23 @@ def _refusal(text: str) -> str | None:
         if at >= 0:
             return line[at:].strip()
     return None
+
+
+def _unreachable(address: str, seconds: float) -> str | None:
+    """Why nothing answers at `address` ("host:port", "ray://host:port"), or None if something
+    does (or Ray is to find the cluster itself: "auto")."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return None  # "auto", or a form Ray resolves itself
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=seconds):
+            return None
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {seconds:g} s"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
 
 
 def _kill_injection() -> tuple[int, str] | None:

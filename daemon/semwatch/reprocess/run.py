@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
-from semwatch.reading.listing import NameFilter, TooLong, scan
+from semwatch.reading.listing import NameFilter, TooLong, confinement_root, scan
 from semwatch.reprocess.progress import Progress
 from semwatch.reprocess.work import Outcome, WorkItem
 from semwatch.safefs import path_text
@@ -102,15 +102,15 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
             log.warning("results CSV: appended %d line(s) missing after an unclean stop", repaired)
         with store.batch():
             run = sel.open_run(store.conn, _run_key(request), model_id, engine_name)
-        items, refused = _plan(store, settings, request, model_id, run)
-        if refused:
-            _commit(store, refused, retry)
+        plan = _plan(store, settings, request, model_id, run)
         engine = _engine(engine_name, settings, model_dir)
         try:
             if engine.model_id != model_id:
                 raise UserError(f"the model changed while starting: {model_id} -> {engine.model_id}")
             with _sigterm_as_interrupt():
-                tally = _drive(store, engine, items, run, out, retry)
+                tally = _drive(store, engine, plan.items, run, out, retry, total=plan.total)
+                if plan.refused:  # found while listing
+                    _commit(store, plan.refused, retry)
         finally:
             engine.close()
         with store.batch():
@@ -133,8 +133,7 @@ def _dry_run(settings: Settings, request: ReprocessRequest, model_id: str, engin
     try:
         _refuse_if_daemon_disagrees(conn, model_id, settings)
         run = sel.find_run(conn, _run_key(request), model_id) or sel.Run(0, utc_now(), resumed=False)
-        items, _ = _plan(_Reader(conn), settings, request, model_id, run)
-        return _report_plan(out, items, run, engine_name)
+        return _report_plan(out, _plan(_Reader(conn), settings, request, model_id, run), run, engine_name)
     finally:
         conn.close()
 
@@ -169,40 +168,52 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # --- what to do ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Plan:
+    """The work list as a stream, never a list: an archive is listed while it is classified and the
+    ledger read a page at a time (`selection.paged_rows`), so the driver's memory does not grow with
+    the archive. `total` is known for a ledger selection (counted), None for an archive (known only
+    once listed); `refused` fills as the listing goes (archive paths too long to open)."""
+
+    items: Iterator[WorkItem]
+    total: int | None
+    refused: list[Message] = field(default_factory=list)
+
+
 def _plan(store: Store | _Reader, settings: Settings, request: ReprocessRequest, model_id: str,
-          run: sel.Run) -> tuple[list[WorkItem], list[Message]]:
-    """The work items, and `Refused` records for archive paths too long to open."""
+          run: sel.Run) -> Plan:
     if not request.folders:
         before = run.started_at if request.selection.scope == "all" else None
-        return [WorkItem(r.key.path, _root_of(r.key.path, settings.watch.folder), r.id, r.key, r.sample_id)
-                for r in sel.select_rows(store.conn, request.selection, model_id, before=before)], []
-    items: list[WorkItem] = []
-    refused: list[Message] = []
+        total = sel.count_rows(store.conn, request.selection, model_id, before=before)
+        rows = sel.paged_rows(store.conn, request.selection, model_id, before=before)
+        watch = settings.watch.folder
+        return Plan((WorkItem(r.key.path, confinement_root(r.key.path, watch), r.id, r.key, r.sample_id)
+                     for r in rows), total)
+    plan = Plan(iter(()), None)
+    plan.items = _archive_items(store, settings, request.folders, model_id, plan.refused)
+    return plan
+
+
+def _archive_items(store: Store | _Reader, settings: Settings, folders: Sequence[Path], model_id: str,
+                   refused: list[Message]) -> Iterator[WorkItem]:
+    """The archive files this model has no result for, as the folders are listed."""
     names = NameFilter.from_settings(settings.watch)
-    for given in request.folders:
+    for given in folders:
         folder = given.absolute()  # the ledger holds absolute paths, as the daemon writes them
         too_long: list[TooLong] = []
         for path, st in scan(folder, names, settings.watch.recursive, too_long):
             key = FileKey.of(path, st)
             row = sel.current_row(store.conn, path)
             if row is None or (row["size_bytes"], row["mtime_ns"]) != (key.size, key.mtime_ns):
-                items.append(WorkItem(path, str(folder)))  # a version the ledger does not hold
+                yield WorkItem(path, str(folder), listed=key)  # a version the ledger does not hold
             elif row["status"] == "pending":
-                items.append(WorkItem(path, str(folder)))  # queued by a daemon that is not done
+                yield WorkItem(path, str(folder), listed=key)  # queued by a daemon that is not done
             elif row["model_id"] != model_id or row["status"] == "failed":
-                items.append(WorkItem(path, str(folder), int(row["id"]), key))
+                yield WorkItem(path, str(folder), int(row["id"]), key)
         for item in too_long:
             key = FileKey.of(item.path, item.st)
             if sel.current_row(store.conn, item.path) is None:
                 refused.append(Refused(key, utc_now(), "path too long to open"))
-    return items, refused
-
-
-def _root_of(path: str, watch_folder: Path) -> str:
-    """Where a recorded file's reads are confined: the watch folder for its files, else the file's
-    own folder (a row from an archive run; its sidecar lies beside it)."""
-    folder, file = watch_folder.absolute(), Path(path).absolute()
-    return str(folder if file.is_relative_to(folder) else file.parent)
 
 
 def _run_key(request: ReprocessRequest) -> str:
@@ -242,10 +253,10 @@ def _engine(name: EngineName, settings: Settings, model_dir: Path) -> Engine:
 # --- doing it ------------------------------------------------------------------------------------
 
 
-def _drive(store: Store, engine: Engine, items: Sequence[WorkItem], run: sel.Run, out: Output,
-           retry: Retry) -> Tally:
+def _drive(store: Store, engine: Engine, items: Iterable[WorkItem], run: sel.Run, out: Output,
+           retry: Retry, *, total: int | None = None) -> Tally:
     tally = Tally()
-    progress = Progress(out, total=len(items), label=f"reprocess ({engine.name}, {engine.device})")
+    progress = Progress(out, total=total, label=f"reprocess ({engine.name}, {engine.device})")
     pending: list[Message] = []
     last = time.monotonic()
     try:
@@ -317,15 +328,18 @@ def _commit(store: Store, batch: Sequence[Message], retry: Retry) -> list[int]:
 # --- telling the user ------------------------------------------------------------------------------
 
 
-def _report_plan(out: Output, items: Sequence[WorkItem], run: sel.Run, engine: str) -> int:
-    superseding = sum(1 for i in items if i.supersedes is not None)
-    record = {"event": "plan", "files": len(items), "reclassify": superseding,
-              "new": len(items) - superseding, "engine": engine, "resumed_run": run.resumed}
+def _report_plan(out: Output, plan: Plan, run: sel.Run, engine: str) -> int:
+    files = superseding = 0
+    for item in plan.items:  # counted as they stream by
+        files += 1
+        superseding += item.supersedes is not None
+    record = {"event": "plan", "files": files, "reclassify": superseding,
+              "new": files - superseding, "engine": engine, "resumed_run": run.resumed}
     if out.json:
         out.emit(record)
     else:
-        out.line(f"would classify {len(items)} file(s): {superseding} again, "
-                 f"{len(items) - superseding} new (engine {engine})")
+        out.line(f"would classify {files} file(s): {superseding} again, "
+                 f"{files - superseding} new (engine {engine})")
     return ExitStatus.OK
 
 

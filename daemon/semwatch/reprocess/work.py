@@ -5,16 +5,27 @@
 actor) turns a group of prepared items into verdicts with the daemon's own batching engine
 (`engine.predict_images`). Both engines call exactly these two functions, so the same file gets the
 same verdict whichever engine ran it. Every value here is picklable: Ray ships them between
-processes and machines.
+processes and machines; of the settings only a `WorkerSettings` travels (no store, no alert URLs).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from semwatch.config import Settings
+from semwatch.config import (
+    ModelSettings,
+    QualitySettings,
+    ReadingSettings,
+    SampleSettings,
+    Settings,
+    TilingSettings,
+    WatchSettings,
+)
 from semwatch.reading.listing import stat_path
 from semwatch.reading.sample import expected_class, sample_key
 from semwatch.safefs import Confinement, RefusedFile, sha256_bounded
@@ -24,6 +35,36 @@ if TYPE_CHECKING:  # torch: imported only where the network runs
     from semwatch.model.artifact import Manifest
     from semwatch.model.classify import Classifier
     from semwatch.model.engine import PreparedImage
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Exactly the settings that reading, tiling and classifying a file use: all a Ray node is sent.
+    The rest of `Settings` stays on the driver: alert URLs and their tokens, the metrics address,
+    the database, report and watch folders. `model.path` is blanked (a worker gets the model's
+    bytes, not the driver's path)."""
+
+    follow_symlinks: Literal["inside", "never", "always"]
+    read_timeout_seconds: float
+    reading: ReadingSettings
+    quality: QualitySettings
+    tiling: TilingSettings
+    model: ModelSettings
+    samples: SampleSettings
+
+    @classmethod
+    def of(cls, settings: Settings) -> WorkerSettings:
+        return cls(settings.watch.follow_symlinks, settings.watch.read_timeout_seconds, settings.reading,
+                   settings.quality, settings.tiling, dataclasses.replace(settings.model, path=Path()),
+                   settings.samples)
+
+    def settings(self) -> Settings:
+        """A `Settings` for the library functions (`read_micrograph`, `Classifier.load` take one):
+        these sections, the defaults elsewhere."""
+        watch = WatchSettings(follow_symlinks=self.follow_symlinks,
+                              read_timeout_seconds=self.read_timeout_seconds)
+        return Settings(watch=watch, reading=self.reading, quality=self.quality, tiling=self.tiling,
+                        model=self.model, samples=self.samples)
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -37,6 +78,9 @@ class WorkItem:
     supersedes: int | None = None
     recorded: FileKey | None = None
     sample_id: str | None = None
+    # An archive file the ledger does not hold: the version its listing found, so that a read that
+    # never returns (nothing else was learnt of the file) is still recorded failed for it.
+    listed: FileKey | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +145,21 @@ def read_item(item: WorkItem, settings: Settings, manifest: Manifest) -> Prepare
     return Prepared(item, key, sha, sample_id, expected, image)
 
 
+def read_bounded(items: Iterable[WorkItem], settings: Settings, manifest: Manifest, *, workers: int,
+                 prefetch: int, read: Callable[[WorkItem], Prepared | Outcome] | None = None,
+                 name: str = "semwatch-reprocess") -> Iterator[tuple[WorkItem, Prepared | Outcome]]:
+    """`read_item` on each item (or `read`), on `workers` threads at most `prefetch` items ahead, in
+    input order: a read that has not returned within `[watch] read_timeout_seconds` is given up and
+    its outcome says so (`timed_out`, the file recorded failed or its earlier result kept); the
+    run goes on. Both engines' readers (a local reader thread, a Ray reader task) go through it."""
+    from semwatch.model.engine import prefetched
+
+    seconds = settings.watch.read_timeout_seconds
+    fn = read if read is not None else partial(read_item, settings=settings, manifest=manifest)
+    return prefetched(fn, items, workers=workers, prefetch=prefetch, timeout=seconds,
+                      on_timeout=partial(timed_out, seconds=seconds), name=name)
+
+
 def classify_items(classifier: Classifier, group: list[Prepared]) -> list[Outcome]:
     """Verdicts for a group of prepared items, their tiles through the network together."""
     from semwatch.model.engine import predict_images
@@ -111,5 +170,7 @@ def classify_items(classifier: Classifier, group: list[Prepared]) -> list[Outcom
 
 
 def timed_out(item: WorkItem, seconds: float) -> Outcome:
-    return Outcome(item, None, error=f"timed out: reading took longer than {seconds:g} s "
+    """A read given up: recorded failed for a listed archive file (`listed`), the earlier result
+    kept for a re-classification."""
+    return Outcome(item, item.listed, error=f"timed out: reading took longer than {seconds:g} s "
                    "([watch] read_timeout_seconds)", transient=True)

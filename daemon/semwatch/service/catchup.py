@@ -5,7 +5,10 @@ outdated rows (current results of another model), oldest first, as catch-up jobs
 supersede the rows (`Reclassified`). New files always come first: a page is handed on only when
 the pipeline is empty, so a file that arrives waits behind at most one page. A cursor walks the
 ledger once per daemon run: rows that cannot be re-read keep their earlier result and are not tried
-again until the next start (a new model means a restart anyway).
+again until the next start (a new model means a restart anyway). Each row is read under its own
+confinement (`listing.confinement_root`, as `semwatch reprocess` reads it): the watch folder for
+its files, the file's own folder for a row that `reprocess FOLDER` ingested from an archive
+outside it (read under the watch folder's, such a row would be refused as a link leaving it).
 """
 
 from __future__ import annotations

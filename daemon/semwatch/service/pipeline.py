@@ -36,7 +36,7 @@ from typing import Protocol
 from semwatch.config import Settings
 from semwatch.liveness import Liveness, Stage
 from semwatch.model.engine import Predictor, PreparedImage, TileOutput, predict_images
-from semwatch.reading.listing import stat_path
+from semwatch.reading.listing import confinement_root, stat_path
 from semwatch.reading.sample import expected_class, sample_key
 from semwatch.safefs import Confinement, RefusedFile, sha256_bounded
 from semwatch.service.inbox import Changed, Finished, Inbox, Retry
@@ -106,6 +106,9 @@ class Job:
     # failure leaves the earlier result current instead of recording anything.
     supersedes: int | None = None
     sample_id: str | None = None
+    # Where a catch-up job's reads are confined (`listing.confinement_root`): the watch folder for
+    # its files, the file's own folder for a row that `reprocess FOLDER` ingested from an archive.
+    root: Path | None = None
 
 
 @dataclass
@@ -204,7 +207,8 @@ class Pipeline:
     def reclassify(self, row: RowRef) -> None:
         """From the service, when idle: classify a finished version again with this model
         ([model] reprocess_outdated). Its result supersedes the row (`Reclassified`)."""
-        self.jobs.put(Job(row.key, 0, counted=True, supersedes=row.id, sample_id=row.sample_id))
+        root = Path(confinement_root(row.key.path, self.watch_folder))
+        self.jobs.put(Job(row.key, 0, counted=True, supersedes=row.id, sample_id=row.sample_id, root=root))
 
     def stop(self, timeout: float) -> bool:
         """Finish work in flight (queued jobs stay pending); True if everything ended in time.
@@ -330,8 +334,10 @@ class Pipeline:
             return
         if not job.counted:
             self._record_attempt(job, slot)
+        policy = self.settings.watch.follow_symlinks
+        confine = self.confine if job.root is None else Confinement(job.root, policy)
         try:
-            sha = self._sha256(path, slot)
+            sha = self._sha256(path, slot, confine)
         except RefusedFile as exc:
             self._check(slot)
             self._final_failure(job, f"refused: {exc.strerror}", None, None, attempts=job.attempts + 1)
@@ -349,7 +355,7 @@ class Pipeline:
             return
         sample_id = job.sample_id or sample_key(path, self.watch_folder, self.settings.samples)
         if self._dedupe:
-            expected = expected_class(sample_id, path, self.settings.samples, confine=self.confine)
+            expected = expected_class(sample_id, path, self.settings.samples, confine=confine)
             with self._lock:
                 followers = self._leaders.get(sha)
                 if followers is not None:
@@ -368,7 +374,7 @@ class Pipeline:
                 self._emit(job, sha, sample_id, expected, _with_path(cached, path), 0)
                 return
         try:
-            micrograph = self.read(path, self.settings, confine=self.confine)
+            micrograph = self.read(path, self.settings, confine=confine)
         except MicrographError as exc:
             self._check(slot)
             if is_transient(str(exc)):
@@ -384,7 +390,7 @@ class Pipeline:
             return
         if self.settings.samples.key == "metadata" and job.sample_id is None:
             sample_id = sample_key(path, self.watch_folder, self.settings.samples, micrograph.metadata)
-        expected = expected_class(sample_id, path, self.settings.samples, confine=self.confine)
+        expected = expected_class(sample_id, path, self.settings.samples, confine=confine)
         prepared = self.classifier.prepare(micrograph)
         del micrograph
         n_tiles = len(prepared.tiles)
@@ -397,7 +403,7 @@ class Pipeline:
                 slot.stage.beat()  # waiting for the inference stage, which has its own liveness
                 self._check(slot)
 
-    def _sha256(self, path: Path, slot: ReaderSlot) -> str:
+    def _sha256(self, path: Path, slot: ReaderSlot, confine: Confinement) -> str:
         """The file's SHA-256 through the safe open with the size limit; each chunk beats the
         reader's liveness stage (a big file on a slow share is not a stuck reader) and checks
         whether the reader was abandoned."""
@@ -407,7 +413,7 @@ class Pipeline:
             slot.stage.beat()
             self._check(slot)
 
-        return sha256_bounded(path, confine=self.confine, max_bytes=int(mb * 1024 * 1024),
+        return sha256_bounded(path, confine=confine, max_bytes=int(mb * 1024 * 1024),
                               limit=f"[reading] max_file_mb {mb:g}", on_chunk=progress)
 
     def _changed(self, job: Job) -> bool:

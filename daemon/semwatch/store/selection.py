@@ -67,6 +67,28 @@ def select_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *
                                            int(r["mtime_ns"])), sample)
 
 
+def paged_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *, before: str | None = None,
+               page: int = 1000) -> Iterator[RowRef]:
+    """All the rows `select_rows` takes, read a page at a time by id: memory for one page whatever
+    the ledger's size, and no statement left open between pages (the caller commits on the same
+    connection meanwhile; rows it adds are not taken: a new revision has this model or a
+    processing time after `before`)."""
+    after = 0
+    while True:
+        rows = list(select_rows(conn, selection, model_id, before=before, after_id=after, limit=page))
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1].id
+
+
+def count_rows(conn: sqlite3.Connection, selection: Selection, model_id: str, *,
+               before: str | None = None) -> int:
+    """How many rows `select_rows` takes (a progress bar's total)."""
+    where, params = _where(selection, model_id, before)
+    return int(conn.execute(f"SELECT count(*) FROM images WHERE {where}", params).fetchone()[0])
+
+
 def count_outdated(conn: sqlite3.Connection, model_id: str, *, since: str | None = None,
                    until: str | None = None) -> int:
     """Current results made by another model, optionally processed in [since, until) (UTC text).
