@@ -15,7 +15,7 @@ import torch
 
 from semwatch.config import Settings
 from semwatch.model.backbone import TileNet
-from semwatch.model.runtime import autocast_for
+from semwatch.model.runtimes import Runner, TorchRunner
 from semwatch.model.train.data import LabelledImage, Recipe, grid_tiles, read_image, training_tiles
 from semwatch.output import Output
 from semwatch.values import Micrograph, MicrographError
@@ -97,10 +97,13 @@ def extract_features(
     skipped: list[str],
     *,
     n_grid: dict[int, int] | None = None,
+    runner: Runner | None = None,
 ) -> FeatureSet:
     """Decode and tile on worker threads while the backbone runs; pooled and novelty features per
     tile. Every tile is plain (a grid tile as cut) unless `n_grid` says how many of an image's tiles
-    lead as such (`grid_then`)."""
+    lead as such (`grid_then`). `runner` runs the backbone (`model.runtimes`; eager torch with the
+    device's autocast when None): the same forward pass inference runs."""
+    runner = runner or TorchRunner(net.backbone, device, settings)
     feats: list[torch.Tensor] = []
     stats: list[torch.Tensor] = []
     labels: list[int] = []
@@ -111,10 +114,7 @@ def extract_features(
         plain += [j < lead for j in range(len(tiles))]
         if len(tiles):
             for s in range(0, len(tiles), FEATURE_BATCH):
-                x = torch.from_numpy(tiles[s : s + FEATURE_BATCH]).to(device)
-                x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), autocast_for(device, settings):
-                    f, st = net.backbone.features(x)
+                f, st = runner.features(torch.from_numpy(tiles[s : s + FEATURE_BATCH]))
                 feats.append(f.float().cpu())
                 stats.append(st.float().cpu())
             labels += [items[i].label] * len(tiles)
@@ -199,6 +199,7 @@ def training_features(
     settings: Settings,
     device: torch.device,
     out: Output | None,
+    runner: Runner | None = None,
 ) -> Features:
     """Training images as the grid inference cuts (what the novelty detector is fitted on: random
     rotated crops widen its notion of NCM enough to let JPEG-blocked noise through) followed by
@@ -213,9 +214,10 @@ def training_features(
     n_grid: dict[int, int] = {}
     with Progress(out, len(split["train"]) + len(split["val"]), "features (train)") as bar:
         train = extract_features(net, split["train"], grid_then(crops, recipe, n_grid), settings, device,
-                                 bar.tick, skipped, n_grid=n_grid)
+                                 bar.tick, skipped, n_grid=n_grid, runner=runner)
         bar.describe("features (val)")
-        val = extract_features(net, split["val"], _as_cut(recipe), settings, device, bar.tick, skipped)
+        val = extract_features(net, split["val"], _as_cut(recipe), settings, device, bar.tick, skipped,
+                               runner=runner)
     return Features(train, val, skipped)
 
 
@@ -231,11 +233,13 @@ def grid_features(
     device: torch.device,
     out: Output | None,
     label: str,
+    runner: Runner | None = None,
 ) -> Features:
     """The training and validation images as the grid inference cuts, and nothing else: all that
     the novelty detector and the calibration describe (after fine-tuning, and for a refit)."""
     skipped: list[str] = []
     with Progress(out, len(split["train"]) + len(split["val"]), label) as bar:
-        train, val = (extract_features(net, split[name], _as_cut(recipe), settings, device, bar.tick, skipped)
+        train, val = (extract_features(net, split[name], _as_cut(recipe), settings, device, bar.tick, skipped,
+                                       runner=runner)
                       for name in ("train", "val"))
     return Features(train, val, skipped)

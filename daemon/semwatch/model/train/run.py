@@ -26,7 +26,9 @@ from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.model.artifact import SCHEMA_VERSION, Json, Manifest, save_artifact
 from semwatch.model.backbone import LAYERS, TileNet, architecture
+from semwatch.model.export import ONNX_FILE, export_backbone
 from semwatch.model.runtime import cpu_bfloat16, select_device
+from semwatch.model.runtimes import build, cache_key, choose, write_cache
 from semwatch.model.train.data import (
     LabelledImage,
     Recipe,
@@ -85,7 +87,33 @@ class TrainResult:
         }
 
 
-def _precision(device: torch.device, settings: Settings) -> str:
+def _export(net: TileNet, settings: Settings, out_dir: Path,
+            out: Output | None) -> tuple[bytes | None, dict[str, Json]]:
+    """Export the backbone into `out_dir` (`model.export`); a model without an export still works
+    (torch), so a failure is said and training goes on."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        record = export_backbone(net.backbone, settings.tiling.tile_px, out_dir)
+    except Exception as exc:  # an exporter bug must not cost a training run
+        if out is not None:
+            out.say(f"train: no ONNX export ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    f"the model runs in torch")
+        return None, {}
+    return (out_dir / ONNX_FILE).read_bytes(), record
+
+
+def _sha(export: Mapping[str, Json]) -> str | None:
+    onnx = export.get("onnx")
+    return str(onnx["sha256"]) if isinstance(onnx, dict) else None
+
+
+def _rates(rates: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f} tiles/s" for k, v in sorted(rates.items(), key=lambda kv: -kv[1]))
+
+
+def _precision(device: torch.device, settings: Settings, runtime: str = "torch") -> str:
+    if runtime != "torch":
+        return "float32"
     if device.type == "cuda" and settings.model.mixed_precision:
         return "float16"
     if device.type == "cpu" and cpu_bfloat16(settings):
@@ -220,9 +248,17 @@ def train_images(
         torch.set_num_threads(settings.model.cpu_threads)
     net = TileNet(settings.model.architecture, settings.tiling.tile_px, len(classes), hidden=HEAD_HIDDEN,
                   novelty_k=NOVELTY_K, pretrained=True)
-    net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     shown = (out or Output()) if progress else None
-    features = training_features(net, split, recipe, settings, device, shown)
+    # The frozen backbone's export is the model's (its weights do not change); after fine-tuning it
+    # is made again. The feature passes run in the runtime `[model] runtime` picks, as inference does.
+    graph, export = _export(net, settings, out_dir, shown)
+    net.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    runner, choice = choose(net.backbone, graph, device, settings, model_id="", graph_sha256=_sha(export),
+                            tile_px=settings.tiling.tile_px, model_dir=None)
+    if shown is not None:
+        shown.say(f"train: backbone passes in {choice.runtime} ({choice.reason}"
+                  + (f": {_rates(choice.rates)})" if choice.rates else ")"))
+    features = training_features(net, split, recipe, settings, device, shown, runner)
     if not len(features.train.feats):
         raise UserError(
             f"{source}: no usable training tiles (all images unreadable or blank)", ExitStatus.INPUT_FAILED
@@ -236,18 +272,30 @@ def train_images(
                                   epochs or t.epochs)
         tuned = finetune(net, split["train"], recipe, len(classes), settings, device, shown)
         # The features moved with the backbone: the grid tiles, all that calibration and the
-        # detector use once the head is trained, are taken again (not the augmented crops).
+        # detector use once the head is trained, are taken again (not the augmented crops), in the
+        # same runtime from the fine-tuned backbone's own export.
         net.head.to("cpu")
         net.backbone.eval()
-        described = grid_features(net, split, recipe, settings, device, shown, "features (fine-tuned)")
+        graph, export = _export(net, settings, out_dir, shown)
+        net.backbone.to(device)
+        kind = choice.runtime if graph is not None else "torch"
+        runner = build(kind, net.backbone, graph, device, settings)
+        described = grid_features(net, split, recipe, settings, device, shown, "features (fine-tuned)",
+                                  runner)
     net.to("cpu")
     fit = fit_head_and_novelty(net, described, len(classes), settings, epochs or t.epochs,
                                head_trained=head_trained)
     manifest = describe_model(out_dir, source, settings, classes, images, split, recipe, features, fit,
                               device, time.monotonic() - started, hashes=hashes, data_dir=data_dir)
-    manifest = dataclasses.replace(manifest, training={**manifest.training, "backbone": mode,
-                                                       **({"finetune": tuned} if tuned else {})})
+    manifest = dataclasses.replace(
+        manifest, export=export,
+        training={**manifest.training, "backbone": mode, **({"finetune": tuned} if tuned else {}),
+                  "runtime": runner.name, "precision": _precision(device, settings, runner.name),
+                  **({"runtime_tiles_per_s": dict(choice.rates)} if choice.rates else {})})
     saved = save_artifact(out_dir, dict(net.state_dict()), manifest)
+    if choice.rates and graph is not None:  # the first load need not measure again
+        write_cache(out_dir, cache_key(saved.model_id, _sha(export), device, settings, saved.tile_px),
+                    choice.runtime, choice.rates)
     return TrainResult(out_dir, saved, len(split["train"]), len(split["val"]), len(split["test"]),
                        time.monotonic() - started, features.skipped)
 
