@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `semwatch models ACTION`: one sub-parser per action (more actions are added beside `export`).
     models = sub.add_parser("models", help="model artifacts: export")
+    _common(models, json_flag=False)
     actions = models.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     p = actions.add_parser("export", help="add the ONNX export (faster runtimes) to an existing model")
