@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch float32": runtimes.build("torch", backbone, graph, device,
                                         settings(cpu_precision="float32", mixed_precision=False)),
     }
-    for kind in runtimes.candidates(graph, device):
+    # `auto`'s candidates, and OpenVINO on the CPU (named only: `auto` never imports it)
+    extra = ["openvino"] if device.type == "cpu" and runtimes.available("openvino") else []
+    for kind in [*runtimes.candidates(graph, device), *extra]:
         if kind != "torch":
             runners[kind] = runtimes.build(kind, backbone, graph, device, settings())
     reference = runners["torch float32"].features(x)
