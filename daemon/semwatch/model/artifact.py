@@ -9,6 +9,12 @@ Schema versions: 1 had no `schema_version` key (every model trained before the k
 `{"detector": "layers", ...}`; a manifest without it uses the old PCA score, `"pca"`). A manifest
 is read back exactly as it was written (unknown keys kept in `extra`), so its checksum and its
 model id survive the round trip.
+
+The export (`export`: the backbone as an ONNX graph for the faster runtimes, `model/export.py`) is
+signed apart (`export_sha256`, over the record and the manifest's checksum) and is no part of
+`manifest_sha256` nor of the model id: adding an export to an existing model (`semwatch models
+export`) changes neither, so its results stay current. The graph file's own sha256 is in the record
+and is checked before any runtime builds from it (`export_bytes`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 FORMAT = "semwatch-model/1"
 SCHEMA_VERSION = 3
+EXPORT_KEYS = ("export", "export_sha256")
 REQUIRED_KEYS = (
     "format",
     "classes",
@@ -82,6 +89,8 @@ class Manifest:
     weights_sha256: str = ""  # set by `save_artifact`
     manifest_sha256: str = ""  # set by `save_artifact`
     schema_version: int = SCHEMA_VERSION
+    export: Record = field(default_factory=dict)  # {"onnx": {...}}: the verified runtime graph, if any
+    export_sha256: str = ""  # set by `save_artifact` / `add_export` when there is an export
     extra: Record = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -92,8 +101,9 @@ class Manifest:
 
     @property
     def model_id(self) -> str:
-        """Short content hash of the manifest (which holds the weights' hash)."""
-        text = json.dumps(self.to_json(), sort_keys=True, default=str)
+        """Short content hash of the manifest (which holds the weights' hash), without the export."""
+        body = {k: v for k, v in self.to_json().items() if k not in EXPORT_KEYS}
+        text = json.dumps(body, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Json]:
@@ -102,6 +112,8 @@ class Manifest:
             if f.name in ("extra", "schema_version"):
                 continue
             if f.name == "novelty" and not self.novelty:  # absent before schema 3: keep ids stable
+                continue
+            if f.name in EXPORT_KEYS and not self.export:  # a model without an export
                 continue
             out[f.name] = _plain(getattr(self, f.name))
         if self.schema_version >= 2:  # version 1 is the absence of the key
@@ -149,6 +161,8 @@ class Manifest:
             weights_sha256=r.text("weights_sha256"),
             manifest_sha256=r.text("manifest_sha256", ""),
             schema_version=version,
+            export=r.record("export"),
+            export_sha256=r.text("export_sha256", ""),
             extra={k: v for k, v in raw.items() if k not in known},
         )
 
@@ -241,9 +255,30 @@ class _Reader:
 
 
 def _digest(body: Mapping[str, Json]) -> str:
-    """sha256 of a manifest's canonical JSON without its own checksum (edits are detected)."""
-    rest = {k: v for k, v in body.items() if k != "manifest_sha256"}
+    """sha256 of a manifest's canonical JSON without its own checksum and the export (edits are
+    detected)."""
+    rest = {k: v for k, v in body.items() if k != "manifest_sha256" and k not in EXPORT_KEYS}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _export_digest(body: Mapping[str, Json]) -> str:
+    """sha256 of the export record bound to the manifest it belongs to."""
+    signed = {"export": body.get("export"), "manifest_sha256": body.get("manifest_sha256")}
+    return hashlib.sha256(json.dumps(signed, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _signed(manifest: Manifest) -> Manifest:
+    """`manifest` with its checksums (and the export's, if it has one) computed."""
+    manifest = dataclasses.replace(manifest, format=FORMAT, manifest_sha256="", export_sha256="")
+    manifest = dataclasses.replace(manifest, manifest_sha256=_digest(manifest.to_json()))
+    if manifest.export:
+        manifest = dataclasses.replace(manifest, export_sha256=_export_digest(manifest.to_json()))
+    return manifest
+
+
+def _write_manifest(out_dir: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=True, default=str) + "\n"
+    write_atomic(out_dir / MANIFEST, text.encode("utf-8"))
 
 
 def save_artifact(out_dir: Path, state: dict[str, torch.Tensor], manifest: Manifest) -> Manifest:
@@ -254,13 +289,40 @@ def save_artifact(out_dir: Path, state: dict[str, torch.Tensor], manifest: Manif
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     blob = save(tensors)
     write_atomic(out_dir / WEIGHTS, blob)
-    manifest = dataclasses.replace(
-        manifest, format=FORMAT, weights_sha256=hashlib.sha256(blob).hexdigest(), manifest_sha256=""
-    )
-    manifest = dataclasses.replace(manifest, manifest_sha256=_digest(manifest.to_json()))
-    text = json.dumps(manifest.to_json(), indent=2, sort_keys=True, default=str) + "\n"
-    write_atomic(out_dir / MANIFEST, text.encode("utf-8"))
+    manifest = _signed(dataclasses.replace(manifest, weights_sha256=hashlib.sha256(blob).hexdigest()))
+    _write_manifest(out_dir, manifest)
     return manifest
+
+
+def add_export(model_dir: Path, manifest: Manifest, export: Mapping[str, Json]) -> Manifest:
+    """Rewrite `model_dir`'s manifest with `export` (the graph files are already written beside it);
+    the model id and `manifest_sha256` do not change."""
+    updated = _signed(dataclasses.replace(manifest, export=dict(export)))
+    if updated.model_id != manifest.model_id:  # pragma: no cover - the id excludes the export
+        raise RuntimeError("adding an export changed the model id")
+    _write_manifest(model_dir, updated)
+    return updated
+
+
+def export_bytes(model_dir: Path, manifest: Manifest, kind: str = "onnx") -> bytes | None:
+    """The verified bytes of the model's `kind` export (None when it has none); `UserError` when the
+    file is missing or is not the one the manifest names (tampered, truncated, replaced)."""
+    record = manifest.export.get(kind)
+    if not isinstance(record, dict):
+        return None
+    name, digest = record.get("file"), record.get("sha256")
+    if not isinstance(name, str) or not isinstance(digest, str) or "/" in name or name.startswith("."):
+        raise UserError(f"{model_dir / MANIFEST}: the {kind} export record is malformed")
+    path = model_dir / name
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the model's {kind} export ({exc.strerror or exc}); "
+                        f"make it again with `semwatch models export {model_dir}`") from None
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise UserError(f"{path}: checksum mismatch with the manifest; the {kind} export is corrupt or "
+                        f"was altered (refused; `semwatch models export {model_dir}` makes it again)")
+    return blob
 
 
 def read_manifest(model_dir: Path) -> Manifest:
@@ -283,6 +345,8 @@ def read_manifest(model_dir: Path) -> Manifest:
         raise UserError(f"{path}: unsupported model format {raw['format']!r} (expected {FORMAT})")
     if raw.get("manifest_sha256") != _digest(raw):
         raise UserError(f"{path}: manifest checksum mismatch; the model is corrupt or was altered")
+    if any(k in raw for k in EXPORT_KEYS) and raw.get("export_sha256") != _export_digest(raw):
+        raise UserError(f"{path}: export record checksum mismatch; the model is corrupt or was altered")
     try:
         return Manifest.from_json(raw)
     except ValueError as exc:

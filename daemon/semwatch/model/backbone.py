@@ -286,6 +286,15 @@ class TileNet(nn.Module):
         elif detector != PCA:
             raise ValueError(f"unknown novelty detector {detector!r} (known: {PCA}, {LAYERS})")
 
+    def scores(self, pooled: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated logits, novelty) from the backbone's outputs, in float32 whatever runtime made
+        them (`model.runtimes`): the head and the detector are small and the threshold was
+        calibrated in float32."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            pooled = pooled.float()
+            novelty = self.layers(stats.float()) if self.detector == LAYERS else self.novelty(pooled)
+            return self.head(pooled), novelty
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats, stats, fmap = self.backbone.run(x, stats=self.detector == LAYERS)
         feats = feats.float()

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +17,11 @@ import torch
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
-from semwatch.model.artifact import Manifest, load_artifact
+from semwatch.model.artifact import Manifest, export_bytes, load_artifact
 from semwatch.model.backbone import TileNet
 from semwatch.model.engine import PreparedImage, TileOutput, batch_groups, predict_images, prefetched
-from semwatch.model.runtime import autocast_for, describe_device, select_device
+from semwatch.model.runtime import describe_device, select_device
+from semwatch.model.runtimes import Choice, Runner, TorchRunner, choose
 from semwatch.output import Output
 from semwatch.reading.tiles import cut_tiles, scale_for
 from semwatch.safefs import UNCONFINED, Confinement, path_text
@@ -51,6 +51,10 @@ class Classifier:
     device: str
     classes: list[str]
     class_info: list[ClassInfo] = field(default_factory=list)
+    # What runs the backbone (`model.runtimes`) and why; torch eager when None (built by hand).
+    runner: Runner | None = None
+    choice: Choice | None = None
+    model_dir: Path | None = None
 
     @classmethod
     def load(cls, model_dir: Path, settings: Settings) -> Classifier:
@@ -74,16 +78,38 @@ class Classifier:
             torch.set_num_threads(settings.model.cpu_threads)
         device = select_device(settings.model.device)
         net = net.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+        graph = export_bytes(Path(model_dir), manifest)  # verified against the manifest, or None
+        onnx = manifest.export.get("onnx")
+        sha = str(onnx["sha256"]) if isinstance(onnx, dict) and graph is not None else None
+        runner, choice = choose(net.backbone, graph, device, settings, model_id=manifest.model_id,
+                                graph_sha256=sha, tile_px=manifest.tile_px, model_dir=Path(model_dir))
         return cls(
             net,
             manifest,
             settings,
             device,
             manifest.model_id,
-            describe_device(device),
+            f"{describe_device(device)}, {choice.runtime}",
             classes,
             list(manifest.class_info),
+            runner,
+            choice,
+            Path(model_dir),
         )
+
+    @property
+    def runtime(self) -> str:
+        """The runtime running the backbone: "torch", "onnxruntime" or "openvino"."""
+        return self.choice.runtime if self.choice is not None else "torch"
+
+    @property
+    def runtime_note(self) -> str | None:
+        """One line for the operator when the model cannot use the faster runtimes (no export)."""
+        if self.manifest.export or self.settings.model.runtime == "torch":
+            return None
+        where = path_text(self.model_dir) if self.model_dir is not None else "MODEL_DIR"
+        return (f"model {self.model_id} has no ONNX export: its backbone runs in eager torch; "
+                f"`semwatch models export {where}` adds one (ONNX Runtime / OpenVINO, faster on most CPUs)")
 
     @property
     def batch_size(self) -> int:
@@ -114,8 +140,10 @@ class Classifier:
         if len(tiles) == 0:
             return TileOutput.empty(n_classes)
         m = self.settings.model
-        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.torch_device)
-        with torch.inference_mode(), self._autocast():
+        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        if self.runner is None or self.runner.name == "torch":
+            x = x.to(self.torch_device)
+        with torch.inference_mode():
             log_probs, novelty = self._look(x)
             if m.test_time_views > 1:
                 unsure = torch.nonzero(log_probs.exp().max(dim=1).values < m.test_time_below).flatten()
@@ -132,12 +160,12 @@ class Classifier:
         return TileOutput(probs.cpu().numpy().astype(np.float32), novelty.cpu().numpy().astype(np.float32))
 
     def _look(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch through the network → (log-probabilities, novelty), float32."""
-        logits, novelty, _ = self.net(x.contiguous(memory_format=torch.channels_last))
+        """One batch through the backbone (whichever runtime holds it) and then the head and the
+        detector (torch, float32) → (log-probabilities, novelty)."""
+        runner = self.runner or TorchRunner(self.net.backbone, self.torch_device, self.settings)
+        pooled, stats = runner.features(x)
+        logits, novelty = self.net.scores(pooled.to(self.torch_device), stats.to(self.torch_device))
         return torch.log_softmax(logits.float(), dim=1), novelty.float()
-
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        return autocast_for(self.torch_device, self.settings)
 
     def verdict(self, prepared: PreparedImage, output: TileOutput) -> ImageVerdict:
         return aggregate(
@@ -392,6 +420,8 @@ def classify_files(
     with `explain_dir`, a Grad-CAM overlay per classified file there. File names and errors are
     untrusted: JSON carries paths in `safefs.path_text` form, plain lines show them `printable`."""
     classifier = Classifier.load(model_dir or settings.model.path, settings)
+    if classifier.runtime_note:
+        out.say(classifier.runtime_note)
     if explain_dir is not None:
         explain_dir.mkdir(parents=True, exist_ok=True)
     failed = 0

@@ -24,6 +24,7 @@ only while it is current) makes harmless.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -119,6 +120,7 @@ class RayEngine:
         try:
             self._configure_data(ray)
             self.workers, self.gpus_per_worker, self.device = self._shape(ray)
+            self.settings = _actor_settings(settings, model_dir, self.gpus_per_worker)
             # The weights once into the object store; every actor (on any node) fetches them from there.
             self._model_ref = ray.put(blobs)
         except BaseException:
@@ -351,8 +353,34 @@ def _die_once(marker: str) -> None:
 # --- the driver's helpers ----------------------------------------------------------------------------
 
 
+def _actor_settings(settings: Settings, model_dir: Path, gpus_per_worker: float) -> Settings:
+    """The settings each model actor loads the model with: on CPU actors, the backbone's threads are
+    the actor's CPUs, and `[model] runtime = "auto"` is resolved once here, by the same measurement
+    (with those threads, cached beside the model) that a local run makes, so every actor runs the
+    runtime measured fastest rather than each measuring again. GPU actors choose on their device."""
+    if gpus_per_worker > 0:
+        return settings
+    from semwatch.model.classify import Classifier
+
+    threads = max(1, round(settings.scale.cpus_per_worker))
+    model = dataclasses.replace(settings.model, cpu_threads=threads)
+    if model.runtime == "auto":
+        model = dataclasses.replace(model, runtime=Classifier.load(model_dir, dataclasses.replace(
+            settings, model=model)).runtime)  # type: ignore[arg-type]
+    return dataclasses.replace(settings, model=model)
+
+
 def _artifact_blobs(model_dir: Path) -> dict[str, bytes]:
+    from semwatch.model.export import ONNX_FILE
+    from semwatch.model.runtimes import CACHE_FILE
+
     blobs: dict[str, bytes] = {}
+    for name in (ONNX_FILE, CACHE_FILE):  # the export (verified by the actor's load) and its timing
+        if (model_dir / name).is_file():
+            try:
+                blobs[name] = (model_dir / name).read_bytes()
+            except OSError:
+                pass
     for name in ARTIFACT_FILES:
         try:
             blobs[name] = (model_dir / name).read_bytes()

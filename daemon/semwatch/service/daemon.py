@@ -196,7 +196,10 @@ class Service:
         from semwatch.model.classify import Classifier  # torch: loaded only by the daemon itself
 
         try:
-            return Classifier.load(self.settings.model.path, self.settings)
+            classifier = Classifier.load(self.settings.model.path, self.settings)
+            if classifier.runtime_note:
+                log.warning("%s", classifier.runtime_note)
+            return classifier
         except ConfigError:
             raise
         except UserError as exc:
