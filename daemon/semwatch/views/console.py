@@ -30,7 +30,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual import on
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
@@ -266,7 +266,7 @@ class SampleScreen(Screen[None]):
         self.console.open_image(int(str(event.row_key.value)))
 
 
-class ConsoleApp(App[int]):
+class ConsoleApp(labelling.LabelKeys):
     """The console; `run_test` drives it in tests, `run` on a terminal."""
 
     TITLE = "semwatch"
@@ -594,17 +594,11 @@ class ConsoleApp(App[int]):
         self._restore_cursor(table, keep)
 
     def _show_review(self, rows: list[labelling.ReviewRow]) -> None:
-        if rows == self.review and self.query_one("#review-table", Rows).row_count == len(rows):
-            return
-        self.review = rows
         table = self.query_one("#review-table", Rows)
-        keep = self._cursor_key(table)
-        table.clear(columns=True)
-        widths = labelling.review_columns(self.size.width)
-        for name, width in widths.items():
-            table.add_column(name, width=width)
-        for r in rows:
-            table.add_row(*labelling.review_cells(r, widths, fit), key=str(r.id))
+        if rows == self.review and table.row_count == len(rows):
+            return
+        self.review, keep = rows, self._cursor_key(table)
+        labelling.fill_review(table, rows, self.size.width, fit)
         self._restore_cursor(table, keep)
 
     @staticmethod
@@ -741,29 +735,9 @@ class ConsoleApp(App[int]):
         key = self._cursor_key(table)
         return int(key) if key is not None else None
 
-    def action_label(self, action: labelling.Action) -> None:
-        image_id = self.labelling_target()
-        if image_id is None:
-            self.notify("no image highlighted", severity="warning")
-            return
-        if action != "class":
-            self._write_label(image_id, action, None)
-            return
+    def label_about(self, image_id: int) -> str:
         row = self.images.get(image_id)
-        about = row.path if row is not None else f"image {image_id}"
-
-        def chosen(name: str | None) -> None:
-            if name:
-                self._write_label(image_id, "class", name)
-
-        about = fit(about, 50, keep_end=True)
-        self.push_screen(labelling.ClassChooser(labelling.label_classes(self.conn), about), chosen)
-
-    def _write_label(self, image_id: int, action: labelling.Action, class_name: str | None) -> None:
-        ok, message = labelling.try_write(self.settings, image_id, action, class_name)
-        self.notify(message, severity="information" if ok else "error", timeout=6)
-        self.review_stale = True
-        self.poll(force=True)
+        return row.path if row is not None else f"image {image_id}"
 
 
 def run_console(settings: Settings, *, current_model: str | None) -> int:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, ClassVar
 from rich.console import RenderableType
 from rich.text import Text
 from textual import on
-from textual.app import ComposeResult
+from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Input, Select, Static
+from textual.widgets import DataTable, Input, Select, Static
 
 from semwatch.errors import UserError
 from semwatch.lifecycle.labelling import Action, LabelChange, write_labels
@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     import sqlite3
 
     from semwatch.config import Settings
+    from semwatch.store.db import TrackedConnection
 
-__all__ = ["LABEL_BINDINGS", "Action", "ClassChooser", "ReviewRow", "label_classes", "read_review",
-           "review_cells", "review_columns", "try_write"]
+__all__ = ["LABEL_BINDINGS", "Action", "ClassChooser", "LabelKeys", "ReviewRow", "fill_review",
+           "label_classes", "read_review", "try_write"]
 
 LABEL_BINDINGS: list[BindingType] = [
     Binding("y", "label('confirm')", "Confirm"),
@@ -138,3 +139,55 @@ def read_review(conn: sqlite3.Connection, settings: Settings) -> list[ReviewRow]
     `[model] min_confidence` to 1."""
     low = settings.model.min_confidence + (1.0 - settings.model.min_confidence) / 2
     return review_queue(conn, low=low, limit=REVIEW_PAGE)
+
+
+def fill_review(table: DataTable[RenderableType], rows: list[ReviewRow], width: int,
+                fit: Callable[..., str]) -> None:
+    """(Re)draw the Review table for a terminal `width`; `fit` is the console's."""
+    table.clear(columns=True)
+    widths = review_columns(width)
+    for name, size in widths.items():
+        table.add_column(name, width=size)
+    for r in rows:
+        table.add_row(*review_cells(r, widths, fit), key=str(r.id))
+
+
+class LabelKeys(App[int]):
+    """The labelling actions of the console (`ConsoleApp` is one): which image they act on and
+    how it is named are the console's (`labelling_target`, `label_about`)."""
+
+    settings: Settings
+    conn: TrackedConnection | None
+    review_stale: bool
+
+    def labelling_target(self) -> int | None:
+        raise NotImplementedError
+
+    def label_about(self, image_id: int) -> str:
+        raise NotImplementedError
+
+    def poll(self, *, force: bool = False) -> None:
+        raise NotImplementedError
+
+    def action_label(self, action: Action) -> None:
+        image_id = self.labelling_target()
+        if image_id is None:
+            self.notify("no image highlighted", severity="warning")
+            return
+        if action != "class":
+            self._write_label(image_id, action, None)
+            return
+
+        def chosen(name: str | None) -> None:
+            if name:
+                self._write_label(image_id, "class", name)
+
+        about = self.label_about(image_id)
+        about = about if len(about) <= 50 else "…" + about[-49:]
+        self.push_screen(ClassChooser(label_classes(self.conn), printable(about)), chosen)
+
+    def _write_label(self, image_id: int, action: Action, class_name: str | None) -> None:
+        ok, message = try_write(self.settings, image_id, action, class_name)
+        self.notify(message, severity="information" if ok else "error", timeout=6)
+        self.review_stale = True
+        self.poll(force=True)
