@@ -354,3 +354,16 @@ def test_train_from_the_ledgers_labels(cli: Cli, tmp_path: Path, ncm_dir: Path) 
     assert manifest.training["source"] == "ledger labels"
     r = cli("train", "--out", str(tmp_path / "m2"))
     assert r.code == 2 and "DATA_DIR" in r.err
+
+
+def test_train_labels_key_and_nothing_to_train(cli: Cli, tmp_path: Path, ncm_dir: Path) -> None:
+    """`[train] labels = true` is `--labels`; a ledger whose labels give nothing to train says why."""
+    (tmp_path / "config.toml").write_text(
+        f'[store]\ndatabase = "{tmp_path / "none.db"}"\n[train]\nlabels = true\n', encoding="utf-8")
+    r = cli("train", "--out", str(tmp_path / "m"))
+    assert r.code == 1 and "no database" in r.err and "no labels to train on" in r.err
+    _, (a, _, _) = _cli_db(tmp_path, ncm_dir)  # rewrites config.toml: no [train] labels
+    assert cli("label", str(a), "--foreign").code == 0
+    r = cli("train", "--labels", "--out", str(tmp_path / "m"))
+    assert r.code == 1 and "1 foreign (not trained)" in r.err and "no labelled image can be trained" in r.err
+    assert not (tmp_path / "m").exists()

@@ -39,7 +39,7 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, out: Output) -> in
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    if args.labels:
+    if args.labels or settings.train.labels:  # the flag, or `[train] labels = true`
         from semwatch.lifecycle.training import train_with_labels
 
         return train_with_labels(settings, data_dir=args.data_dir, out_dir=args.out, epochs=args.epochs,
@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from one folder per class and/or the ledger's labels")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR", nargs="?")
     p.add_argument("--labels", action="store_true",
-                   help="also (or, without DATA_DIR, only) the images operators labelled (semwatch label)")
+                   help="also (or, without DATA_DIR, only) the images operators labelled (semwatch label); "
+                   "[train] labels = true does the same")
     p.add_argument("--out", type=_out_dir, required=True, metavar="MODEL_DIR")
     p.add_argument("--epochs", type=_count, help="override [train] epochs")
     p.add_argument("--max-images-per-class", type=_count, help="use at most N images per class")

@@ -144,7 +144,8 @@ def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Pat
 
     database = settings.store.database
     if not database.is_file():
-        raise UserError(f"no database at {path_text(database)}: there are no labels to train on")
+        raise UserError(f"no database at {path_text(database)}: there are no labels to train on",
+                        ExitStatus.INPUT_FAILED)
     folder_classes: list[ClassInfo] = []
     folder_images: list[LabelledImage] = []
     if data_dir is not None:
@@ -154,7 +155,8 @@ def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Pat
         conn = db.connect(database, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
         try:
             if not lab.has_labels_table(conn):
-                raise UserError(f"{path_text(database)} has no labels yet (`semwatch label`)")
+                raise UserError(f"{path_text(database)} has no labels yet (`semwatch label`)",
+                                ExitStatus.INPUT_FAILED)
             found = collect_labelled(conn, settings, staging)
         finally:
             conn.close()
