@@ -339,7 +339,8 @@ def test_train_from_the_ledgers_labels(cli: Cli, tmp_path: Path, ncm_dir: Path) 
     assert r.code == 0, r.err
     assert "1 gone" in r.err and "1 changed" in r.err and "1 foreign (not trained)" in r.err
     summary = json.loads(r.out.strip().splitlines()[-1])
-    assert summary["labels"] == {"labelled_images": 5, "foreign": 1, "gone": 1, "changed": 1, "refused": 0}
+    assert summary["labels"] == {"labelled_images": 5, "foreign": 1, "gone": 1, "changed": 1, "refused": 0,
+                                 "in_folder": 0}
     assert summary["images_per_class"] == {"622": 3, "NCA_cycled": 2}
     manifest = read_manifest(tmp_path / "model")
     assert list(manifest.classes) == ["622", "NCA_cycled"]
@@ -352,6 +353,19 @@ def test_train_from_the_ledgers_labels(cli: Cli, tmp_path: Path, ncm_dir: Path) 
     assert {k.removeprefix("ledger/").split(".")[0] for k in keys} == usable
     assert trained and trained <= usable  # the test split is held out
     assert manifest.training["source"] == "ledger labels"
+    # Beside a class folder: both sources; an image in both is trained once, with the folder's class.
+    folder = tmp_path / "data"
+    for name, sources in (("622", [src_622[1], sorted((ncm_dir / "622").glob("*.jpg"))[5]]),
+                          ("811_cycled", sorted((ncm_dir / "811_cycled").glob("*.jpg"))[6:8])):
+        (folder / name).mkdir(parents=True)
+        for src in sources:
+            shutil.copy(src, folder / name / src.name)
+    r = cli("train", str(folder), "--labels", "--out", str(tmp_path / "both"), "--epochs", "1", "--json")
+    assert r.code == 0, r.err
+    both = json.loads(r.out.strip().splitlines()[-1])
+    assert both["labels"]["in_folder"] == 1 and "also in" in r.err
+    assert both["images_per_class"] == {"622": 4, "811_cycled": 2, "NCA_cycled": 2}
+    assert read_manifest(tmp_path / "both").training["source"] == f"ledger labels + {folder.resolve()}"
     r = cli("train", "--out", str(tmp_path / "m2"))
     assert r.code == 2 and "DATA_DIR" in r.err
 

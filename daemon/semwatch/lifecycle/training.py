@@ -50,6 +50,7 @@ class LabelledSet:
     changed: int = 0  # the files are there but hold other bytes now
     refused: int = 0  # safefs refused every copy (a link out of its folder, a FIFO, too large)
     no_class: int = 0  # a label without a class (never written by semwatch; counted, not trusted)
+    in_folder: int = 0  # also in the class folder trained beside the labels: trained once, from there
 
     @property
     def skipped(self) -> int:
@@ -57,7 +58,7 @@ class LabelledSet:
 
     def counts(self) -> dict[str, int]:
         return {"labelled_images": len(self.images), "foreign": self.foreign, "gone": self.gone,
-                "changed": self.changed, "refused": self.refused}
+                "changed": self.changed, "refused": self.refused, "in_folder": self.in_folder}
 
 
 def root_of(path: str, watch_folder: Path) -> Path:
@@ -140,7 +141,7 @@ def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Pat
                       max_images_per_class: int | None, split_out: Path | None, out: Output) -> int:
     """`semwatch train [DATA_DIR] --labels --out MODEL_DIR`: the ledger's labelled images (and the
     folder's, when given) → a model. Skipped labels are counted on stderr (and in `--json`)."""
-    from semwatch.model.train import LabelledImage, discover, train_images
+    from semwatch.model.train import LabelledImage, content_hashes, discover, train_images
 
     database = settings.store.database
     if not database.is_file():
@@ -161,9 +162,17 @@ def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Pat
         finally:
             conn.close()
         _tell_skipped(out, found)
-        if not found.images:
+        if not found.images and not folder_images:
             raise UserError("no labelled image can be trained on (see the counts above)",
                             ExitStatus.INPUT_FAILED)
+        if folder_images:  # an image in both: the folder's (curated) label, trained once
+            in_folder = set(content_hashes(folder_images, settings).values())
+            kept = [item for item in found.images if item[2] not in in_folder]
+            found.in_folder = len(found.images) - len(kept)
+            found.images = kept
+            if found.in_folder:
+                out.say(f"{found.in_folder} labelled image(s) are also in {path_text(data_dir or '')}: "
+                        "trained once, with the folder's class")
         classes = merge_classes(folder_classes, [c for c, _, _ in found.images])
         index = {c.name: i for i, c in enumerate(classes)}
         meaning = {(c.composition, c.state): i for i, c in enumerate(classes)}
