@@ -11,9 +11,9 @@ from textual.widgets import Input
 from semwatch.config import Settings
 from semwatch.store import db
 from semwatch.store.labels import current_labels
-from semwatch.views.console import ConsoleApp, Rows
+from semwatch.views.console import ConsoleApp, ImageScreen, Rows
 from semwatch.views.labelling import ClassChooser
-from test_console import _column, _drive, _fixture, _settle
+from test_console import _column, _drive, _fixture, _settle, _text
 
 
 def _labels(settings: Settings) -> dict[str, tuple[str, str | None]]:
@@ -108,5 +108,31 @@ def test_review_counts_shadow_disagreements_when_the_table_exists(settings: Sett
         await _settle(pilot, app)
         assert _column(app, 0, "#review-table") == ["unknown", "shadow", "fail", "low conf"]
         assert json.dumps(_column(app, 1, "#review-table")[1]).endswith('a1.tif"')
+
+    _drive(settings, script)
+
+
+def test_an_images_detail_shows_its_labels(settings: Settings) -> None:
+    from semwatch.store.labels import add_label, writing
+    from semwatch.store.ledger import Store
+
+    _fixture(settings)
+    store = Store(settings.store.database, None)
+    try:
+        with writing(store) as conn:  # b1 (the newest row) is sha256 4
+            add_label(conn, f"{4:064x}", "confirmed", "811_cycled", "ana", note="looked twice")
+            add_label(conn, f"{4:064x}", "corrected", "NCA_cycled", "ben")
+    finally:
+        store.close()
+
+    async def script(app: ConsoleApp, pilot: Pilot[int]) -> None:
+        _select(app, "#images-table", 0)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ImageScreen)
+        text = _text(app.screen.view, 120)
+        assert "confirmed 811_cycled  by ana  (looked twice)" in text
+        assert "▶" in text and "is NCA_cycled  by ben" in text
+        await pilot.press("escape")
 
     _drive(settings, script)

@@ -655,7 +655,9 @@ class ConsoleApp(labelling.LabelKeys):
             return
         detail = browse.image_detail(self.conn, image_id)
         if detail is not None:
-            self.push_screen(ImageScreen(image_detail_view(detail, self.zone, self._model()), image_id))
+            view = labelling.with_label(self.conn, detail.sha256,
+                                        image_detail_view(detail, self.zone, self._model()))
+            self.push_screen(ImageScreen(view, image_id))
 
     @on(TabbedContent.TabActivated)
     def _tab(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
@@ -86,6 +86,25 @@ class ClassChooser(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def with_label(conn: sqlite3.Connection, sha256: str | None, view: RenderableType) -> RenderableType:
+    """An image's detail with its content's labels under it (newest last; what counts is marked)."""
+    if sha256 is None or not lab.has_labels_table(conn):
+        return view
+    history = lab.label_history(conn, sha256)
+    if not history:
+        return Group(view, Text("\nlabel: none yet (y confirm, l class, x foreign)", style="dim"))
+    current = lab.label_of(conn, sha256)
+    text = Text("\nlabels of this content (y l x u)\n", style="bold")
+    for item in history[-6:]:
+        what = {"confirmed": f"confirmed {item.class_name}", "corrected": f"is {item.class_name}",
+                "foreign": "foreign", "cleared": "undone"}[item.status]
+        mark = "▶ " if current is not None and item.id == current.id else "  "
+        line = f"{mark}{item.at[:16].replace('T', ' ')}  {what}  by {item.by}"
+        text.append(printable(line + (f"  ({item.note})" if item.note else "")) + "\n",
+                    style="" if mark.strip() else "dim")
+    return Group(view, text)
 
 
 def label_classes(conn: sqlite3.Connection | None) -> list[str]:
