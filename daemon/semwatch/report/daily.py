@@ -33,6 +33,7 @@ from semwatch.safefs import path_text, printable, text_safe, write_atomic
 from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
+from semwatch.store.labels import LabelDay, has_labels_table, label_day
 
 if TYPE_CHECKING:
     from semwatch.model.classify import Classifier
@@ -138,6 +139,7 @@ class DayData:
     images: list[DayImage]
     samples: list[DaySample]
     outdated: Outdated | None = None  # None: the current model is not known
+    labels: LabelDay | None = None  # operators' labels of the day (None: a database before labels)
 
 
 def load_day(settings: Settings, day: date) -> DayData:
@@ -149,6 +151,7 @@ def load_day(settings: Settings, day: date) -> DayData:
     try:
         image_rows, sample_rows, models = _query_day(conn, start, end)
         outdated = _outdated(conn, current_model_id(settings, conn), start, end)
+        labels = label_day(conn, start, end) if has_labels_table(conn) else None
     except sqlite3.DatabaseError as exc:
         raise UserError(f"cannot read database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     finally:
@@ -157,7 +160,7 @@ def load_day(settings: Settings, day: date) -> DayData:
     counts = Counter(img.sample_id for img in images if img.sample_id is not None)
     samples = [_day_sample(r, counts[r["sample_id"]], models.get(r["sample_id"], ""))
                for r in sample_rows if r["sample_id"] in counts]
-    return DayData(images, samples, outdated)
+    return DayData(images, samples, outdated, labels)
 
 
 def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
@@ -276,6 +279,7 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumb
         day=day.isoformat(), timezone=settings.report.timezone,
         generated_at=generated_at.isoformat(timespec="seconds"), summary=summarise(data),
         samples=data.samples, plots=plots, thumbs=thumbs, images=data.images, outdated=data.outdated,
+        labels=data.labels,
         database=path_text(settings.store.database),
     )
 
