@@ -208,6 +208,33 @@ CREATE TABLE reprocess_runs (
 );
 """
 
+# Version 4: operators' labels (issue 20, `store.labels`). A label belongs to an image's content
+# (sha256), so it follows copies; `path` and `image_id` say where it was made. Insert only: the
+# history stays, the newest label of a sha256 that no later `cleared` row `undoes` is its current
+# label (an undo is a row of its own naming the label it takes back, at most one per label). A
+# confirmed label keeps the class it confirmed (a later re-classification may say otherwise).
+# Labels never touch `images`: they are what the next model learns from and what review counts.
+SCHEMA_V4 = """
+CREATE TABLE labels (
+    id          INTEGER PRIMARY KEY,
+    sha256      TEXT    NOT NULL,
+    status      TEXT    NOT NULL
+                CHECK (status IN ('confirmed', 'corrected', 'foreign', 'cleared')),
+    class_name  TEXT,
+    by          TEXT    NOT NULL,
+    note        TEXT,
+    created_at  TEXT    NOT NULL,
+    path        TEXT,
+    image_id    INTEGER,
+    undoes      INTEGER,
+    CHECK ((class_name IS NOT NULL) = (status IN ('confirmed', 'corrected'))),
+    CHECK ((undoes IS NOT NULL) = (status = 'cleared'))
+);
+CREATE INDEX labels_sha256 ON labels (sha256, id);
+CREATE INDEX labels_created_at ON labels (created_at);
+CREATE UNIQUE INDEX labels_undoes ON labels (undoes) WHERE undoes IS NOT NULL;
+"""
+
 # Version 5: the model lifecycle (issue 20; version 4 is the operators' labels).
 # `model_events`: every move of a registry alias (`champion`, `challenger`), so that each result can
 # be traced to the model that was live when it was made: which model, from which, who, when, why,
@@ -262,9 +289,8 @@ def _script(sql: str) -> Migration:
     return step
 
 
-# Until the labels step (4) is merged, the lifecycle step takes its place; once merged: V4, then V5.
 MIGRATIONS: Sequence[Migration] = (_script(SCHEMA_V1), _script(SCHEMA_V2), _script(SCHEMA_V3),
-                                   _script(SCHEMA_V5))
+                                   _script(SCHEMA_V4), _script(SCHEMA_V5))
 SCHEMA_VERSION = len(MIGRATIONS)
 LOGGED_FROM = 2  # the first version whose database has `schema_migrations`
 
