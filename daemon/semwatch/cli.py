@@ -116,6 +116,28 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                     interval=args.interval, retrain=args.retrain, plain=args.plain, out=out)
 
 
+def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.lifecycle import models as m
+
+    action = args.models_action
+    if action == "list":
+        return m.models_list(settings, out=out)
+    if action == "show":
+        return m.models_show(settings, args.model, out=out)
+    if action == "register":
+        return m.models_register(settings, args.model_dir, alias=None if args.no_alias else args.alias,
+                                 by=args.by, out=out)
+    if action == "compare":
+        return m.models_compare(settings, args.challenger, args.against, folder=args.folder, out=out)
+    if action == "promote":
+        if args.force and not args.reason:
+            raise UserError("--force needs --reason TEXT (it is recorded with the promotion)",
+                            ExitStatus.USAGE)
+        return m.models_promote(settings, args.model, force=args.force, reason=args.reason, by=args.by,
+                                folder=args.folder, out=out)
+    return m.models_rollback(settings, reason=args.reason, by=args.by, out=out)
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -289,6 +311,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say how many files would be classified")
     _common(p)
     p.set_defaults(handler=cmd_reprocess)
+
+    p = sub.add_parser("models", help="the model registry: list, show, register, compare, promote, rollback")
+    msub = p.add_subparsers(dest="models_action", metavar="ACTION")
+    msub.required = True
+    q = msub.add_parser("list", help="models in [model] registry with their aliases")
+    _common(q)
+    q = msub.add_parser("show", help="one model: manifest and every alias move recorded")
+    q.add_argument("model", metavar="MODEL", help="champion, challenger, or a model id (prefix)")
+    _common(q)
+    q = msub.add_parser("register", help="copy a trained model folder into the registry")
+    q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    q.add_argument("--alias", choices=["challenger", "champion"], default="challenger",
+                   help="the alias it takes (default: challenger; champion skips the gate)")
+    q.add_argument("--no-alias", action="store_true", help="only add it")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    _common(q)
+    q = msub.add_parser("compare", help="the promotion gate: challenger vs champion on the same images")
+    q.add_argument("challenger", nargs="?", default="challenger", metavar="MODEL")
+    q.add_argument("--against", default="champion", metavar="MODEL", help="default: the champion")
+    q.add_argument("--folder", type=Path, metavar="DIR", help="override [lifecycle] eval_folder")
+    _common(q)
+    q = msub.add_parser("promote", help="make a model champion if the gate allows (the daemon follows)")
+    q.add_argument("model", nargs="?", default="challenger", metavar="MODEL")
+    q.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
+    q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    q.add_argument("--folder", type=Path, metavar="DIR", help="override [lifecycle] eval_folder")
+    _common(q)
+    q = msub.add_parser("rollback", help="make the previous champion champion again")
+    q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    _common(q)
+    p.set_defaults(handler=cmd_models)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

@@ -112,7 +112,12 @@ class Registry:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise UserError(f"{path_text(self.aliases_path)}: not a semwatch aliases file", ExitStatus.CONFIG)
         last = raw.get("last_move")
-        move = Move(**{k: last.get(k) for k in Move.__dataclass_fields__}) if isinstance(last, dict) else None
+        move = None
+        if isinstance(last, dict) and all(isinstance(last.get(k), str) for k in ("token", "alias", "action",
+                                                                                  "by", "at")):
+            move = Move(last["token"], last["alias"], _text_or_none(last.get("model_id")),
+                        _text_or_none(last.get("previous_model_id")), last["action"], last["by"], last["at"],
+                        _text_or_none(last.get("reason")))
         return Aliases(_text_or_none(raw.get("champion")), _text_or_none(raw.get("challenger")), move)
 
     def write_aliases(self, aliases: Aliases) -> None:

@@ -50,8 +50,11 @@ def has_token(conn: sqlite3.Connection, token: str) -> bool:
 
 def events(conn: sqlite3.Connection, *, model_id: str | None = None, limit: int = 1000) -> list[ModelEvent]:
     """Alias moves, newest first (of one model, as the new or the previous one, when given)."""
-    where, args = ("WHERE model_id = ? OR previous_model_id = ?", (model_id, model_id)) if model_id else ("", ())
-    rows = conn.execute(f"SELECT * FROM model_events {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+    if model_id:
+        rows = conn.execute("SELECT * FROM model_events WHERE model_id = ? OR previous_model_id = ? "
+                            "ORDER BY id DESC LIMIT ?", (model_id, model_id, limit))
+    else:
+        rows = conn.execute("SELECT * FROM model_events ORDER BY id DESC LIMIT ?", (limit,))
     return [_event(r) for r in rows]
 
 
