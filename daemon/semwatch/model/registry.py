@@ -196,11 +196,17 @@ def registry_of(model: ModelSettings) -> Registry | None:
     return Registry(model.registry) if model.registry is not None else None
 
 
-def live_model_dir(model: ModelSettings) -> Path:
-    """The model the daemon serves: the registry's champion, else `[model] path`."""
+def live_model_dir(model: ModelSettings, *, strict: bool = True) -> Path:
+    """The model the daemon serves: the registry's champion, else `[model] path`. Not `strict`
+    (views, reports): an unreadable aliases file means `[model] path` instead of an error."""
     registry = registry_of(model)
     if registry is not None:
-        champion = registry.read_aliases().champion
+        try:
+            champion = registry.read_aliases().champion
+        except UserError:
+            if strict:
+                raise
+            champion = None
         if champion is not None:
             return registry.model_dir(champion)
     return model.path

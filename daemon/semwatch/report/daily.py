@@ -168,8 +168,9 @@ def load_day(settings: Settings, day: date) -> DayData:
 def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
     """The configured model's id (its manifest only, no weights), else the daemon's last one."""
     from semwatch.model.artifact import configured_model_id
+    from semwatch.model.registry import live_model_dir
 
-    configured = configured_model_id(settings.model.path)
+    configured = configured_model_id(live_model_dir(settings.model, strict=False))
     if configured is not None:
         return configured
     row = conn.execute("SELECT model_id FROM daemon WHERE id = 1").fetchone()

@@ -66,8 +66,9 @@ def current_model_id(settings: Settings) -> str | None:
     """The id of the configured model (`[model] path`), the one results are compared with to call
     them outdated; None when it cannot be read (the views then use the daemon's model)."""
     from semwatch.model.artifact import configured_model_id
+    from semwatch.model.registry import live_model_dir
 
-    return configured_model_id(settings.model.path)
+    return configured_model_id(live_model_dir(settings.model, strict=False))
 
 
 def outdated_text(snap: Snapshot) -> Text:
