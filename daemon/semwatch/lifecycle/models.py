@@ -36,7 +36,7 @@ from semwatch.values import utc_now
 
 log = logging.getLogger("semwatch.lifecycle")
 
-PAUSE_ENV = "SEMWATCH_TEST_PAUSE_MOVE"  # tests: seconds between the record and the aliases file
+PAUSE_ENV = "SEMWATCH_TEST_PAUSE_MOVE"  # tests: "before" / "after" the aliases file, a kill -9 there
 
 
 def require_registry(settings: Settings) -> Registry:
@@ -67,12 +67,19 @@ def move_alias(store: Store, registry: Registry, alias: str, model_id: str | Non
         at = utc_now()
         row_id = ev.insert_event(conn, alias=alias, model_id=model_id, previous_model_id=previous,
                                  action=action, by=by, reason=reason, evidence=evidence, token=token, at=at)
-        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-        if pause > 0:  # fault injection: a kill -9 here must leave the old aliases and no record
-            time.sleep(pause)
+        pause = os.environ.get(PAUSE_ENV)
+        if pause == "before":  # fault injection: a kill -9 here leaves the old aliases, no record
+            _test_pause()
         registry.write_aliases(aliases.moved(Move(token, alias, model_id, previous, action, by, at, reason)))
+        if pause == "after":  # a kill -9 here leaves the new aliases, recorded by the next move
+            _test_pause()
     log.info("%s: %s -> %s (%s by %s)", alias, previous, model_id, action, by)
     return ev.ModelEvent(row_id, at, alias, model_id, previous, action, by, reason, evidence, token)
+
+
+def _test_pause() -> None:
+    os.write(2, b"semwatch: test pause\n")
+    time.sleep(60)
 
 
 def _record_lost_move(conn: db.sqlite3.Connection, aliases: Aliases) -> None:

@@ -131,6 +131,7 @@ class Registry:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.write(2, b"semwatch: test pause\n")
             time.sleep(pause)
             Path(tmp).replace(self.aliases_path)
         else:
