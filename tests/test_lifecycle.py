@@ -17,8 +17,8 @@ import pytest
 
 from conftest import Cli
 from semwatch.config import load_settings
-from semwatch.lifecycle.gate import GateImage, ModelScore, decide, mcnemar_one_sided
-from semwatch.model.artifact import load_artifact, read_manifest, save_artifact
+from semwatch.lifecycle.gate import GateImage, ModelScore, decide, mcnemar_one_sided, unseen
+from semwatch.model.artifact import Manifest, load_artifact, read_manifest, save_artifact
 from semwatch.model.registry import Aliases, Move, Registry, live_model_dir
 from semwatch.store import db, schema
 from test_daemon import Daemon, copy_image, daemon_factory, ncm_images
@@ -30,6 +30,21 @@ pytestmark = pytest.mark.slow
 FAST = {"max_tiles": 6}  # the tiny model's tiling: a few tiles per image keep the CPU tests short
 
 
+def _untrained_on(manifest: Manifest) -> Manifest:
+    """Without the record of its training images: the tiny model's own training images then make
+    an evaluation folder on which it is mostly right (the gate otherwise leaves them out)."""
+    training = {k: v for k, v in manifest.training.items() if k != "trained_on"}
+    return dataclasses.replace(manifest, training=training)
+
+
+@pytest.fixture(scope="session")
+def champion_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state, manifest = load_artifact(tiny_model)
+    out = tmp_path_factory.mktemp("champion_model") / "model"
+    save_artifact(out, state, dataclasses.replace(_untrained_on(manifest), name=f"{manifest.name}-a"))
+    return out
+
+
 @pytest.fixture(scope="session")
 def worse_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with its class names reversed: the same network, every class called by
@@ -37,7 +52,7 @@ def worse_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     state, manifest = load_artifact(tiny_model)
     out = tmp_path_factory.mktemp("worse_model") / "model"
     save_artifact(out, state, dataclasses.replace(
-        manifest, name=f"{manifest.name}-reversed", classes=tuple(reversed(manifest.classes)),
+        _untrained_on(manifest), name=f"{manifest.name}-reversed", classes=tuple(reversed(manifest.classes)),
         class_info=tuple(reversed(manifest.class_info))))
     return out
 
@@ -108,16 +123,25 @@ def test_decide_better_not_worse_and_worse_on_one_class() -> None:
     assert result.decision == "not significantly worse" and result.worse_classes == []
 
 
+def test_images_a_model_trained_on_are_left_out(champion_model: Path) -> None:
+    manifest = read_manifest(champion_model)
+    seen = dataclasses.replace(manifest, training={**manifest.training, "trained_on": ["aa" * 32]})
+    images = [GateImage(Path("x"), "333", "labels", "aa" * 32),
+              GateImage(Path("y"), "333", "labels", "bb" * 32)]
+    kept, dropped = unseen(images, manifest, seen)
+    assert [im.path for im in kept] == [Path("y")] and dropped == 1
+
+
 # --- the registry ----------------------------------------------------------------------------------
 
 
-def test_registry_adds_resolves_and_falls_back_to_path(tmp_path: Path, tiny_model: Path,
+def test_registry_adds_resolves_and_falls_back_to_path(tmp_path: Path, champion_model: Path,
                                                        worse_model: Path) -> None:
-    settings = load_settings(write_config(tmp_path, tiny_model), environ={})
+    settings = load_settings(write_config(tmp_path, champion_model), environ={})
     registry = Registry(tmp_path / "registry")
-    assert live_model_dir(settings.model) == tiny_model  # no champion yet: [model] path
-    a = registry.add(tiny_model)
-    assert registry.add(tiny_model) == a  # already there: not copied again
+    assert live_model_dir(settings.model) == champion_model  # no champion yet: [model] path
+    a = registry.add(champion_model)
+    assert registry.add(champion_model) == a  # already there: not copied again
     b = registry.add(worse_model)
     assert set(registry.ids()) == {a, b} and not list(registry.root.glob(".incoming-*"))
     assert registry.resolve(b[:10]) == b
@@ -127,17 +151,17 @@ def test_registry_adds_resolves_and_falls_back_to_path(tmp_path: Path, tiny_mode
     assert registry.resolve("champion") == b
     assert live_model_dir(settings.model) == registry.model_dir(b)
     (registry.root / "aliases.json").write_text("{broken", encoding="utf-8")
-    assert live_model_dir(settings.model, strict=False) == tiny_model
+    assert live_model_dir(settings.model, strict=False) == champion_model
 
 
 # --- the gate at work: refusing a worse model, --force with its reason, rollback ------------------
 
 
 def test_promote_refuses_a_worse_model_force_records_why_and_rollback(
-        cli: Cli, tmp_path: Path, tiny_model: Path, worse_model: Path, ncm_dir: Path) -> None:
-    write_config(tmp_path, tiny_model, eval_folder=eval_folder_of(tiny_model, ncm_dir, tmp_path))
+        cli: Cli, tmp_path: Path, champion_model: Path, worse_model: Path, ncm_dir: Path) -> None:
+    write_config(tmp_path, champion_model, eval_folder=eval_folder_of(champion_model, ncm_dir, tmp_path))
     database = tmp_path / "db" / "semwatch.db"
-    a, b = read_manifest(tiny_model).model_id, read_manifest(worse_model).model_id
+    a, b = read_manifest(champion_model).model_id, read_manifest(worse_model).model_id
     r = cli("models", "register", worse_model, "--by", "ana")
     assert r.code == 0, r.err
     refused = cli("models", "promote", "--by", "ana")
@@ -183,12 +207,12 @@ def _killed_move(config: Path, model: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("where", ["aliases", "before", "after"])
-def test_registry_survives_kill_9_mid_move(cli: Cli, tmp_path: Path, tiny_model: Path, worse_model: Path,
+def test_registry_survives_kill_9_mid_move(cli: Cli, tmp_path: Path, champion_model: Path, worse_model: Path,
                                            where: str) -> None:
-    config = write_config(tmp_path, tiny_model)
+    config = write_config(tmp_path, champion_model)
     database = tmp_path / "db" / "semwatch.db"
-    a, b = read_manifest(tiny_model).model_id, read_manifest(worse_model).model_id
-    assert cli("models", "register", tiny_model, "--alias", "champion").code == 0
+    a, b = read_manifest(champion_model).model_id, read_manifest(worse_model).model_id
+    assert cli("models", "register", champion_model, "--alias", "champion").code == 0
     env = ({"SEMWATCH_TEST_PAUSE_ALIASES": "60"} if where == "aliases"
            else {"SEMWATCH_TEST_PAUSE_MOVE": where})
     _killed_move(config, worse_model, env)
@@ -202,7 +226,7 @@ def test_registry_survives_kill_9_mid_move(cli: Cli, tmp_path: Path, tiny_model:
     listed = cli("models", "list")
     assert listed.code == 0 and a in listed.out and b in listed.out
     # The next move records a lost one first, then itself.
-    assert cli("models", "register", tiny_model, "--alias", "champion").code == 0
+    assert cli("models", "register", champion_model, "--alias", "champion").code == 0
     rows = events(database)
     assert registry.read_aliases().champion == a
     actions = [(e["action"], e["model_id"]) for e in rows]
@@ -235,16 +259,17 @@ def _wait(cond: Callable[[], bool], what: str, d: Daemon, timeout: float = 240.0
 
 
 def test_promotion_and_rollback_during_a_busy_daemon_with_a_shadow(
-        daemon_factory: Callable[..., Daemon], tiny_model: Path, worse_model: Path, ncm_dir: Path) -> None:
+        daemon_factory: Callable[..., Daemon], champion_model: Path, worse_model: Path,
+        ncm_dir: Path) -> None:
     d: Daemon = daemon_factory()
     _configure(d, d.root, 'shadow = "challenger"', "reprocess_outdated = true")
-    a, b = read_manifest(tiny_model).model_id, read_manifest(worse_model).model_id
+    a, b = read_manifest(champion_model).model_id, read_manifest(worse_model).model_id
 
     def semwatch(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "semwatch", *args, "--config", str(d.config)],
                               capture_output=True, text=True, timeout=300)
 
-    assert semwatch("models", "register", str(tiny_model), "--alias", "champion").returncode == 0
+    assert semwatch("models", "register", str(champion_model), "--alias", "champion").returncode == 0
     assert semwatch("models", "register", str(worse_model)).returncode == 0  # the challenger
     first = [copy_image(src, d.folder / "s1" / src.name) for src in ncm_images(ncm_dir, "333", 3)]
     d.start()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from semwatch.values import utc_now
 
@@ -92,6 +92,9 @@ class Agreement:
         return self.agree / self.n if self.n else None
 
 
+NO_SHADOW = Agreement(None, 0, 0)
+
+
 def shadow_agreement(conn: sqlite3.Connection, *, since: datetime | str | None = None,
                      until: datetime | str | None = None) -> Agreement:
     """How often the newest shadow model agreed with the live verdict (in a time range)."""
@@ -114,7 +117,7 @@ def shadow_agreement(conn: sqlite3.Connection, *, since: datetime | str | None =
 
 
 def _iso(when: datetime | str) -> str:
-    return when if isinstance(when, str) else when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return when if isinstance(when, str) else when.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
