@@ -233,19 +233,16 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class LifecycleSettings:
-    """The promotion gate and its optional automation (issue 20, semwatch.lifecycle)."""
+    """The promotion gate (issue 20, semwatch.lifecycle.gate)."""
 
     eval_folder: Path | None = None  # the lab's frozen evaluation folder (class folders); None = none
     alpha: float = 0.05
     min_class_images: int = 10
-    auto_train_after_labels: int = 0  # 0 = off
-    auto_promote: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.alpha < 0.5:
             raise ConfigError(f"[lifecycle] alpha must be between 0 and 0.5, got {self.alpha}")
         _positive("[lifecycle] min_class_images", self.min_class_images)
-        _non_negative("[lifecycle] auto_train_after_labels", self.auto_train_after_labels)
 
 
 @dataclass(frozen=True)
