@@ -50,7 +50,9 @@ class ModelWatch:
         self.writer = writer
         self.on_switch = on_switch
         self.hup = threading.Event()
-        self.signature = self.registry.signature() if self.registry is not None else None
+        # Unknown at first: the first check compares the champion with the model loaded at start
+        # (the aliases may have moved while it loaded).
+        self.signature: tuple[int, int, int] | None | bool = False
         self.shadow: Shadow | None = None
         self.switches = 0
 
