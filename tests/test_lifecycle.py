@@ -196,7 +196,7 @@ def test_promote_refuses_a_worse_model_force_records_why_and_rollback(
 def _killed_move(config: Path, model: Path, env: dict[str, str]) -> None:
     """`semwatch models register MODEL --alias champion` killed -9 at the injected pause."""
     proc = subprocess.Popen([sys.executable, "-m", "semwatch", "models", "register", str(model), "--alias",
-                             "champion", "--config", str(config)],
+                             "champion", "--reason", "test", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **env})
     assert proc.stderr is not None
     line = proc.stderr.readline().decode()
@@ -226,7 +226,7 @@ def test_registry_survives_kill_9_mid_move(cli: Cli, tmp_path: Path, champion_mo
     listed = cli("models", "list")
     assert listed.code == 0 and a in listed.out and b in listed.out
     # The next move records a lost one first, then itself.
-    assert cli("models", "register", champion_model, "--alias", "champion").code == 0
+    assert cli("models", "register", champion_model, "--alias", "champion", "--reason", "back").code == 0
     rows = events(database)
     assert registry.read_aliases().champion == a
     actions = [(e["action"], e["model_id"]) for e in rows]
@@ -285,7 +285,10 @@ def test_promotion_and_rollback_during_a_busy_daemon_with_a_shadow(
     samples = d.query("SELECT * FROM samples")
     # Promote while files arrive: no restart, each file classified once, by the model named on it.
     busy = [copy_image(src, d.folder / "s2" / src.name) for src in ncm_images(ncm_dir, "622", 3)]
-    moved = semwatch("models", "register", str(worse_model), "--alias", "champion", "--by", "ana")
+    refused = semwatch("models", "register", str(worse_model), "--alias", "champion")
+    assert refused.returncode == 2 and "--reason" in refused.stderr  # no gate without a reason
+    moved = semwatch("models", "register", str(worse_model), "--alias", "champion", "--by", "ana",
+                     "--reason", "line trial")
     assert moved.returncode == 0, moved.stderr
     _wait(lambda: "now serving model " + b in d.log_text(), "no switch", d)
     later = [copy_image(src, d.folder / "s3" / src.name) for src in ncm_images(ncm_dir, "811", 2)]

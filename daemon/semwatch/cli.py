@@ -126,7 +126,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
         return m.models_show(settings, args.model, out=out)
     if action == "register":
         return m.models_register(settings, args.model_dir, alias=None if args.no_alias else args.alias,
-                                 by=args.by, out=out)
+                                 by=args.by, reason=args.reason, out=out)
     if action == "compare":
         return m.models_compare(settings, args.challenger, args.against, folder=args.folder, out=out)
     if action == "promote":
@@ -323,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("register", help="copy a trained model folder into the registry")
     q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     q.add_argument("--alias", choices=["challenger", "champion"], default="challenger",
-                   help="the alias it takes (default: challenger; champion skips the gate)")
+                   help="the alias it takes (default: challenger; champion skips the gate: only the "
+                   "first champion, or with --reason)")
     q.add_argument("--no-alias", action="store_true", help="only add it")
+    q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
     q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
     _common(q)
     q = msub.add_parser("compare", help="the promotion gate: challenger vs champion on the same images")

@@ -154,16 +154,22 @@ def models_show(settings: Settings, name: str, *, out: Output) -> int:
 
 
 def models_register(settings: Settings, model_dir: Path, *, alias: str | None, by: str | None,
-                    out: Output) -> int:
-    """Copy a trained model into the registry; by default it becomes the challenger."""
+                    reason: str | None = None, out: Output) -> int:
+    """Copy a trained model into the registry; by default it becomes the challenger. Made champion
+    directly (no gate) only as the first champion, or with a reason (recorded)."""
     registry = require_registry(settings)
+    champion = registry.read_aliases().champion
+    if alias == "champion" and champion is not None and not reason:
+        raise UserError("the registry has a champion: `semwatch models promote` runs the gate; "
+                        "--alias champion replaces it without the gate only with --reason TEXT")
     model_id = registry.add(model_dir)
     if alias is not None:
         store = open_store(settings)
         try:
             if alias == "challenger":
                 ensure_champion(store, registry, settings, by or default_user())
-            move_alias(store, registry, alias, model_id, action="register", by=by or default_user())
+            move_alias(store, registry, alias, model_id, action="register", by=by or default_user(),
+                       reason=reason)
         finally:
             store.close()
     if out.json:

@@ -52,7 +52,7 @@ class ModelWatch:
         self.hup = threading.Event()
         # Unknown at first: the first check compares the champion with the model loaded at start
         # (the aliases may have moved while it loaded).
-        self.signature: tuple[int, int, int] | None | bool = False
+        self.signature: tuple[int, int, int] | bool | None = False
         self.shadow: Shadow | None = None
         self.switches = 0
 
