@@ -221,6 +221,14 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--version", action="version", version=f"semwatch {__version__}")
 
 
+def _after_action(p: argparse.ArgumentParser) -> None:
+    """--config and --json after a group's action (`semwatch models list --json`); not given, they
+    leave what was given before the action (`semwatch models --config X list`)."""
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                   help="config file (default: ./config.toml if present)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON object per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="semwatch",
@@ -313,13 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_reprocess)
 
     p = sub.add_parser("models", help="the model registry: list, show, register, compare, promote, rollback")
+    _common(p)
     msub = p.add_subparsers(dest="models_action", metavar="ACTION")
     msub.required = True
     q = msub.add_parser("list", help="models in [model] registry with their aliases")
-    _common(q)
+    _after_action(q)
     q = msub.add_parser("show", help="one model: manifest and every alias move recorded")
     q.add_argument("model", metavar="MODEL", help="champion, challenger, or a model id (prefix)")
-    _common(q)
+    _after_action(q)
     q = msub.add_parser("register", help="copy a trained model folder into the registry")
     q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     q.add_argument("--alias", choices=["challenger", "champion"], default="challenger",
@@ -328,23 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-alias", action="store_true", help="only add it")
     q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
     q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
-    _common(q)
+    _after_action(q)
     q = msub.add_parser("compare", help="the promotion gate: challenger vs champion on the same images")
     q.add_argument("challenger", nargs="?", default="challenger", metavar="MODEL")
     q.add_argument("--against", default="champion", metavar="MODEL", help="default: the champion")
     q.add_argument("--folder", type=Path, metavar="DIR", help="override [lifecycle] eval_folder")
-    _common(q)
+    _after_action(q)
     q = msub.add_parser("promote", help="make a model champion if the gate allows (the daemon follows)")
     q.add_argument("model", nargs="?", default="challenger", metavar="MODEL")
     q.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
     q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
     q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
     q.add_argument("--folder", type=Path, metavar="DIR", help="override [lifecycle] eval_folder")
-    _common(q)
+    _after_action(q)
     q = msub.add_parser("rollback", help="make the previous champion champion again")
     q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
     q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
-    _common(q)
+    _after_action(q)
     p.set_defaults(handler=cmd_models)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
