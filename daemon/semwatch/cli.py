@@ -148,6 +148,30 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                     interval=args.interval, retrain=args.retrain, plain=args.plain, out=out)
 
 
+def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.lifecycle import models as m
+
+    action = args.models_action
+    if action == "export":
+        return cmd_models_export(args, settings, out)
+    if action == "list":
+        return m.models_list(settings, out=out)
+    if action == "show":
+        return m.models_show(settings, args.model, out=out)
+    if action == "register":
+        return m.models_register(settings, args.model_dir, alias=None if args.no_alias else args.alias,
+                                 by=args.by, reason=args.reason, out=out)
+    if action == "compare":
+        return m.models_compare(settings, args.challenger, args.against, folder=args.folder, out=out)
+    if action == "promote":
+        if args.force and not args.reason:
+            raise UserError("--force needs --reason TEXT (it is recorded with the promotion)",
+                            ExitStatus.USAGE)
+        return m.models_promote(settings, args.model, force=args.force, reason=args.reason, by=args.by,
+                                folder=args.folder, out=out)
+    return m.models_rollback(settings, reason=args.reason, by=args.by, out=out)
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -229,6 +253,14 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     else:
         p.set_defaults(json=False)
     p.add_argument("--version", action="version", version=f"semwatch {__version__}")
+
+
+def _after_action(p: argparse.ArgumentParser) -> None:
+    """--config and --json after a group's action (`semwatch models list --json`); not given, they
+    leave what was given before the action (`semwatch models --config X list`)."""
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                   help="config file (default: ./config.toml if present)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON object per line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,15 +374,45 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=cmd_label)
 
-    # `semwatch models ACTION`: one sub-parser per action (more actions are added beside `export`).
-    models = sub.add_parser("models", help="model artifacts: export")
-    _common(models, json_flag=False)
-    actions = models.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    p = actions.add_parser("export", help="add the ONNX export (faster runtimes) to an existing model")
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    p = sub.add_parser("models", help="the model registry: list, show, register, compare, promote, "
+                       "rollback; export")
     _common(p)
-    p.set_defaults(handler=cmd_models_export)
+    msub = p.add_subparsers(dest="models_action", metavar="ACTION")
+    msub.required = True
+    q = msub.add_parser("list", help="models in [model] registry with their aliases")
+    _after_action(q)
+    q = msub.add_parser("show", help="one model: manifest and every alias move recorded")
+    q.add_argument("model", metavar="MODEL", help="champion, challenger, or a model id (prefix)")
+    _after_action(q)
+    q = msub.add_parser("register", help="copy a trained model folder into the registry")
+    q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    q.add_argument("--alias", choices=["challenger", "champion"], default="challenger",
+                   help="the alias it takes (default: challenger; champion skips the gate: only the "
+                   "first champion, or with --reason)")
+    q.add_argument("--no-alias", action="store_true", help="only add it")
+    q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    _after_action(q)
+    q = msub.add_parser("compare", help="the promotion gate: challenger vs champion on the same images")
+    q.add_argument("challenger", nargs="?", default="challenger", metavar="MODEL")
+    q.add_argument("--against", default="champion", metavar="MODEL", help="default: the champion")
+    q.add_argument("--folder", type=Path, metavar="DIR", help="override [lifecycle] eval_folder")
+    _after_action(q)
+    q = msub.add_parser("promote", help="make a model champion if the gate allows (the daemon follows)")
+    q.add_argument("model", nargs="?", default="challenger", metavar="MODEL")
+    q.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
+    q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    q.add_argument("--folder", type=Path, metavar="DIR", help="override [lifecycle] eval_folder")
+    _after_action(q)
+    q = msub.add_parser("rollback", help="make the previous champion champion again")
+    q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    _after_action(q)
+    q = msub.add_parser("export", help="add the ONNX export (faster runtimes) to an existing model")
+    q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    _after_action(q)
+    p.set_defaults(handler=cmd_models)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

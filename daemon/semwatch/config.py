@@ -179,9 +179,14 @@ class ModelSettings:
     test_time_below: float = 0.9
     reprocess_outdated: bool = False
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    # The model registry (issue 20, model/registry.py): None = off, `path` is the model.
+    registry: Path | None = None
+    shadow: str = ""  # a registry alias or model id also run on new images; "" = none
 
     def validate(self) -> None:
         _positive("[model] batch_size", self.batch_size)
+        if self.shadow and self.registry is None:
+            raise ConfigError("[model] shadow needs [model] registry (it names a model in the registry)")
         if self.test_time_views not in (1, 2, 4, 8):
             raise ConfigError(f"[model] test_time_views must be 1, 2, 4 or 8, not {self.test_time_views}")
         _fraction("[model] test_time_below", self.test_time_below)
@@ -230,6 +235,20 @@ class TrainSettings:
         _non_negative("[train] weight_decay", self.weight_decay)
         _non_negative("[train] augment_copies", self.augment_copies)
         _positive("[train] tiles_per_image", self.tiles_per_image)
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """The promotion gate (issue 20, semwatch.lifecycle.gate)."""
+
+    eval_folder: Path | None = None  # the lab's frozen evaluation folder (class folders); None = none
+    alpha: float = 0.05
+    min_class_images: int = 10
+
+    def validate(self) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise ConfigError(f"[lifecycle] alpha must be between 0 and 0.5, got {self.alpha}")
+        _positive("[lifecycle] min_class_images", self.min_class_images)
 
 
 @dataclass(frozen=True)
@@ -443,6 +462,7 @@ class Settings:
     notify: NotifySettings = field(default_factory=NotifySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     scale: ScaleSettings = field(default_factory=ScaleSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     # Where the settings came from (for messages); not a config key.
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
@@ -612,7 +632,10 @@ def _coerce(name: str, hint: object, value: object, base: Path) -> object:
         ):
             raise ConfigError(f"{name} must be a table of strings, got {value!r}")
         return dict(value)
-    if origin in (types.UnionType, typing.Union):  # pragma: no cover - no optional keys yet
+    if origin in (types.UnionType, typing.Union) and set(get_args(hint)) == {Path, type(None)}:
+        # An optional path: "" (TOML has no null) means none.
+        return None if value == "" else _coerce(name, Path, value, base)
+    if origin in (types.UnionType, typing.Union):  # pragma: no cover - no other optional keys
         return value
     raise ConfigError(f"{name}: unsupported setting type {hint}")  # pragma: no cover
 

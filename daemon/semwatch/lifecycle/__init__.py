@@ -1,1 +1,2 @@
-"""The model's life in the lab: operators' labels, training from them, the registry and promotion."""
+"""The model lifecycle (issue 20): operators' labels, the model registry's aliases, the promotion
+gate, shadow runs. Between `service | reprocess` (which use it) and `report`."""

@@ -31,8 +31,8 @@ from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
 from semwatch.reading.sidecar import sidecar_path
 from semwatch.safefs import Confinement, RefusedFile, path_from_text, path_text, read_bounded, write_atomic
-from semwatch.store import db
 from semwatch.store import labels as lab
+from semwatch.store.access import open_readonly
 from semwatch.values import ClassInfo, parse_class
 
 SIDECAR_MAX_BYTES = 1024 * 1024
@@ -153,7 +153,7 @@ def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Pat
         folder_classes, folder_images = discover(data_dir, settings.train.class_map)
     with tempfile.TemporaryDirectory(prefix="semwatch-labels-") as tmp:
         staging = Path(tmp)
-        conn = db.connect(database, readonly=True, busy_timeout_ms=settings.store.busy_timeout_ms)
+        conn = open_readonly(database, busy_timeout_ms=settings.store.busy_timeout_ms, older="copy")
         try:
             if not lab.has_labels_table(conn):
                 raise UserError(f"{path_text(database)} has no labels yet (`semwatch label`)",

@@ -419,7 +419,9 @@ def classify_files(
     """`semwatch classify FILE...`: one line per file, or one JSON object per line with `--json`;
     with `explain_dir`, a Grad-CAM overlay per classified file there. File names and errors are
     untrusted: JSON carries paths in `safefs.path_text` form, plain lines show them `printable`."""
-    classifier = Classifier.load(model_dir or settings.model.path, settings)
+    from semwatch.model.registry import live_model_dir
+
+    classifier = Classifier.load(model_dir or live_model_dir(settings.model), settings)
     if classifier.runtime_note:
         out.say(classifier.runtime_note)
     if explain_dir is not None:

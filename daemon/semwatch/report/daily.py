@@ -34,6 +34,7 @@ from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
 from semwatch.store.labels import LabelDay, has_labels_table, label_day
+from semwatch.store.model_events import NO_SHADOW, Agreement, shadow_agreement
 
 if TYPE_CHECKING:
     from semwatch.model.classify import Classifier
@@ -140,6 +141,7 @@ class DayData:
     samples: list[DaySample]
     outdated: Outdated | None = None  # None: the current model is not known
     labels: LabelDay | None = None  # operators' labels of the day (None: a database before labels)
+    shadow: Agreement = NO_SHADOW  # the shadow model's agreement with the live verdicts that day
 
 
 def load_day(settings: Settings, day: date) -> DayData:
@@ -152,6 +154,7 @@ def load_day(settings: Settings, day: date) -> DayData:
         image_rows, sample_rows, models = _query_day(conn, start, end)
         outdated = _outdated(conn, current_model_id(settings, conn), start, end)
         labels = label_day(conn, start, end) if has_labels_table(conn) else None
+        shadow = shadow_agreement(conn, since=start, until=end)
     except sqlite3.DatabaseError as exc:
         raise UserError(f"cannot read database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     finally:
@@ -160,14 +163,15 @@ def load_day(settings: Settings, day: date) -> DayData:
     counts = Counter(img.sample_id for img in images if img.sample_id is not None)
     samples = [_day_sample(r, counts[r["sample_id"]], models.get(r["sample_id"], ""))
                for r in sample_rows if r["sample_id"] in counts]
-    return DayData(images, samples, outdated, labels)
+    return DayData(images, samples, outdated, labels, shadow)
 
 
 def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
     """The configured model's id (its manifest only, no weights), else the daemon's last one."""
     from semwatch.model.artifact import configured_model_id
+    from semwatch.model.registry import live_model_dir
 
-    configured = configured_model_id(settings.model.path)
+    configured = configured_model_id(live_model_dir(settings.model, strict=False))
     if configured is not None:
         return configured
     row = conn.execute("SELECT model_id FROM daemon WHERE id = 1").fetchone()
@@ -280,6 +284,7 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumb
         generated_at=generated_at.isoformat(timespec="seconds"), summary=summarise(data),
         samples=data.samples, plots=plots, thumbs=thumbs, images=data.images, outdated=data.outdated,
         labels=data.labels,
+        shadow=data.shadow,
         database=path_text(settings.store.database),
     )
 

@@ -67,12 +67,15 @@ def thumbnail(stored_path: str, settings: Settings, classifier: Classifier | Non
 def load_classifier(settings: Settings) -> Classifier | None:
     """The configured model for Grad-CAM thumbnails; None (plain thumbnails) when there is none or
     it does not load."""
-    if not (settings.model.path / "manifest.json").is_file():
+    from semwatch.model.registry import live_model_dir
+
+    model_dir = live_model_dir(settings.model, strict=False)
+    if not (model_dir / "manifest.json").is_file():
         return None
     try:
         from semwatch.model.classify import Classifier
 
-        return Classifier.load(settings.model.path, settings)
+        return Classifier.load(model_dir, settings)
     except Exception as exc:
         log.info("report thumbnails without Grad-CAM: %s", exc)
         return None

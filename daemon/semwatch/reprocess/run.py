@@ -27,6 +27,7 @@ from typing import Literal, Protocol
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
+from semwatch.model.registry import live_model_dir
 from semwatch.output import Output
 from semwatch.reading.listing import NameFilter, TooLong, confinement_root, scan
 from semwatch.reprocess.progress import Progress
@@ -82,7 +83,7 @@ def reprocess(settings: Settings, request: ReprocessRequest, *, out: Output) -> 
     from semwatch.model.artifact import read_manifest
 
     engine_name: EngineName = request.engine or settings.scale.engine
-    model_dir = settings.model.path
+    model_dir = live_model_dir(settings.model)  # the registry's champion, else [model] path
     try:
         model_id = read_manifest(model_dir).model_id
     except (OSError, ValueError, UserError) as exc:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.liveness import Liveness, Stuck
+from semwatch.model.registry import live_model_dir
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.catchup import CatchUp
 from semwatch.service.events import health_conditions
@@ -48,6 +49,7 @@ from semwatch.service.folderprobe import FolderProbe, FolderState, unreachable_a
 from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
 from semwatch.service.metrics import Metrics, queue_depths, start_metrics
+from semwatch.service.modelswap import ModelWatch
 from semwatch.service.notify import Alerts, start_alerts
 from semwatch.service.pipeline import Pipeline
 from semwatch.service.scheduler import ReportScheduler
@@ -91,15 +93,18 @@ def run_daemon(settings: Settings, *, folder: Path | None = None, view: ViewFact
 
 
 class _Signals:
-    """SIGTERM/SIGINT set `stop`; a second one exits at once."""
+    """SIGTERM/SIGINT set `stop`; a second one exits at once. SIGHUP sets `hup`: look at the
+    registry's champion again (`service.modelswap`)."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
+        self.hup = threading.Event()
         self.previous: dict[int, _Handler] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
+        self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda _s, _f: self.hup.set())
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -140,6 +145,7 @@ class Service:
         self.metrics: Metrics | None = None  # [metrics]: started with the threads, stopped first
         # Whether the watch folder answers, asked without blocking (a frozen share blocks the caller).
         self.probe = FolderProbe(self.folder, unreachable_after=unreachable_after(settings.watch))
+        self.model_dir = settings.model.path  # the model served at start: the champion, else path
 
     def run(self) -> int:
         settings = self.settings
@@ -196,7 +202,8 @@ class Service:
         from semwatch.model.classify import Classifier  # torch: loaded only by the daemon itself
 
         try:
-            classifier = Classifier.load(self.settings.model.path, self.settings)
+            self.model_dir = live_model_dir(self.settings.model)
+            classifier = Classifier.load(self.model_dir, self.settings)
             if classifier.runtime_note:
                 log.warning("%s", classifier.runtime_note)
             return classifier
@@ -211,7 +218,7 @@ class Service:
         manifest = classifier.manifest
         with store.batch():
             store.register_model(classifier.model_id, manifest.name or None, classifier.classes,
-                                 manifest.created_at or None, manifest.metrics, self.settings.model.path)
+                                 manifest.created_at or None, manifest.metrics, self.model_dir)
             store.start_daemon(device=classifier.device, model_id=classifier.model_id,
                                watch_folder=self.folder, watch_mode=mode)
         repaired = store.reconcile_csv()
@@ -249,11 +256,20 @@ class Service:
     def _loop(self, writer: Writer, pipeline: Pipeline, watcher: Watcher) -> int:
         last_trim = time.monotonic()
         catchup: CatchUp | None = None
-        if self.settings.model.reprocess_outdated:
-            catchup = CatchUp(self.settings.store.database, pipeline.classifier.model_id,
-                              page=max(2, 2 * self.settings.watch.reader_threads))
-            catchup.start()
+
+        def start_catchup(model_id: str) -> None:
+            nonlocal catchup
+            if self.settings.model.reprocess_outdated:  # a new model: its outdated results anew
+                catchup = CatchUp(self.settings.store.database, model_id,
+                                  page=max(2, 2 * self.settings.watch.reader_threads))
+                catchup.start()
+
+        start_catchup(pipeline.classifier.model_id)
+        models = ModelWatch(self.settings, pipeline, writer, on_switch=start_catchup)
+        models.hup = self.signals.hup
+        models.start()
         while not self.signals.stop.wait(STATUS_SECONDS):
+            models.check()
             if time.monotonic() - last_trim >= TRIM_SECONDS:
                 self.malloc.trim()
                 last_trim = time.monotonic()

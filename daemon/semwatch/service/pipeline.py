@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -119,6 +120,7 @@ class Prepared:
     expected: str | None
     prepared: PreparedImage
     n_tiles: int
+    classifier: ClassifierLike | None = None  # the model it was tiled for (None: the pipeline's)
 
 
 @dataclass
@@ -177,6 +179,8 @@ class Pipeline:
         self._readers_left = 0
         self._next_slot = 0
         self.observer: Observer | None = None  # the metrics (service.metrics), set before start
+        # Called on the inference thread after each live batch (the shadow model); set before start.
+        self.after_batch: Callable[[list[tuple[Prepared, ImageVerdict]]], None] | None = None
 
     # --- control ----------------------------------------------------------------------------
 
@@ -209,6 +213,17 @@ class Pipeline:
         ([model] reprocess_outdated). Its result supersedes the row (`Reclassified`)."""
         root = Path(confinement_root(row.key.path, self.watch_folder))
         self.jobs.put(Job(row.key, 0, counted=True, supersedes=row.id, sample_id=row.sample_id, root=root))
+
+    def live_work_waiting(self) -> bool:
+        """Whether tiled images wait for the live model (the shadow model yields to them)."""
+        return not self.prepared.empty()
+
+    def switch(self, classifier: ClassifierLike) -> None:
+        """Serve another model from now on (a registry alias moved). Files already tiled finish
+        with the model they were tiled for; files read from now on get the new one."""
+        with self._lock:
+            self.classifier = classifier
+            self._recent.clear()
 
     def stop(self, timeout: float) -> bool:
         """Finish work in flight (queued jobs stay pending); True if everything ended in time.
@@ -325,6 +340,7 @@ class Pipeline:
 
     def _read_one(self, job: Job, conn: db.TrackedConnection, slot: ReaderSlot) -> None:
         path = Path(job.key.path)
+        classifier = self.classifier  # this file is read, tiled and classified for one model
         limit = self.settings.watch.max_attempts
         if job.attempts >= limit:
             # Attempts are counted before reading: this file was being read each time the daemon
@@ -362,10 +378,12 @@ class Pipeline:
                     followers.append((job, sample_id, expected))  # the same content is being classified
                     return
                 cached = self._recent.get(sha)
+                if cached is not None and cached.model_id != classifier.model_id:
+                    cached = None  # made by the model served before a switch
                 if cached is None:
                     self._leaders[sha] = []
             if cached is None:
-                cached = find_verdict_by_content(conn, sha, self.classifier.model_id, path)
+                cached = find_verdict_by_content(conn, sha, classifier.model_id, path)
                 if cached is not None:
                     with self._lock:
                         followers = self._leaders.pop(sha, [])
@@ -391,13 +409,14 @@ class Pipeline:
         if self.settings.samples.key == "metadata" and job.sample_id is None:
             sample_id = sample_key(path, self.watch_folder, self.settings.samples, micrograph.metadata)
         expected = expected_class(sample_id, path, self.settings.samples, confine=confine)
-        prepared = self.classifier.prepare(micrograph)
+        prepared = classifier.prepare(micrograph)
         del micrograph
         n_tiles = len(prepared.tiles)
         self._check(slot)
         while True:  # bounded queue: wait for inference, but stay abandonable
             try:
-                self.prepared.put(Prepared(job, sha, sample_id, expected, prepared, n_tiles), timeout=0.5)
+                self.prepared.put(Prepared(job, sha, sample_id, expected, prepared, n_tiles, classifier),
+                                  timeout=0.5)
                 return
             except queue.Full:
                 slot.stage.beat()  # waiting for the inference stage, which has its own liveness
@@ -530,8 +549,24 @@ class Pipeline:
         return batch
 
     def _run_batch(self, batch: list[Prepared]) -> None:
+        """One dynamic batch; images tiled for a model served before a switch are classified by
+        that model (its own engine call), so every verdict names the model that made it."""
+        groups: dict[int, list[Prepared]] = {}
+        for item in batch:
+            groups.setdefault(id(item.classifier), []).append(item)
+        done: list[tuple[Prepared, ImageVerdict]] = []
+        for group in groups.values():
+            self._run_group(group, group[0].classifier or self.classifier, done)
+        if self.after_batch is not None and done:
+            try:
+                self.after_batch(done)
+            except Exception:  # the shadow model must never stop the live one
+                log.exception("the shadow model failed on a batch; the live results are kept")
+
+    def _run_group(self, batch: list[Prepared], classifier: ClassifierLike,
+                   done: list[tuple[Prepared, ImageVerdict]]) -> None:
         try:
-            outputs = predict_images(self.classifier, [item.prepared for item in batch])
+            outputs = predict_images(classifier, [item.prepared for item in batch])
         except Exception as exc:
             log.exception("inference failed for a batch of %d image(s)", len(batch))
             for item in batch:
@@ -543,7 +578,7 @@ class Pipeline:
             return
         for item, out in zip(batch, outputs, strict=True):
             try:
-                verdict = self.classifier.verdict(item.prepared, out)
+                verdict = classifier.verdict(item.prepared, out)
             except Exception as exc:
                 log.exception("aggregation failed for %s", item.job.key.path)
                 self._release(item.sha256, retry_followers=True)
@@ -551,6 +586,8 @@ class Pipeline:
                               item.sample_id)
                 continue
             self._emit(item.job, item.sha256, item.sample_id, item.expected, verdict, item.n_tiles)
+            if item.job.supersedes is None:
+                done.append((item, verdict))
             if self._dedupe:
                 with self._lock:
                     self._recent[item.sha256] = verdict
@@ -565,7 +602,7 @@ class Pipeline:
 
     def _emit(self, job: Job, sha: str, sample_id: str, expected: str | None, verdict: ImageVerdict,
               n_tiles: int) -> None:
-        model_id = self.classifier.model_id
+        model_id = verdict.model_id or self.classifier.model_id
         if job.supersedes is not None:
             self.writer.put(Reclassified(job.key, job.supersedes, sha, sample_id, verdict, model_id,
                                          expected))

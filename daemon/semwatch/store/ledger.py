@@ -36,10 +36,12 @@ from semwatch.store.messages import (
     Failed,
     Gone,
     Message,
+    ModelSwitched,
     Pending,
     Reclassified,
     Refused,
     Result,
+    ShadowResult,
     Started,
 )
 from semwatch.store.samples import TouchedSamples, update_samples
@@ -238,9 +240,29 @@ class Store:
             self.conn.execute(
                 "DELETE FROM images WHERE path = ? AND size_bytes = ? AND mtime_ns = ? "
                 "AND status = 'pending'", _key(msg.key))
+        elif isinstance(msg, ModelSwitched):
+            self.register_model(msg.model_id, msg.name, msg.classes, msg.created_at, None, Path(msg.path))
+            self.conn.execute("UPDATE daemon SET model_id = ? WHERE id = 1", (msg.model_id,))
+        elif isinstance(msg, ShadowResult):
+            self._shadow(msg)
         else:
             self._daemon_status(msg)
         return None
+
+    def _shadow(self, msg: ShadowResult) -> None:
+        """A shadow verdict beside the live one (one per content and shadow model)."""
+        v, live = msg.verdict, msg.live
+        row = self.conn.execute("SELECT id FROM images WHERE path = ? AND current = 1",
+                                (msg.path,)).fetchone()
+        agrees = v.status == live.status and v.predicted_class == live.predicted_class
+        self.conn.execute(
+            "INSERT INTO shadow_results (image_id, path, sha256, model_id, status, predicted_class, "
+            "confidence, probabilities, live_model_id, live_status, live_class, agrees, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256, model_id) DO NOTHING",
+            (row["id"] if row is not None else None, msg.path, msg.sha256, msg.model_id, v.status,
+             v.predicted_class, float(v.confidence),
+             json.dumps({k: round(float(p), 6) for k, p in v.probabilities.items()}), live.model_id,
+             live.status, live.predicted_class, int(agrees), utc_now()))
 
     def _ensure_row(self, key: FileKey, detected_at: str, attempts: int) -> int:
         """The id of `key`'s row, inserting it `pending` (and superseding other versions) if new."""

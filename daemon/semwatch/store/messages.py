@@ -110,7 +110,32 @@ class DaemonStatus:
     message: str | None = None
 
 
-Message = Pending | Started | Result | Reclassified | Attempt | Failed | Refused | Gone | DaemonStatus
+@dataclass(frozen=True)
+class ModelSwitched:
+    """The daemon now serves another model (a registry alias moved): the `models` row and the
+    `daemon` row's model_id."""
+
+    model_id: str
+    name: str | None
+    classes: tuple[str, ...]
+    created_at: str | None
+    path: str
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    """The `[model] shadow` model's verdict on a version the live model classified: a row of
+    `shadow_results` only (never `images`, samples or results.csv)."""
+
+    path: str
+    sha256: str
+    verdict: ImageVerdict
+    model_id: str
+    live: ImageVerdict
+
+
+Message = (Pending | Started | Result | Reclassified | Attempt | Failed | Refused | Gone | DaemonStatus
+           | ModelSwitched | ShadowResult)
 
 
 def exit_message(code: int) -> str:

@@ -235,6 +235,49 @@ CREATE INDEX labels_created_at ON labels (created_at);
 CREATE UNIQUE INDEX labels_undoes ON labels (undoes) WHERE undoes IS NOT NULL;
 """
 
+# Version 5: the model lifecycle (issue 20; version 4 is the operators' labels).
+# `model_events`: every move of a registry alias (`champion`, `challenger`), so that each result can
+# be traced to the model that was live when it was made: which model, from which, who, when, why,
+# and the gate's evidence (JSON). `token` is also written into the registry's aliases file, so a move
+# whose record was lost (a kill between the file and the commit) is recognised and recorded later.
+# `shadow_results`: the verdicts of the `[model] shadow` model on new images, beside (never in) the
+# live results: one per content and shadow model, with the live verdict it is compared with.
+SCHEMA_V5 = """
+CREATE TABLE model_events (
+    id                INTEGER PRIMARY KEY,
+    at                TEXT NOT NULL,
+    alias             TEXT NOT NULL CHECK (alias IN ('champion', 'challenger')),
+    model_id          TEXT,
+    previous_model_id TEXT,
+    action            TEXT NOT NULL,
+    by                TEXT NOT NULL,
+    reason            TEXT,
+    evidence          TEXT,
+    token             TEXT UNIQUE
+);
+CREATE INDEX model_events_alias ON model_events (alias, id);
+
+CREATE TABLE shadow_results (
+    id              INTEGER PRIMARY KEY,
+    image_id        INTEGER,
+    path            TEXT NOT NULL,
+    sha256          TEXT NOT NULL,
+    model_id        TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    predicted_class TEXT,
+    confidence      REAL,
+    probabilities   TEXT,
+    live_model_id   TEXT,
+    live_status     TEXT,
+    live_class      TEXT,
+    agrees          INTEGER NOT NULL CHECK (agrees IN (0, 1)),
+    created_at      TEXT NOT NULL,
+    UNIQUE (sha256, model_id)
+);
+CREATE INDEX shadow_results_created ON shadow_results (created_at);
+CREATE INDEX shadow_results_disagree ON shadow_results (id) WHERE agrees = 0;
+"""
+
 Migration = Callable[[sqlite3.Connection], None]
 
 
@@ -247,7 +290,7 @@ def _script(sql: str) -> Migration:
 
 
 MIGRATIONS: Sequence[Migration] = (_script(SCHEMA_V1), _script(SCHEMA_V2), _script(SCHEMA_V3),
-                                   _script(SCHEMA_V4))
+                                   _script(SCHEMA_V4), _script(SCHEMA_V5))
 SCHEMA_VERSION = len(MIGRATIONS)
 LOGGED_FROM = 2  # the first version whose database has `schema_migrations`
 # Who a daemon is, written into `<database>.lock` (`db.lock_database`) so that a command that would

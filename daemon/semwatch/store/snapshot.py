@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -17,6 +17,7 @@ from semwatch.config import Settings
 from semwatch.store import db
 from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import NO_OUTDATED, Outdated, SampleRow, count_outdated, day_bounds, sample_row
+from semwatch.store.model_events import NO_SHADOW, Agreement, shadow_agreement
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Snapshot:
     # Current results of another model than the current one (issue 11); the current model is the
     # configured one when the view could read it, else the daemon's.
     outdated: Outdated = NO_OUTDATED
+    # The shadow model's agreement with the live verdicts over the last day (issue 20; n = 0: none).
+    shadow: Agreement = NO_SHADOW
 
 
 def parse_utc(text: str | None) -> datetime | None:
@@ -129,12 +132,13 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
             "SELECT * FROM images WHERE error IS NOT NULL AND error != '' "
             "ORDER BY COALESCE(processed_at, detected_at) DESC, id DESC LIMIT ?", (n_errors,)))
         outdated = count_outdated(conn, current_model or (daemon.model_id if daemon else None), today=today)
+        shadow = shadow_agreement(conn, since=now - timedelta(days=1))
     finally:
         conn.execute("COMMIT")
     age = heartbeat_age(daemon, now)
     stale = daemon is None or age is None or age > stale_seconds
     return Snapshot(path, now, daemon=daemon, heartbeat_age_s=age, stale=stale, status_counts=counts,
-                    recent=recent, samples=samples, errors=errors, outdated=outdated)
+                    recent=recent, samples=samples, errors=errors, outdated=outdated, shadow=shadow)
 
 
 def heartbeat_age(daemon: DaemonRow | None, now: datetime) -> float | None:

@@ -234,7 +234,9 @@ def bench_folder(
 ) -> int:
     """`semwatch bench`: one summary line, or the figures as one JSON object (`--json`); exit
     status 1 if an image could not be read."""
-    result = run_bench(data_dir, model_dir or settings.model.path, settings, max_images=max_images,
+    from semwatch.model.registry import live_model_dir
+
+    result = run_bench(data_dir, model_dir or live_model_dir(settings.model), settings, max_images=max_images,
                        rounds=rounds)
     r = result.to_json()
     if out.json:

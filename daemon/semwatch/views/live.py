@@ -66,8 +66,23 @@ def current_model_id(settings: Settings) -> str | None:
     """The id of the configured model (`[model] path`), the one results are compared with to call
     them outdated; None when it cannot be read (the views then use the daemon's model)."""
     from semwatch.model.artifact import configured_model_id
+    from semwatch.model.registry import live_model_dir
 
-    return configured_model_id(settings.model.path)
+    return configured_model_id(live_model_dir(settings.model, strict=False))
+
+
+def shadow_text(snap: Snapshot) -> Text:
+    """'shadow 1a2b… agrees 97.0 % (412, last day)' for the headers; empty without a shadow."""
+    s = snap.shadow
+    text = Text()
+    if s.rate is None or s.model_id is None:
+        return text
+    text.append("shadow ", style="dim")
+    text.append(shown(s.model_id[:12]))
+    text.append(" agrees ", style="dim")
+    text.append(f"{100 * s.rate:.1f} %", style="bold")
+    text.append(f" ({s.n}, last day)", style="dim")
+    return text
 
 
 def outdated_text(snap: Snapshot) -> Text:
@@ -149,6 +164,10 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
     if outdated:
         lines.append("   ")
         lines.append(outdated)
+    shadow = shadow_text(snap)
+    if shadow:
+        lines.append("   ")
+        lines.append(shadow)
     # A str subtitle would be parsed as markup: the database path is shown as Text too.
     return Panel(lines, title="semwatch", subtitle=shown(snap.database), border_style="blue")
 

@@ -1,0 +1,203 @@
+"""The shadow model's cost on daemon throughput (`[model] shadow`, issue 20).
+
+    nice -n 10 .venv/bin/python benchmarks/shadow_bench.py --model MODEL_DIR [--images 12] [--rounds 2]
+
+One daemon process per mode (no shadow / the shadow = the same network under another model id, so
+the shadow costs exactly one more network pass per image), alternating rounds on fresh image sets
+(unique copies: the daemon reuses results for identical contents). The clock starts when a round's
+files are dropped and stops when the last live result is in the database (what an operator waits
+for); the shadow's verdicts are counted separately (how many it got to, and when the last one came).
+Writes benchmarks/results/<date>-shadow-<device>.json with the commit, date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "daemon"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+
+def ncm_images(data: Path) -> list[Path]:
+    return sorted(p for p in data.rglob("*.jpg"))
+
+
+def unique_copy(src: Path, dst: Path, tag: int) -> None:
+    """A copy whose bytes differ (8 bytes after the JPEG end marker, ignored by decoders)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes() + tag.to_bytes(8, "little"))
+
+
+class Daemon:
+    """`semwatch watch` as a subprocess (daemon_bench.py's, without psutil: no memory figures here)."""
+
+    def __init__(self, root: Path, model: Path, folder: Path, settle: float = 0.5) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.db = root, root / "semwatch.db"
+        self.log, self.config = root / "daemon.log", root / "config.toml"
+        self.config.write_text(
+            f"[watch]\nfolder = {json.dumps(str(folder))}\nsettle_seconds = {settle}\n"
+            f"[store]\ndatabase = {json.dumps(str(self.db))}\n"
+            f"results_csv = {json.dumps(str(root / 'results.csv'))}\n"
+            f"[model]\npath = {json.dumps(str(model))}\n[report]\nenabled = false\n", encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "semwatch", "watch", "--config",
+                                          str(self.config), "--plain"], stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.root)
+        while not (rows := self.query("SELECT state FROM daemon")) or rows[0][0] != "running":
+            self.check()
+            time.sleep(0.05)
+
+    def check(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise SystemExit(f"daemon exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+
+    def query(self, sql: str) -> list[Any]:
+        if not self.db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    def count(self, where: str) -> int:
+        rows = self.query(f"SELECT count(*) FROM images WHERE {where}")
+        return int(rows[0][0]) if rows else 0
+
+    def wait_count(self, where: str, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(where) < n:
+            self.check()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for {n} rows where {where}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def shadow_copy(model: Path, out: Path) -> Path:
+    """The same weights under another name (another model id): a shadow as costly as the live model."""
+    from semwatch.model.artifact import load_artifact, save_artifact
+
+    state, manifest = load_artifact(model)
+    save_artifact(out, state, dataclasses.replace(manifest, name=f"{manifest.name}-shadow"))
+    return out
+
+
+def configure(d: Daemon, registry: Path, shadow: bool) -> None:
+    text = d.config.read_text(encoding="utf-8")
+    extra = [f"registry = {json.dumps(str(registry))}", 'device = "cpu"']
+    if shadow:
+        extra.append('shadow = "challenger"')
+    d.config.write_text(text.replace("[model]\n", "[model]\n" + "\n".join(extra) + "\n"), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ncm-sem")
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    from host import describe, summary
+
+    sources = ncm_images(args.data)
+    work = Path(tempfile.mkdtemp(prefix="shadow-bench-"))
+    registry = work / "registry"
+    shadow_model = shadow_copy(args.model, work / "shadow-model")
+    config = _models_config(work, registry, args.model)
+    for model, alias in ((args.model, "champion"), (shadow_model, "challenger")):
+        subprocess.run([sys.executable, "-m", "semwatch", "models", "register", str(model), "--alias", alias,
+                        "--config", str(config)], check=True, cwd=work)
+    rounds: list[dict[str, Any]] = []
+    tag = 0
+    daemons = {}
+    try:
+        for mode in ("plain", "shadow"):
+            folder = work / f"in-{mode}"
+            folder.mkdir()
+            d = Daemon(work / mode, args.model, folder)
+            configure(d, registry, mode == "shadow")
+            d.start()
+            daemons[mode] = d
+        for r in range(args.rounds):
+            for mode, d in daemons.items():
+                sub = work / f"in-{mode}" / f"round{r}"
+                t0 = time.monotonic()
+                for i in range(args.images):
+                    tag += 1
+                    unique_copy(sources[(tag * 37) % len(sources)], sub / f"{i:04d}.jpg", tag)
+                d.wait_count(f"path LIKE '{sub}/%' AND status != 'pending'", args.images, 3600)
+                live = time.monotonic() - t0
+                shadow_n = 0
+                if mode == "shadow":
+                    deadline = time.monotonic() + 600
+                    while shadow_n < args.images and time.monotonic() < deadline:
+                        rows = d.query(f"SELECT count(*) FROM shadow_results WHERE path LIKE '{sub}/%'")
+                        shadow_n = int(rows[0][0]) if rows else 0
+                        time.sleep(0.05)
+                rounds.append({"round": r, "mode": mode, "images": args.images,
+                               "live_images_per_s": round(args.images / live, 4),
+                               "shadow_verdicts": shadow_n,
+                               "shadow_done_s": round(time.monotonic() - t0, 2)})
+                print(json.dumps(rounds[-1]), flush=True)
+    finally:
+        for d in daemons.values():
+            d.stop()
+    plain = statistics.median(x["live_images_per_s"] for x in rounds if x["mode"] == "plain")
+    shadow = statistics.median(x["live_images_per_s"] for x in rounds if x["mode"] == "shadow")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    result = {"bench": "shadow", "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": describe(), "machine_summary": summary(),
+              "note": "2-core machine shared with other engineers' work during the run: figures are noisy",
+              "images_per_round": args.images, "rounds": rounds,
+              "live_images_per_s_median": {"no_shadow": plain, "shadow": shadow},
+              "live_throughput_ratio": round(shadow / plain, 3)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "gpu" if result["machine"]["gpu"] else "cpu"
+    path = args.out / f"{datetime.now(UTC).date()}-shadow-{device}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: result[k] for k in ("live_images_per_s_median", "live_throughput_ratio")}))
+    print(path)
+    return 0
+
+
+def _models_config(work: Path, registry: Path, model: Path) -> Path:
+    """A config for the registry commands (their own database: the moves are not what is measured)."""
+    config = work / "models.toml"
+    config.write_text(
+        f"[store]\ndatabase = {json.dumps(str(work / 'models.db'))}\n"
+        f"results_csv = {json.dumps(str(work / 'models.csv'))}\n"
+        f"[model]\npath = {json.dumps(str(model))}\nregistry = {json.dumps(str(registry))}\n",
+        encoding="utf-8")
+    return config
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""The promotion gate: score a challenger and the champion on the same images, one decision.
+
+The images: the lab's frozen evaluation folder (`[lifecycle] eval_folder`, one sub-folder per class,
+as `semwatch evaluate` reads) plus labelled ledger images (the operators' labels), less any image
+either model trained on (by content: the sha256s a model records as `trained_on`). Both models go
+through `model.classify.outcomes` → `engine.predict_images` (the one engine).
+
+An image is right when the verdict is `ok` with the true class (`unknown` and `rejected` are not
+right: a model that knows a composition must say so), or, for an image labelled `foreign`, when the
+verdict is not `ok`. The paired test is the exact McNemar test, one-sided: of the images exactly
+one model gets right, b by the challenger and c by the champion; under "equally good" each such
+image is a fair coin. `worse`: P(X >= c) < alpha overall or on a class with at least
+`[lifecycle] min_class_images` images; `better`: not worse and P(X >= b) < alpha overall; else
+`not significantly worse` (the Intel Geti rule: accepted unless its drop is significant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from semwatch.config import Settings
+from semwatch.errors import ExitStatus, UserError
+from semwatch.model.artifact import Manifest
+from semwatch.safefs import path_text
+
+Decision = Literal["better", "not significantly worse", "worse"]
+FOREIGN = "foreign"  # the truth of an image an operator marked foreign: not a class to know
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class GateImage:
+    path: Path
+    truth: str  # a class name, or FOREIGN
+    source: str  # "folder" or "labels"
+    sha256: str | None = None
+
+
+@dataclass
+class ModelScore:
+    model_id: str
+    right: list[bool] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)  # closed-set, for calibration
+    closed_right: list[bool] = field(default_factory=list)
+
+    def summary(self, truths: Sequence[str]) -> dict[str, object]:
+        n = len(self.right)
+        per_class: dict[str, dict[str, float | int]] = {}
+        for cls in sorted(set(truths)):
+            idx = [i for i, t in enumerate(truths) if t == cls]
+            per_class[cls] = {"n": len(idx), "accuracy": _round(np.mean([self.right[i] for i in idx]))}
+        return {
+            "model_id": self.model_id,
+            "n": n,
+            "accuracy": _round(np.mean(self.right)) if n else 0.0,
+            "unknown_rate": _round(self.status.count("unknown") / n) if n else 0.0,
+            "ece": _round(calibration_error(np.array(self.confidence), np.array(self.closed_right, float))),
+            "per_class": per_class,
+        }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    decision: Decision
+    champion: dict[str, object]
+    challenger: dict[str, object]
+    paired: dict[str, object]
+    per_class_paired: dict[str, dict[str, object]]
+    worse_classes: list[str]
+    sources: dict[str, int]
+    skipped: dict[str, int]
+    alpha: float
+    min_class_images: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"decision": self.decision, "champion": self.champion, "challenger": self.challenger,
+                "paired": self.paired, "per_class_paired": self.per_class_paired,
+                "worse_classes": self.worse_classes, "images": self.sources, "skipped": self.skipped,
+                "alpha": self.alpha, "min_class_images": self.min_class_images}
+
+
+def mcnemar_one_sided(wins: int, losses: int) -> float:
+    """P(X >= losses) for X ~ Binomial(wins + losses, 1/2): how likely this many or more losses
+    among the discordant pairs if both models were equally good (exact, no approximation)."""
+    n = wins + losses
+    if n == 0 or losses == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(losses, n + 1)) / 2.0**n)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error (the same binning as `semwatch evaluate`)."""
+    if not len(confidence):
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            ece += mask.mean() * abs(float(correct[mask].mean()) - float(confidence[mask].mean()))
+    return float(ece)
+
+
+def folder_images(folder: Path, settings: Settings) -> list[GateImage]:
+    """The frozen evaluation folder: `<class>/<image>` (the class map of `[train]` applies)."""
+    from semwatch.model.train import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        raise UserError(f"[lifecycle] eval_folder is not a folder: {path_text(folder)}", ExitStatus.CONFIG)
+    out: list[GateImage] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        truth = settings.train.class_map.get(sub.name, sub.name)
+        for p in sorted(sub.iterdir()):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                out.append(GateImage(p, truth, "folder"))
+    return out
+
+
+def trained_on(manifest: Manifest) -> set[str]:
+    """The sha256s of the images a model was trained on, where its manifest records them."""
+    for where in (manifest.training, manifest.extra):
+        value = where.get("trained_on") if isinstance(where, dict) else None
+        if isinstance(value, list):
+            return {v for v in value if isinstance(v, str)}
+        if isinstance(value, dict):  # {sha256: path} or {"sha256": [...]}
+            inner = value.get("sha256")
+            return {v for v in inner if isinstance(v, str)} if isinstance(inner, list) else set(value)
+    return set()
+
+
+def unseen(images: Iterable[GateImage], *manifests: Manifest) -> tuple[list[GateImage], int]:
+    """The images neither model trained on (by content), and how many were left out."""
+    seen: set[str] = set()
+    for m in manifests:
+        seen |= trained_on(m)
+    kept: list[GateImage] = []
+    dropped = 0
+    for im in images:
+        sha = im.sha256
+        if sha is None and seen:
+            sha = hashlib.sha256(im.path.read_bytes()).hexdigest()
+        if sha is not None and sha in seen:
+            dropped += 1
+        else:
+            kept.append(im)
+    return kept, dropped
+
+
+def score(model_dir: Path, images: Sequence[GateImage], settings: Settings) -> ModelScore:
+    """One model's verdicts on the images, through the one engine."""
+    from semwatch.model.classify import Classifier, outcomes
+    from semwatch.values import MicrographError
+
+    classifier = Classifier.load(model_dir, settings)
+    result = ModelScore(classifier.model_id)
+    for im, o in zip(images, outcomes(classifier, [im.path for im in images]), strict=True):
+        if isinstance(o.result, MicrographError):
+            result.right.append(im.truth == FOREIGN)
+            result.status.append("failed")
+            continue
+        v = o.result
+        result.status.append(v.status)
+        if im.truth == FOREIGN:
+            result.right.append(v.status != "ok")
+            continue
+        result.right.append(v.status == "ok" and v.predicted_class == im.truth)
+        if v.n_tiles and v.probabilities:
+            best = max(v.probabilities, key=v.probabilities.__getitem__)
+            result.confidence.append(float(v.probabilities[best]))
+            result.closed_right.append(best == im.truth)
+    return result
+
+
+def decide(champion: ModelScore, challenger: ModelScore, images: Sequence[GateImage], *, alpha: float,
+           min_class_images: int, skipped: dict[str, int] | None = None) -> Comparison:
+    truths = [im.truth for im in images]
+    paired = _paired(champion.right, challenger.right)
+    per_class: dict[str, dict[str, object]] = {}
+    worse_classes: list[str] = []
+    for cls in sorted(set(truths)):
+        idx = [i for i, t in enumerate(truths) if t == cls]
+        stats = _paired([champion.right[i] for i in idx], [challenger.right[i] for i in idx])
+        stats["gated"] = len(idx) >= min_class_images
+        per_class[cls] = stats
+        if stats["gated"] and float(stats["p_worse"]) < alpha:  # type: ignore[arg-type]
+            worse_classes.append(cls)
+    decision: Decision
+    if float(paired["p_worse"]) < alpha or worse_classes:  # type: ignore[arg-type]
+        decision = "worse"
+    elif float(paired["p_better"]) < alpha:  # type: ignore[arg-type]
+        decision = "better"
+    else:
+        decision = "not significantly worse"
+    sources: dict[str, int] = {}
+    for im in images:
+        sources[im.source] = sources.get(im.source, 0) + 1
+    return Comparison(decision, champion.summary(truths), challenger.summary(truths), paired, per_class,
+                      worse_classes, sources, dict(skipped or {}), alpha, min_class_images)
+
+
+def compare_models(settings: Settings, champion_dir: Path, challenger_dir: Path,
+                   images: Sequence[GateImage], *, skipped: dict[str, int] | None = None) -> Comparison:
+    """Score both models on the same images and decide (see the module docstring)."""
+    from semwatch.model.artifact import read_manifest
+
+    kept, dropped = unseen(images, read_manifest(champion_dir), read_manifest(challenger_dir))
+    skipped = {**(skipped or {}), "trained_on": dropped}
+    if not kept:
+        raise UserError("no evaluation images: set [lifecycle] eval_folder or label ledger images "
+                        "that neither model trained on")
+    a = score(champion_dir, kept, settings)
+    b = score(challenger_dir, kept, settings)
+    lc = settings.lifecycle
+    return decide(a, b, kept, alpha=lc.alpha, min_class_images=lc.min_class_images, skipped=skipped)
+
+
+def _paired(champion: Sequence[bool], challenger: Sequence[bool]) -> dict[str, object]:
+    wins = sum(1 for a, b in zip(champion, challenger, strict=True) if b and not a)
+    losses = sum(1 for a, b in zip(champion, challenger, strict=True) if a and not b)
+    return {"n": len(champion), "challenger_only_right": wins, "champion_only_right": losses,
+            "p_worse": _round(mcnemar_one_sided(wins, losses), 6),
+            "p_better": _round(mcnemar_one_sided(losses, wins), 6)}
+
+
+def _round(value: float | np.floating, digits: int = 4) -> float:
+    return round(float(value), digits)
