@@ -50,6 +50,8 @@ def rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
     conn = raw(path)
     try:
         columns = {t: V1_IMAGE_COLUMNS if t == "images" else "*" for t in V1_TABLES}
+        columns["samples"] = ("sample_id, n_images, n_counted, composition, state, predicted_class, "
+                              "confidence, uniformity, expected, verdict, updated_at")  # v1's columns
         return {t: [tuple(r) for r in conn.execute(f"SELECT {columns[t]} FROM {t} ORDER BY rowid")]
                 for t in V1_TABLES}
     finally:
@@ -70,7 +72,7 @@ def schema_of(path: Path) -> tuple[int, set[tuple[str, str]]]:
 
 def test_the_fixture_is_a_version_1_database(v1: Settings) -> None:
     version, objects = schema_of(v1.store.database)
-    assert version == 1 and SCHEMA_VERSION == 3
+    assert version == 1 and SCHEMA_VERSION >= 4  # 4+: steps added since (fleet: instrument)
     assert "schema_migrations" not in {name for name, _ in objects}
     counts = {t: len(r) for t, r in rows(v1.store.database).items()}
     assert counts == {"images": 9, "samples": 3, "models": 1, "daemon": 1}
@@ -82,7 +84,8 @@ def test_v1_database_is_migrated_and_nothing_is_lost(v1: Settings) -> None:
     try:
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         log = store.conn.execute("SELECT version, semwatch_version FROM schema_migrations").fetchall()
-        assert [tuple(r) for r in log] == [(2, "0.1.0"), (3, "0.1.0")]  # version 1's date was never written
+        # version 1's date was never written
+        assert [tuple(r) for r in log] == [(v, "0.1.0") for v in range(2, SCHEMA_VERSION + 1)]
         extra = store.conn.execute("SELECT DISTINCT revision, supersedes FROM images").fetchall()
         assert [tuple(r) for r in extra] == [(0, None)]  # every old row is its version's first result
         ledger = load_ledger(store.conn)
@@ -134,7 +137,8 @@ def test_migration_is_idempotent_and_matches_a_new_database(v1: Settings, tmp_pa
     store = Store(v1.store.database, v1.store.results_csv)
     try:
         assert create_schema(store.conn) == []  # nothing left to apply
-        assert store.conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 2
+        logged = store.conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
+        assert logged == SCHEMA_VERSION - 1
     finally:
         store.close()
     assert schema_of(v1.store.database) == first
@@ -143,7 +147,8 @@ def test_migration_is_idempotent_and_matches_a_new_database(v1: Settings, tmp_pa
     assert schema_of(fresh) == first  # a new database and a migrated one cannot drift apart
     conn = raw(fresh)
     try:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [2, 3]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == list(
+                range(2, SCHEMA_VERSION + 1))
     finally:
         conn.close()
 

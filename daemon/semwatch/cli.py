@@ -74,7 +74,8 @@ def cmd_watch(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         from semwatch.views.live import LiveView
 
         view = LiveView
-    return run_daemon(settings, folder=args.folder, view=view)  # --folder replaces [watch] folder
+    return run_daemon(settings, folder=args.folder, view=view,  # --folder replaces [watch] folder
+                      rename_instrument=args.rename_instrument)
 
 
 def cmd_top(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -107,6 +108,22 @@ def cmd_reprocess(args: argparse.Namespace, settings: Settings, out: Output) -> 
                           sample=args.sample, path_glob=args.path)
     request = ReprocessRequest(tuple(args.folders), selection, engine=args.engine, dry_run=args.dry_run)
     return reprocess(settings, request, out=out)
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.service.fleet_export import export_now
+
+    return export_now(settings, to=args.to, out=out)
+
+
+def cmd_fleet(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    if args.fleet_command == "top":
+        from semwatch.views.fleet import fleet_top
+
+        return fleet_top(settings, sources=tuple(args.sources), once=args.once, out=out)
+    from semwatch.report.fleet import fleet_report
+
+    return fleet_report(settings, sources=tuple(args.sources), day=args.date, out=out)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -253,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="run the daemon in the foreground (systemd runs this)")
     p.add_argument("--folder", type=Path, help="override [watch] folder")
     p.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument("--rename-instrument", action="store_true",
+                   help="take over a database written under another [instrument] name (a deliberate rename)")
     _common(p, json_flag=False)
     p.set_defaults(handler=cmd_watch)
 
@@ -289,6 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say how many files would be classified")
     _common(p)
     p.set_defaults(handler=cmd_reprocess)
+
+    p = sub.add_parser("export", help="write a snapshot of the database for `semwatch fleet` (safe to share)")
+    p.add_argument("--to", type=_out_dir, metavar="FOLDER", help="default: [fleet] export_folder")
+    _common(p)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("fleet", help="several instruments' snapshots in one view (read-only)")
+    fleet = p.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
+    fleet.required = True
+    for name, text in (("top", "one row per instrument; Enter opens its images and samples"),
+                       ("report", "the day's report across instruments")):
+        f = fleet.add_parser(name, help=text)
+        f.add_argument("sources", nargs="*", type=Path, metavar="SNAPSHOT_OR_FOLDER",
+                       help="snapshot files or folders of them (default: [fleet] export_folder)")
+        if name == "top":
+            f.add_argument("--once", action="store_true", help="print the table once and exit")
+        else:
+            f.add_argument("--date", help="YYYY-MM-DD in the report time zone (default: today)")
+        _common(f, json_flag=name == "report")
+        f.set_defaults(handler=cmd_fleet)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

@@ -80,12 +80,14 @@ ViewFactory = Callable[[Settings], Attachment]
 _Handler = Callable[[int, FrameType | None], object] | int | None
 
 
-def run_daemon(settings: Settings, *, folder: Path | None = None, view: ViewFactory | None = None) -> int:
+def run_daemon(settings: Settings, *, folder: Path | None = None, view: ViewFactory | None = None,
+               rename_instrument: bool = False) -> int:
     """Run the daemon until SIGTERM/SIGINT; the exit status (`ExitStatus`). `folder` replaces
-    `[watch] folder`; `view` builds the live view (None: plain log lines)."""
+    `[watch] folder`; `view` builds the live view (None: plain log lines); `rename_instrument`
+    lets a database of another `[instrument] name` take this one (`store.instrument.bind`)."""
     if folder is not None:
         settings = settings.replace(watch=dataclasses.replace(settings.watch, folder=folder.absolute()))
-    return Service(settings, view=view).run()
+    return Service(settings, view=view, rename_instrument=rename_instrument).run()
 
 
 class _Signals:
@@ -122,8 +124,10 @@ class _Parts:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, view: ViewFactory | None = None) -> None:
+    def __init__(self, settings: Settings, *, view: ViewFactory | None = None,
+                 rename_instrument: bool = False) -> None:
         self.settings = settings
+        self.rename_instrument = rename_instrument
         self.view = view
         self.folder = Path(os.path.abspath(settings.watch.folder))  # noqa: PTH100 - keep symlinks as named
         self.notifier = Notifier()
@@ -159,7 +163,7 @@ class Service:
         self.signals.install()
         try:
             classifier = self._load_classifier()
-            store = open_store(self.settings)
+            store = open_store(self.settings, rename_instrument=self.rename_instrument)
         except BaseException:
             self.signals.restore()
             raise

@@ -30,6 +30,8 @@ from semwatch.errors import ConfigError
 from semwatch.safefs import path_from_text, path_text, text_safe
 from semwatch.store import db
 from semwatch.store import results_csv as live_csv
+from semwatch.store.instrument import Instrument
+from semwatch.store.instrument import bind as bind_instrument
 from semwatch.store.messages import (
     Attempt,
     DaemonStatus,
@@ -104,10 +106,13 @@ class Store:
     the schema (`schema.create_schema`)."""
 
     def __init__(self, database: Path, results_csv: Path | None, *, busy_timeout_ms: int = 10000,
-                 check_same_thread: bool = False, sample_settings: SampleSettings | None = None) -> None:
+                 check_same_thread: bool = False, sample_settings: SampleSettings | None = None,
+                 instrument: Instrument | None = None, rename_instrument: bool = False) -> None:
         self.conn = db.connect(database, busy_timeout_ms=busy_timeout_ms, check_same_thread=check_same_thread)
         try:
             applied = create_schema(self.conn)
+            if instrument is not None:  # the one identity check of every writer (store.instrument)
+                bind_instrument(self.conn, instrument, rename=rename_instrument)
             self.identity = _identity(database)
         except Exception:
             self.conn.close()
@@ -380,9 +385,10 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, *, rename_instrument: bool = False) -> Store:
     """The writer's Store on `[store] database` and `results_csv`, checked up front: an unusable
-    one is a configuration error (78), for the daemon and `semwatch reprocess` alike."""
+    one, or one of another `[instrument] name` (unless `rename_instrument`), is a configuration
+    error (78), for the daemon and `semwatch reprocess` alike."""
     csv_path = settings.store.results_csv
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,6 +399,8 @@ def open_store(settings: Settings) -> Store:
         raise ConfigError(f"[store] results_csv cannot be written: {csv_path}: {reason}") from None
     try:
         return Store(settings.store.database, csv_path, busy_timeout_ms=settings.store.busy_timeout_ms,
-                     sample_settings=settings.samples)
+                     sample_settings=settings.samples,
+                     instrument=Instrument(settings.instrument.resolved_name(), settings.instrument.site),
+                     rename_instrument=rename_instrument)
     except (sqlite3.Error, OSError, RuntimeError) as exc:
         raise ConfigError(f"[store] database cannot be used: {settings.store.database}: {exc}") from None

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 from semwatch.config import Settings
 from semwatch.store import db
 from semwatch.store.browse import NO_OUTDATED, Outdated, SampleRow, count_outdated, day_bounds, sample_row
+from semwatch.store.instrument import read as read_instrument
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Snapshot:
     # Current results of another model than the current one (issue 11); the current model is the
     # configured one when the view could read it, else the daemon's.
     outdated: Outdated = NO_OUTDATED
+    instrument: str | None = None  # `store.instrument` label (name and site); None before schema 6
 
 
 def parse_utc(text: str | None) -> datetime | None:
@@ -130,12 +132,14 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
             "SELECT * FROM images WHERE error IS NOT NULL AND error != '' "
             "ORDER BY COALESCE(processed_at, detected_at) DESC, id DESC LIMIT ?", (n_errors,)))
         outdated = count_outdated(conn, current_model or (daemon.model_id if daemon else None), today=today)
+        instrument = read_instrument(conn)
     finally:
         conn.execute("COMMIT")
     age = heartbeat_age(daemon, now)
     stale = daemon is None or age is None or age > stale_seconds
     return Snapshot(path, now, daemon=daemon, heartbeat_age_s=age, stale=stale, status_counts=counts,
-                    recent=recent, samples=samples, errors=errors, outdated=outdated)
+                    recent=recent, samples=samples, errors=errors, outdated=outdated,
+                    instrument=instrument.label if instrument is not None else None)
 
 
 def heartbeat_age(daemon: DaemonRow | None, now: datetime) -> float | None:

@@ -41,6 +41,7 @@ from textual.widgets import DataTable, Footer, Input, Select, Static, TabbedCont
 from semwatch.config import Settings
 from semwatch.safefs import printable, text_safe
 from semwatch.store import browse, db
+from semwatch.store.instrument import read as read_instrument
 from semwatch.store.snapshot import DaemonRow, heartbeat_age, parse_utc, read_daemon
 from semwatch.views.live import STATUS_STYLE, VERDICT_STYLE, age_text, fmt_conf, shown
 
@@ -325,6 +326,7 @@ class ConsoleApp(App[int]):
         self.slow_at = 0.0
         self.class_names: tuple[str, ...] = ()
         self._debounce: Timer | None = None
+        self.instrument: str | None = None  # the database's `[instrument]` label
 
     # --- layout ---------------------------------------------------------------------------------
 
@@ -425,6 +427,8 @@ class ConsoleApp(App[int]):
         if changed or force:
             today = browse.day_bounds(self._today(), self.zone)
             self.daemon = read_daemon(conn)
+            named = read_instrument(conn)
+            self.instrument = named.label if named is not None else None
             self.today_counts = browse.status_counts(conn, day=today)
             if now - self.slow_at >= SLOW_EVERY_S or force or self.images_stale:
                 self.slow_at = now
@@ -491,6 +495,10 @@ class ConsoleApp(App[int]):
             lines[0].append(f" · heartbeat {age_text(age)} · {d.images_per_s:.2f} img/s · "
                             f"queue {d.waiting} · in progress {d.in_progress}")
         model = self._model()
+        if self.instrument:
+            lines[1].append("instrument ", style="dim")
+            lines[1].append(shown(self.instrument), style="bold")
+            lines[1].append(" · ", style="dim")
         if model:
             lines[1].append("model ", style="dim")
             lines[1].append(shown(model))
