@@ -118,7 +118,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, out: Output) -> int
 
 def cmd_fleet(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     if args.fleet_command == "top":
-        from semwatch.views.fleet import fleet_top
+        from semwatch.views.fleet_top import fleet_top
 
         return fleet_top(settings, sources=tuple(args.sources), once=args.once, out=out)
     from semwatch.report.fleet import fleet_report

@@ -44,6 +44,7 @@ from semwatch.liveness import Liveness, Stuck
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.catchup import CatchUp
 from semwatch.service.events import health_conditions
+from semwatch.service.fleet_export import SnapshotScheduler
 from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
 from semwatch.service.metrics import Metrics, queue_depths, start_metrics
@@ -310,8 +311,8 @@ class Service:
         return None
 
     def _start_attachments(self) -> list[Attachment]:
-        """The live view (when the caller gave one) and the report scheduler (when enabled); one
-        that fails to start costs only itself."""
+        """The live view (when the caller gave one), the report scheduler (when enabled) and the
+        snapshot scheduler (`[fleet] export_folder`); one that fails to start costs only itself."""
         factories: list[tuple[ViewFactory, str]] = []
         if self.view is not None:
             factories.append((self.view, "live view failed to start: %s; plain log lines"))
@@ -319,6 +320,8 @@ class Service:
             scheduler: ViewFactory = ReportScheduler if self.alerts is None else functools.partial(
                 ReportScheduler, on_written=self.alerts.report_ready)
             factories.append((scheduler, "report scheduler failed to start: %s"))
+        if self.settings.fleet.export_folder is not None:  # snapshots for `semwatch fleet`
+            factories.append((SnapshotScheduler, "snapshot scheduler failed to start: %s"))
         started: list[Attachment] = []
         for factory, failed in factories:
             try:
