@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from semwatch.config import Settings
+from semwatch.errors import ConfigError
 from semwatch.store import db
 from semwatch.store.browse import Outdated, count_outdated
 from semwatch.store.export import SUFFIX
@@ -57,6 +59,15 @@ class Card:
     @property
     def model_id(self) -> str | None:
         return self.daemon.model_id if self.daemon is not None else None
+
+
+def sources_of(settings: Settings, sources: Sequence[Path]) -> tuple[Path, ...]:
+    """The snapshots to read: those given, else `[fleet] export_folder`."""
+    if sources:
+        return tuple(sources)
+    if settings.fleet.export_folder is None:
+        raise ConfigError("[fleet] export_folder is empty: name snapshot files or folders")
+    return (settings.fleet.export_folder,)
 
 
 def find_snapshots(sources: Iterable[Path]) -> list[Path]:

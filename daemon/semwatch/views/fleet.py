@@ -15,22 +15,12 @@ from rich.table import Table
 from rich.text import Text
 
 from semwatch.config import Settings
-from semwatch.errors import ConfigError
 from semwatch.store.browse import day_bounds
 from semwatch.store.fleet import Card, read_cards
 from semwatch.views.live import age_text, shown
 
 COLUMNS = ("instrument", "state", "snapshot", "heartbeat", "images today", "failed", "unknown",
            "fail samples", "model", "outdated")
-
-
-def sources_of(settings: Settings, sources: Sequence[Path]) -> tuple[Path, ...]:
-    """The snapshots to read: those given, else `[fleet] export_folder`."""
-    if sources:
-        return tuple(sources)
-    if settings.fleet.export_folder is None:
-        raise ConfigError("[fleet] export_folder is empty: name snapshot files or folders")
-    return (settings.fleet.export_folder,)
 
 
 def load_cards(settings: Settings, sources: Sequence[Path], now: datetime | None = None) -> list[Card]:

@@ -15,7 +15,8 @@ from rich.console import Console
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus
 from semwatch.output import Output
-from semwatch.views.fleet import load_cards, sources_of, table
+from semwatch.store.fleet import sources_of
+from semwatch.views.fleet import load_cards, table
 
 
 def fleet_top(settings: Settings, *, sources: Sequence[Path], once: bool, out: Output) -> int:
