@@ -29,6 +29,7 @@ from semwatch.report.daily import (
     _publish,
     _show,
     parse_day,
+    sample_order,
     summarise,
 )
 from semwatch.report.daily import load_day as load_one_day
@@ -159,10 +160,12 @@ def render_fleet_html(settings: Settings, day: date, instruments: list[Instrumen
     env.filters["show"] = _show
     env.filters["age"] = _age
     rows = [(one, summarise(one.data) if one.data is not None else None) for one in instruments]
+    samples = sorted(((one.card.name, s) for one in instruments if one.data is not None
+                      for s in one.data.samples), key=lambda pair: (*sample_order(pair[1]), pair[0]))
     return env.get_template("fleet.html.j2").render(
         day=day.isoformat(), timezone=settings.report.timezone,
         generated_at=generated_at.isoformat(timespec="seconds"), rows=rows, compared=compared,
-        stale_seconds=settings.fleet.stale_seconds,
+        samples=samples, stale_seconds=settings.fleet.stale_seconds,
     )
 
 

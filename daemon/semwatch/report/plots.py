@@ -138,6 +138,7 @@ def plot_trend(days: Sequence[TrendPoint], title: str = "the last 30 days") -> s
     ax.bar(x, images - failed, color="#90a4ae", label="images", width=0.8)
     ax.bar(x, failed, bottom=images - failed, color=STATUS_COLOURS["failed"], label="failed", width=0.8)
     ax.set_ylabel("images")
+    ax.set_ylim(0, max(1.0, float(images.max(initial=0))) * 1.3)  # room for the legend above the bars
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     step = max(1, len(days) // 8)
     ax.set_xticks(x[::step], [d.day[5:] for d in days][::step])
