@@ -315,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("fleet", help="several instruments' snapshots in one view (read-only)")
+    # --config before or after the sub-command: SUPPRESS keeps one from resetting the other.
+    config_help = "config file (default: ./config.toml if present)"
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+    p.add_argument("--version", action="version", version=f"semwatch {__version__}")
+    p.set_defaults(config=None, json=False)
     fleet = p.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
     fleet.required = True
     for name, text in (("top", "one row per instrument; Enter opens its images and samples"),
@@ -326,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
             f.add_argument("--once", action="store_true", help="print the table once and exit")
         else:
             f.add_argument("--date", help="YYYY-MM-DD in the report time zone (default: today)")
-        _common(f, json_flag=name == "report")
+            f.add_argument("--json", action="store_true", help="one JSON object per line")
+        f.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+        f.add_argument("--version", action="version", version=f"semwatch {__version__}")
         f.set_defaults(handler=cmd_fleet)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")

@@ -19,8 +19,8 @@ from semwatch.store.browse import day_bounds
 from semwatch.store.fleet import Card, read_cards
 from semwatch.views.live import age_text, shown
 
-COLUMNS = ("instrument", "state", "snapshot", "heartbeat", "images today", "failed", "unknown",
-           "fail samples", "model", "outdated")
+COLUMNS = ("instrument", "state", "snapshot", "heartbeat", "images", "failed", "unknown",
+           "fails", "model", "outdated")  # today's images, failed images, unknown share, fail samples
 
 
 def load_cards(settings: Settings, sources: Sequence[Path], now: datetime | None = None) -> list[Card]:
@@ -45,7 +45,8 @@ def cells(card: Card) -> list[Text]:
     share = card.unknown_share
     outdated = card.outdated.total if card.outdated is not None else None
     return [
-        shown(card.label, "bold"), state_cell(card), shown(age_text(card.snapshot_age_s)),
+        shown(card.label, "bold"), state_cell(card),
+        shown("–" if card.snapshot_age_s is None else age_text(card.snapshot_age_s)),
         shown(age_text(card.heartbeat_age_s) if card.problem is None else "–"),
         shown(card.images_today), shown(card.failed_today, "red" if card.failed_today else ""),
         shown("–" if share is None else f"{share:.0%}"),
@@ -55,10 +56,12 @@ def cells(card: Card) -> list[Text]:
 
 
 def table(cards: Sequence[Card]) -> Table:
-    out = Table(title=f"semwatch fleet — {len(cards)} instrument(s)", title_justify="left", expand=True)
-    for name in COLUMNS:
-        out.add_column(name, no_wrap=name != "state", justify="right" if name in (
-            "images today", "failed", "unknown", "fail samples", "outdated") else "left")
+    out = Table(title=f"semwatch fleet — {len(cards)} instrument(s); images, failed, unknown, fails "
+                      "(samples): today", title_justify="left")
+    for name in COLUMNS:  # the state may wrap (a broken snapshot's reason), never shrink to "…"
+        out.add_column(name, no_wrap=name != "state", min_width=22 if name == "state" else None,
+                       overflow="fold", justify="right" if name in (
+                           "images", "failed", "unknown", "fails", "outdated") else "left")
     for card in cards:
         out.add_row(*cells(card))
     return out

@@ -25,7 +25,7 @@ def fleet_top(settings: Settings, *, sources: Sequence[Path], once: bool, out: O
     chosen = sources_of(settings, sources)
     if once or not out.is_terminal or os.environ.get("TERM", "") == "dumb":
         cards = load_cards(settings, chosen)
-        Console(file=out.stdout, width=max(120, Console().width)).print(table(cards))
+        Console(file=out.stdout, width=max(160, Console().width)).print(table(cards))
         if not cards:
             out.say(f"no snapshots in {', '.join(map(str, chosen))}")
         healthy = cards and all(c.problem is None and not c.stale for c in cards)
