@@ -118,6 +118,20 @@ def test_a_database_takes_its_instrument_and_refuses_another(settings: Settings)
         store.close()
 
 
+def test_top_and_the_report_name_the_instrument(cli: Cli, settings: Settings, tmp_path: Path) -> None:
+    make_database(settings.store.database, now=NOW, images=[{}], samples=[{}])
+    Store(settings.store.database, None, instrument=Instrument("sem-7", "line 3")).close()
+    (tmp_path / "config.toml").write_text(
+        f'[store]\ndatabase = "{settings.store.database}"\n[report]\nfolder = "{tmp_path / "reports"}"\n'
+        f'[model]\npath = "{tmp_path / "no-model"}"\n', encoding="utf-8")
+    run = cli("top", "--once")
+    assert run.code == 0 and "semwatch — sem-7 (line 3)" in run.out, run.out + run.err
+    run = cli("report")
+    assert run.code == 0, run.err
+    html = (tmp_path / "reports" / str(datetime.now(UTC).date()) / "report.html").read_text(encoding="utf-8")
+    assert "<title>semwatch report" in html and "sem-7 (line 3)" in html.split("</h1>")[0]
+
+
 def test_results_csv_names_the_instrument_and_an_old_file_keeps_its_columns(settings: Settings) -> None:
     from semwatch.store.csvfile import RESULTS_COLUMNS
     from semwatch.store.results_csv import append
@@ -237,6 +251,33 @@ def test_fleet_report_survives_broken_snapshots(cli: Cli, fleet_folder: Path, tm
         assert {r["instrument"] for r in csv.DictReader(fh)} == {"alpha"}
 
 
+def test_fleet_console_opens_an_instrument_in_tops_console(fleet_folder: Path, settings: Settings) -> None:
+    from semwatch.views.fleet_console import FleetApp, instrument_console
+
+    async def drive() -> None:
+        app = FleetApp(settings, [fleet_folder])
+        async with app.run_test(size=(120, 24)) as pilot:
+            await pilot.pause()
+            assert [c.name for c in app.cards] == ["alpha", "bravo", "charlie", "delta"]
+            await pilot.press("down")  # bravo: broken, nothing to open
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.is_running
+            await pilot.press("up")
+            await pilot.press("enter")
+            await pilot.pause()
+        assert app.return_value == (0, fleet_folder / "alpha.20260101T000000.000Z.semwatch.db")
+        console = instrument_console(settings, app.return_value[1])
+        async with console.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert "instrument alpha" in str(console.summary())
+            assert len(console.images) == 2  # its Images tab: the snapshot's rows
+
+    import asyncio
+
+    asyncio.run(drive())
+
+
 # --- three daemons, one folder ---------------------------------------------------------------------
 
 
@@ -271,7 +312,8 @@ def test_three_daemons_one_fleet(cli: Cli, tmp_path: Path, tiny_model: Path, ncm
         for name, d in daemons.items():
             with open(d.config, "a", encoding="utf-8") as fh:
                 fh.write(f'[instrument]\nname = "{name}"\nsite = "hall 2"\n'
-                         f'[fleet]\nexport_folder = "{share}"\nexport_minutes = 0.03\nkeep = 2\n')
+                         f'[fleet]\nexport_folder = "{share}"\nexport_minutes = 0.03\nkeep = 2\n'
+                         f'export_timeout_seconds = 10.0\n')
             d.start(wait_ready=False)
         watcher.start()
         for d in daemons.values():
@@ -304,6 +346,25 @@ def test_three_daemons_one_fleet(cli: Cli, tmp_path: Path, tiny_model: Path, ncm
                 encoding="utf-8", newline="") as fh:
             per = [r["instrument"] for r in csv.DictReader(fh)]
         assert {n: per.count(n) for n in names} == counts
+        # sem-a's share blocks (a FIFO where its part file goes): its snapshots are abandoned, yet
+        # it classifies a new image; once the share is back, the next snapshot has it.
+        a = daemons["sem-a"]
+        fifo = part_path(share, "sem-a")
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+        blocked_at = len(a.log_text().split("not written within"))
+        more = [copy_image(src, a.folder / "lot2" / src.name) for src in ncm_images(ncm_dir, "811", 1)]
+        a.wait_finished(more)
+        deadline = time.monotonic() + 120
+        while len(a.log_text().split("not written within")) == blocked_at:
+            assert time.monotonic() < deadline, a.log_text()[-3000:]
+            time.sleep(0.5)
+        fifo.unlink()
+        counts["sem-a"] += 1
+        deadline = time.monotonic() + 120
+        while consistent(max(snapshots_of(share, "sem-a")))["done"] != counts["sem-a"]:
+            assert time.monotonic() < deadline, a.log_text()[-3000:]
+            time.sleep(0.5)
         # One killed: stale once its heartbeat and snapshot age past stale_seconds; one stopped and
         # its snapshot cut short: broken; the third unaffected.
         daemons["sem-c"].kill9()
@@ -323,7 +384,6 @@ def test_three_daemons_one_fleet(cli: Cli, tmp_path: Path, tiny_model: Path, ncm
         assert lines["sem-a (hall 2)"][1] == "running"
         assert lines["sem-b"][1].startswith("broken: truncated")
         # The database is sem-a's: another name is refused (exit 78) unless renamed on purpose.
-        a = daemons["sem-a"]
         assert a.stop()[0] == 0
         a.config.write_text(a.config.read_text(encoding="utf-8").replace('name = "sem-a"', 'name = "sem-z"'),
                             encoding="utf-8")

@@ -497,7 +497,7 @@ class ConsoleApp(App[int]):
         model = self._model()
         if self.instrument:
             lines[1].append("instrument ", style="dim")
-            lines[1].append(shown(self.instrument), style="bold")
+            lines[1].append(shown(self.instrument, "bold"))
             lines[1].append(" · ", style="dim")
         if model:
             lines[1].append("model ", style="dim")
