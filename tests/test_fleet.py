@@ -5,6 +5,7 @@ in; and three real daemons exporting to one folder."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -190,6 +191,13 @@ def test_a_share_that_blocks_or_is_full_costs_only_that_snapshot(settings: Setti
     result = Exporter(blocked, share).export()
     assert result.path is None and "No space left on device" in (result.problem or "")
     monkeypatch.delenv("SEMWATCH_TEST_EXPORT_FAULT")
+    lock = os.open(database.with_name(database.name + ".export.lock"), os.O_RDWR)
+    try:  # one snapshot of a database at a time (the daemon's and `semwatch export`)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = Exporter(blocked, share).export()
+        assert result.path is None and "another snapshot of" in (result.problem or "")
+    finally:
+        os.close(lock)
     result = Exporter(blocked, share).export()  # the share is back: the next one is written
     assert result.path is not None and consistent(result.path, samples=False)["instrument"] == "sem-1"
 

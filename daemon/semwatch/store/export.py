@@ -19,6 +19,7 @@ that child, never a thread of the daemon.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sqlite3
@@ -74,10 +75,30 @@ def backup_to(database: Path, target: Path) -> None:
         source.close()
 
 
+class Busy(OSError):
+    """Another snapshot of this database is being written (the daemon's and `semwatch export`)."""
+
+
 def write_snapshot(database: Path, folder: Path, instrument: str, keep: int, *, scratch: Path,
                    now: datetime | None = None) -> Path:
     """Back `database` up into `scratch` (a private local file), write it to `folder` under the
-    part name, rename it into place, prune to `keep` snapshots of the instrument; the new path."""
+    part name, rename it into place, prune to `keep` snapshots of the instrument; the new path.
+    One at a time per database (`<database>.export.lock`, a local flock released when the process
+    ends, even killed): two writers of the one part file would interleave."""
+    lock = os.open(database.with_name(database.name + ".export.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                   0o644)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"another snapshot of {database} is being written") from None
+        return _write_snapshot(database, folder, instrument, keep, scratch=scratch, now=now)
+    finally:
+        os.close(lock)
+
+
+def _write_snapshot(database: Path, folder: Path, instrument: str, keep: int, *, scratch: Path,
+                    now: datetime | None) -> Path:
     backup_to(database, scratch)
     part = part_path(folder, instrument)
     final = folder / snapshot_name(instrument, now or datetime.now(UTC))
