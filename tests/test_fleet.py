@@ -236,6 +236,7 @@ def test_fleet_top_shows_broken_snapshots_as_such(cli: Cli, fleet_folder: Path) 
     assert [p.name.split(".")[0] for p in find_snapshots([fleet_folder])] == ["alpha", "bravo", "charlie",
                                                                               "delta"]
     assert "truncated" in (check_file(fleet_folder / "bravo.20260101T000000.000Z.semwatch.db") or "")
+    assert "WAL" in (check_file(fleet_folder.parent / "alpha.db") or "")  # a live database is no snapshot
     missing = fleet_folder.parent / "echo.semwatch.db"
     run = cli("fleet", "top", "--once", fleet_folder, missing)
     assert run.code == 1, run.err

@@ -103,6 +103,8 @@ def check_file(path: Path) -> str | None:
     pages = struct.unpack(">I", header[28:32])[0]
     if size < page_size * pages:
         return f"broken: truncated ({size} of {page_size * pages} bytes: half-written or cut short)"
+    if header[18] == 2:  # WAL mode: a live database (its latest writes are in -wal), not a snapshot
+        return "a live database (WAL mode), not a snapshot: share snapshots (semwatch export)"
     return None
 
 
