@@ -21,6 +21,7 @@ from conftest import Cli
 from dbfixture import make_database
 from semwatch.config import Settings
 from semwatch.errors import ConfigError
+from semwatch.safefs import path_text
 from semwatch.service.fleet_export import Exporter
 from semwatch.store.export import part_path, snapshots_of
 from semwatch.store.fleet import check_file, find_snapshots
@@ -131,6 +132,58 @@ def test_top_and_the_report_name_the_instrument(cli: Cli, settings: Settings, tm
     assert run.code == 0, run.err
     html = (tmp_path / "reports" / str(datetime.now(UTC).date()) / "report.html").read_text(encoding="utf-8")
     assert "<title>semwatch report" in html and "sem-7 (line 3)" in html.split("</h1>")[0]
+
+
+def test_the_report_as_a_reader_needs_it(settings: Settings) -> None:
+    """Issue 21's look in a browser: an unknown image's novelty, not its confidence 1.00; a failed
+    image's reason once; a sample no image voted for without confidence or uniformity; failing and
+    uncertain samples first; the last 30 days."""
+    import dataclasses
+    import json
+    from datetime import timedelta
+
+    from dbfixture import iso
+    from semwatch.report.daily import write_report
+    from semwatch.report.thumbnails import thumbnail
+    from test_report import _parse
+
+    folder = settings.watch.folder
+    folder.mkdir(parents=True)
+    broken = folder / "lot3" / "x.tif"
+    broken.parent.mkdir()
+    broken.write_bytes(b"II*\x00 not really a TIFF")
+    reason = thumbnail(path_text(broken), settings, None)[1].removeprefix("not readable now: ")
+    novelty = ("unlike the training images: the specimen does not look like the NCM cathodes the model "
+               "knows (novelty 3.41 > 1.52, 6 of 6 tiles)")
+    old = NOW - timedelta(days=3)
+    make_database(settings.store.database, now=NOW, images=[
+        {"path": str(folder / "lot1" / "a.tif"), "sample_id": "a-lot"},
+        {"path": str(folder / "s1" / "b.tif"), "sample_id": "s1"},
+        {"path": str(folder / "lot2" / "u.tif"), "status": "unknown", "confidence": 1.0, "sample_id": "lot2",
+         "predicted_class": None, "reasons": json.dumps([novelty])},
+        {"path": str(broken), "status": "failed", "error": reason, "confidence": None, "sample_id": "lot3"},
+        {"path": "/old/1.tif", "processed_at": iso(old), "status": "unknown", "sample_id": "old"},
+        {"path": "/old/2.tif", "processed_at": iso(old), "sample_id": "old"},
+    ], samples=[
+        {"sample_id": "a-lot", "verdict": "pass", "n_counted": 1},
+        {"sample_id": "lot2", "verdict": "unknown", "confidence": 1.0, "uniformity": 1.0, "n_counted": 0},
+        {"sample_id": "lot3", "verdict": "unknown", "confidence": 1.0, "uniformity": 1.0, "n_counted": 0},
+        {"sample_id": "s1", "verdict": "fail", "n_counted": 1},
+    ])
+    Store(settings.store.database, None, instrument=Instrument("sem-1")).close()
+    settings = settings.replace(report=dataclasses.replace(settings.report, thumbnails=5))
+    page = _parse(write_report(settings, NOW.date(), now=NOW).html)
+    text = "".join(page.text)
+    assert "novelty 3.41 > threshold 1.52" in text
+    caption = text[text.index("u.tif (sample"):][:120]
+    assert "confidence" not in caption, caption
+    assert text.count(reason) == 1 + 1  # the failed image's caption, and its row in the table
+    samples = page.tables["samples"]
+    assert [r[0] for r in samples[1:]] == ["s1", "lot2", "lot3", "a-lot"]  # fail, unknown, pass
+    assert samples[2][4:6] == ["–", "–"] and samples[4][4:6] == ["0.90", "0.95"]
+    trend = page.tables["trend"]
+    assert len(trend) == 31 and trend[1][:4] == [str(NOW.date()), "4", "1", "25 %"]
+    assert trend[4][:4] == [str(old.date()), "2", "0", "50 %"]
 
 
 def test_results_csv_names_the_instrument_and_an_old_file_keeps_its_columns(settings: Settings) -> None:
