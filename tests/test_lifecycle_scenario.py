@@ -24,8 +24,8 @@ from semwatch.model.artifact import read_manifest
 from semwatch.model.registry import Registry
 from semwatch.model.train import LabelledImage, discover, train_images, train_model
 from semwatch.store import db
+from semwatch.store.access import open_writer
 from semwatch.store.labels import add_label, writing
-from semwatch.store.ledger import open_store
 from semwatch.values import parse_class
 from test_daemon import Daemon, copy_image
 
@@ -110,7 +110,7 @@ def test_a_left_out_composition_is_learnt_from_labels_promoted_live_and_rolled_b
                     and str(before[str(p)]["predicted_class"]).startswith(LEFT_OUT)]
 
         # The operator labels some of the unknowns and confirms the familiar image's verdict.
-        store = open_store(load_settings(d.config, environ={}))
+        store = open_writer(load_settings(d.config, environ={}))
         try:
             with writing(store) as conn:
                 for p in arriving[:LABELLED]:

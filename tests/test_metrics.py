@@ -37,8 +37,12 @@ def free_port() -> int:
 def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    # Every sample names the instrument ([instrument] name: the host name by default); the
+    # assertions below then leave the label out.
+    assert {s.labels.get("instrument") for s in samples} == {socket.gethostname()}
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "instrument"))): s.value
+            for s in samples}
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -83,7 +87,7 @@ def test_metrics_scraped_from_a_running_daemon_match_its_database(
         time.sleep(0.5)
     rows = d.rows("current = 1 AND model_id != 'an-older-model'")
     model_id = rows[0]["model_id"]
-    assert value(samples, "semwatch_model_info", model_id=model_id, device="cpu") == 1.0
+    assert value(samples, "semwatch_model_info", model_id=model_id, device="cpu", site="") == 1.0
     assert value(samples, "semwatch_outdated_results") == 3
     assert sum(v for (name, _), v in samples.items() if name == "semwatch_results_total") == len(images)
     assert value(samples, "semwatch_verdict_latency_seconds_count") == len(images)

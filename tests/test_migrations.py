@@ -50,6 +50,8 @@ def rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
     conn = raw(path)
     try:
         columns = {t: V1_IMAGE_COLUMNS if t == "images" else "*" for t in V1_TABLES}
+        columns["samples"] = ("sample_id, n_images, n_counted, composition, state, predicted_class, "
+                              "confidence, uniformity, expected, verdict, updated_at")  # v1's columns
         return {t: [tuple(r) for r in conn.execute(f"SELECT {columns[t]} FROM {t} ORDER BY rowid")]
                 for t in V1_TABLES}
     finally:
@@ -70,7 +72,7 @@ def schema_of(path: Path) -> tuple[int, set[tuple[str, str]]]:
 
 def test_the_fixture_is_a_version_1_database(v1: Settings) -> None:
     version, objects = schema_of(v1.store.database)
-    assert version == 1 and SCHEMA_VERSION >= 4
+    assert version == 1 and SCHEMA_VERSION >= 4  # 4+: steps added since (fleet: instrument)
     assert "schema_migrations" not in {name for name, _ in objects}
     counts = {t: len(r) for t, r in rows(v1.store.database).items()}
     assert counts == {"images": 9, "samples": 3, "models": 1, "daemon": 1}

@@ -163,7 +163,7 @@ def test_one_message_per_failing_sample_and_none_again_after_a_restart(
     verdicts = {r["sample_id"]: r for r in d.query("SELECT * FROM samples")}
     assert verdicts["bad1"]["verdict"] == verdicts["bad2"]["verdict"] == "fail"
     assert verdicts["plain"]["verdict"] == "unknown"
-    by_sample = {m["title"].split()[2]: m for m in receiver.messages}
+    by_sample = {m["title"].split()[3]: m for m in receiver.messages}  # "semwatch [host]: sample X"
     assert sorted(by_sample) == ["bad1", "bad2"] and len(receiver.messages) == 2, receiver.titles()
     # The message describes the sample when it had been quiet for sample_quiet_seconds: normally
     # both images; on a loaded machine the second may come later (then it is not sent again).
@@ -192,7 +192,7 @@ def test_one_message_per_failing_sample_and_none_again_after_a_restart(
     time.sleep(1.5)
     assert d.query("SELECT n_images, verdict FROM samples WHERE sample_id = 'bad1'") == [
         {"n_images": 3, "verdict": "fail"}]
-    assert sorted(t.split()[2] for t in receiver.titles()) == ["bad1", "bad2", "bad3"]
+    assert sorted(t.split()[3] for t in receiver.titles()) == ["bad1", "bad2", "bad3"]
     # The daemon degraded (its watch folder gone) and recovered: one message each.
     away = d.folder.with_name("incoming.away")
     d.folder.rename(away)
@@ -240,7 +240,8 @@ def test_notify_test_command(cli: Any, tmp_path: Path, receiver: Receiver,
     config.write_text(f'[notify]\nurls = ["{receiver.url}"]\n', encoding="utf-8")
     run = cli("notify", "--test")
     assert run.code == 0 and run.out.strip() == f"json://127.0.0.1:{receiver.port} (urls[0]): delivered"
-    assert [m["title"].startswith("semwatch: test message") for m in receiver.messages] == [True]
+    assert [m["title"].startswith(f"semwatch [{socket.gethostname()}]: test message")
+            for m in receiver.messages] == [True]
     with socket.socket() as closed:  # a port nobody listens on: refused at once
         closed.bind(("127.0.0.1", 0))
         dead = closed.getsockname()[1]
@@ -438,7 +439,7 @@ def test_alerts_in_process_each_event_once_also_after_a_restart(tmp_path: Path, 
             alerts.stop()
         assert len(receiver.messages) == 3, receiver.titles()
     titles = receiver.titles()
-    assert titles[0] == "semwatch: report for 2026-11-25 is ready"
+    assert titles[0] == f"semwatch [{socket.gethostname()}]: report for 2026-11-25 is ready"
     assert str(report) in receiver.messages[0]["message"]
     assert "degraded: watch folder gone: /export" in titles[1] and titles[2].endswith("recovered")
     assert set(json.loads(state_path(database).read_text(encoding="utf-8"))["sent"]) == {
@@ -487,7 +488,7 @@ def test_many_failing_samples_at_once_become_one_digest(tmp_path: Path, receiver
     finally:
         alerts.stop()
     assert len(receiver.messages) == 1, receiver.titles()
-    assert receiver.titles() == ["semwatch: 12 samples failed or are uncertain"]
+    assert receiver.titles() == [f"semwatch [{socket.gethostname()}]: 12 samples failed or are uncertain"]
     assert receiver.messages[0]["message"].count("FAIL (expected 811, found 622_pristine)") == 12
     sent = json.loads(state_path(database).read_text(encoding="utf-8"))["sent"]
     assert {f"sample_fail:lot{i:02d}" for i in range(12)} <= set(sent)

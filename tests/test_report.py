@@ -25,7 +25,8 @@ from semwatch.safefs import path_text
 
 DAY = date(2026, 11, 24)
 SCRIPT_NAME = "<script>alert(1)</script>.tif"
-PLOTS = {"verdicts over the day", "class distribution", "confidence histogram"}
+PLOTS = {"verdicts over the day", "class distribution", "confidence histogram",
+         "images, failed and unknown share per day"}
 
 
 class Page(HTMLParser):

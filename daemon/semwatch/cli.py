@@ -91,7 +91,8 @@ def cmd_watch(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         from semwatch.views.live import LiveView
 
         view = LiveView
-    return run_daemon(settings, folder=args.folder, view=view)  # --folder replaces [watch] folder
+    return run_daemon(settings, folder=args.folder, view=view,  # --folder replaces [watch] folder
+                      rename_instrument=args.rename_instrument)
 
 
 def cmd_top(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -139,6 +140,22 @@ def cmd_label(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                       "foreign" if args.foreign else "undo")
     return label_files(settings, args.targets, action, class_name=args.class_name, by=args.by,
                        note=args.note, out=out)
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.service.fleet_export import export_now
+
+    return export_now(settings, to=args.to, out=out)
+
+
+def cmd_fleet(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    if args.fleet_command == "top":
+        from semwatch.views.fleet_top import fleet_top
+
+        return fleet_top(settings, sources=tuple(args.sources), once=args.once, out=out)
+    from semwatch.report.fleet import fleet_report
+
+    return fleet_report(settings, sources=tuple(args.sources), day=args.date, out=out)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -320,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="run the daemon in the foreground (systemd runs this)")
     p.add_argument("--folder", type=Path, help="override [watch] folder")
     p.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument("--rename-instrument", action="store_true",
+                   help="take over a database written under another [instrument] name (a deliberate rename)")
     _common(p, json_flag=False)
     p.set_defaults(handler=cmd_watch)
 
@@ -413,6 +432,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     _after_action(q)
     p.set_defaults(handler=cmd_models)
+
+    p = sub.add_parser("export", help="write a snapshot of the database for `semwatch fleet` (safe to share)")
+    p.add_argument("--to", type=_out_dir, metavar="FOLDER", help="default: [fleet] export_folder")
+    _common(p)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("fleet", help="several instruments' snapshots in one view (read-only)")
+    # --config before or after the sub-command: SUPPRESS keeps one from resetting the other.
+    config_help = "config file (default: ./config.toml if present)"
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+    p.add_argument("--version", action="version", version=f"semwatch {__version__}")
+    p.set_defaults(config=None, json=False)
+    fleet = p.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
+    fleet.required = True
+    for name, text in (("top", "one row per instrument; Enter opens its images and samples"),
+                       ("report", "the day's report across instruments")):
+        f = fleet.add_parser(name, help=text)
+        f.add_argument("sources", nargs="*", type=Path, metavar="SNAPSHOT_OR_FOLDER",
+                       help="snapshot files or folders of them (default: [fleet] export_folder)")
+        if name == "top":
+            f.add_argument("--once", action="store_true", help="print the table once and exit")
+        else:
+            f.add_argument("--date", help="YYYY-MM-DD in the report time zone (default: today)")
+            f.add_argument("--json", action="store_true", help="one JSON object per line")
+        f.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+        f.add_argument("--version", action="version", version=f"semwatch {__version__}")
+        f.set_defaults(handler=cmd_fleet)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

@@ -446,6 +446,42 @@ class ScaleSettings:
 
 
 @dataclass(frozen=True)
+class InstrumentSettings:
+    """Which microscope this daemon serves (docs/FLEET.md): stamped on the database, rows, metrics."""
+
+    name: str = ""  # empty: this computer's host name
+    site: str = ""
+
+    def validate(self) -> None:
+        for key, value in (("name", self.name), ("site", self.site)):
+            if len(value) > 64 or any(not (c.isprintable() and c not in '"\\{}') for c in value):
+                raise ConfigError(f"[instrument] {key} must be at most 64 printable characters "
+                                  f"without quotes, backslashes or braces, got {value!r}")
+
+    def resolved_name(self) -> str:
+        import socket
+
+        return self.name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """Snapshots for a fleet view (`semwatch fleet`): where, how often, how many kept."""
+
+    export_folder: Path | None = None
+    export_minutes: float = 5.0
+    keep: int = 3
+    export_timeout_seconds: float = 60.0
+    stale_seconds: float = 600.0
+
+    def validate(self) -> None:
+        _positive("[fleet] export_minutes", self.export_minutes)
+        _positive("[fleet] keep", self.keep)
+        _positive("[fleet] export_timeout_seconds", self.export_timeout_seconds)
+        _positive("[fleet] stale_seconds", self.stale_seconds)
+
+
+@dataclass(frozen=True)
 class Settings:
     data: DataSettings = field(default_factory=DataSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
@@ -463,6 +499,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     scale: ScaleSettings = field(default_factory=ScaleSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    instrument: InstrumentSettings = field(default_factory=InstrumentSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
     # Where the settings came from (for messages); not a config key.
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
@@ -632,11 +670,11 @@ def _coerce(name: str, hint: object, value: object, base: Path) -> object:
         ):
             raise ConfigError(f"{name} must be a table of strings, got {value!r}")
         return dict(value)
-    if origin in (types.UnionType, typing.Union) and set(get_args(hint)) == {Path, type(None)}:
-        # An optional path: "" (TOML has no null) means none.
-        return None if value == "" else _coerce(name, Path, value, base)
-    if origin in (types.UnionType, typing.Union):  # pragma: no cover - no other optional keys
-        return value
+    if origin in (types.UnionType, typing.Union):  # an optional path: "" is None (off)
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value == "" and len(args) < len(get_args(hint)):
+            return None
+        return _coerce(name, args[0], value, base)
     raise ConfigError(f"{name}: unsupported setting type {hint}")  # pragma: no cover
 
 

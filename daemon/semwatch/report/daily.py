@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -33,6 +34,8 @@ from semwatch.safefs import path_text, printable, text_safe, write_atomic
 from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
+from semwatch.store.instrument import Instrument
+from semwatch.store.instrument import read as read_instrument
 from semwatch.store.labels import LabelDay, has_labels_table, label_day
 from semwatch.store.model_events import NO_SHADOW, Agreement, shadow_agreement
 
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     from semwatch.report.thumbnails import Thumbnail
 
 log = logging.getLogger("semwatch.report")
+
+_NOVELTY = re.compile(r"novelty ([0-9.]+) > ([0-9.]+)")  # the reason `model.classify.aggregate` gives
 
 STATUSES = ("ok", "unknown", "rejected", "failed")
 VERDICTS = ("pass", "fail", "uncertain", "unknown")
@@ -116,6 +121,20 @@ class DayImage:
         """Why it has no verdict: the error, else the reasons."""
         return self.error or self.reasons
 
+    @property
+    def judged(self) -> str:
+        """What to say of the verdict: the confidence of an `ok` image; for an `unknown` one its
+        novelty against the threshold (its confidence is among the known classes: 1.00 there reads
+        as certainty about an image the model does not know); nothing for the others."""
+        if self.status == "ok":
+            return "–" if self.confidence is None else f"confidence {self.confidence:.2f}"
+        if self.status == "unknown":
+            found = _NOVELTY.search(self.reasons)
+            if found:
+                return f"novelty {found.group(1)} > threshold {found.group(2)}"
+            return self.reasons.split("; ")[0].split(":")[0] or "unknown"
+        return ""
+
 
 @dataclass(frozen=True)
 class DaySample:
@@ -133,6 +152,23 @@ class DaySample:
     images_this_day: int
     updated_at: str
     model_ids: str  # the models of its current images, ", "-joined (more than one: partly outdated)
+    n_counted: int = 0  # its images with a verdict (`ok`): with none, its confidence means nothing
+
+    @property
+    def judged(self) -> bool:
+        """Whether any image voted: a sample of unknown or failed images has no confidence or
+        uniformity to show (they are stored as 1.00 there)."""
+        return self.n_counted > 0
+
+
+@dataclass(frozen=True)
+class TrendDay:
+    """One local day of the trend: its finished images, failed ones and unknown ones."""
+
+    day: str
+    images: int
+    failed: int
+    unknown: int
 
 
 @dataclass(frozen=True)
@@ -142,17 +178,37 @@ class DayData:
     outdated: Outdated | None = None  # None: the current model is not known
     labels: LabelDay | None = None  # operators' labels of the day (None: a database before labels)
     shadow: Agreement = NO_SHADOW  # the shadow model's agreement with the live verdicts that day
+    trend: list[TrendDay] = dataclasses.field(default_factory=list)  # TREND_DAYS, oldest first
+    instrument: Instrument | None = None  # None: a database before schema step 6, or never bound
 
 
-def load_day(settings: Settings, day: date) -> DayData:
-    """The day's finished images (every version finished that day) and the samples they belong to."""
-    path = settings.store.database
+TREND_DAYS = 30
+VERDICT_ORDER = {"fail": 0, "uncertain": 1, "unknown": 2, "pass": 3}  # the order a reader looks
+
+
+def sample_order(sample: DaySample) -> tuple[int, str]:
+    """Failing and uncertain samples first, then unknown, then passed; by id within each."""
+    return VERDICT_ORDER.get(sample.verdict, 9), sample.sample_id
+
+
+def load_day(settings: Settings, day: date, *, database: Path | None = None,
+             model_id: str | None = None) -> DayData:
+    """The day's finished images (every version finished that day), the samples they belong to
+    (failing first), the 30 days' trend and the instrument. `database` replaces `[store] database`
+    and `model_id` the configured model (the fleet report: another instrument's snapshot and its
+    daemon's model)."""
+    path = database or settings.store.database
+    if not path.is_file():
+        raise UserError(f"no database at {path} (has the daemon run?)", ExitStatus.INPUT_FAILED)
     zone = ZoneInfo(settings.report.timezone)
     conn = open_readonly(path, busy_timeout_ms=settings.store.busy_timeout_ms)  # ReadRefused: one line
     start, end = day_bounds(day, zone)
     try:
         image_rows, sample_rows, models = _query_day(conn, start, end)
-        outdated = _outdated(conn, current_model_id(settings, conn), start, end)
+        current = model_id or (current_model_id(settings, conn) if database is None else _daemon_model(conn))
+        outdated = _outdated(conn, current, start, end)
+        trend = load_trend(conn, day, zone)
+        instrument = read_instrument(conn)
         labels = label_day(conn, start, end) if has_labels_table(conn) else None
         shadow = shadow_agreement(conn, since=start, until=end)
     except sqlite3.DatabaseError as exc:
@@ -163,7 +219,27 @@ def load_day(settings: Settings, day: date) -> DayData:
     counts = Counter(img.sample_id for img in images if img.sample_id is not None)
     samples = [_day_sample(r, counts[r["sample_id"]], models.get(r["sample_id"], ""))
                for r in sample_rows if r["sample_id"] in counts]
-    return DayData(images, samples, outdated, labels, shadow)
+    return DayData(images, sorted(samples, key=sample_order), outdated, labels=labels, shadow=shadow,
+                   trend=trend, instrument=instrument)
+
+
+def load_trend(conn: sqlite3.Connection, day: date, zone: ZoneInfo, days: int = TREND_DAYS) -> list[TrendDay]:
+    """The `days` local days up to `day`: finished images (every version), failed and unknown ones;
+    one index range of `images_processed_at` per day."""
+    out: list[TrendDay] = []
+    for back in range(days - 1, -1, -1):
+        when = day - timedelta(days=back)
+        counts = {r[0]: int(r[1]) for r in conn.execute(
+            "SELECT status, count(*) FROM images WHERE processed_at >= ? AND processed_at < ? "
+            "AND status != 'pending' GROUP BY status", day_bounds(when, zone))}
+        out.append(TrendDay(when.isoformat(), sum(counts.values()), counts.get("failed", 0),
+                            counts.get("unknown", 0)))
+    return out
+
+
+def _daemon_model(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT model_id FROM daemon WHERE id = 1").fetchone()
+    return str(row["model_id"]) if row is not None and row["model_id"] else None
 
 
 def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
@@ -226,6 +302,7 @@ def _day_sample(row: sqlite3.Row, images_this_day: int, model_ids: str) -> DaySa
         state=row["state"], predicted_class=row["predicted_class"], confidence=row["confidence"],
         uniformity=row["uniformity"], expected=row["expected"], n_images=int(row["n_images"] or 0),
         images_this_day=images_this_day, updated_at=row["updated_at"], model_ids=model_ids,
+        n_counted=int(row["n_counted"] or 0),
     )
 
 
@@ -265,13 +342,16 @@ def flagged_thumbnails(settings: Settings, images: list[DayImage],
     thumbs = []
     for img in flagged:
         jpeg, kind = thumbnail(img.path, settings, classifier)
+        if jpeg is None and img.detail and img.detail.splitlines()[0] in kind:
+            kind = kind.split(":", 1)[0]  # "not readable now: X" above "X": say X once
         thumbs.append(Thumbnail(name=img.name, path=img.path, status=img.status, jpeg=jpeg, kind=kind,
-                                detail=img.detail, sample_id=img.sample_id, confidence=img.confidence))
+                                detail=img.detail, sample_id=img.sample_id, confidence=img.confidence,
+                                judged=img.judged))
     return thumbs
 
 
 def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumbnail],
-                plots: Plots | None, generated_at: datetime) -> str:
+                plots: Plots | None, generated_at: datetime, *, trend_png: str = "") -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(loader=PackageLoader("semwatch.report", "templates"), autoescape=True,
@@ -286,6 +366,8 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumb
         labels=data.labels,
         shadow=data.shadow,
         database=path_text(settings.store.database),
+        instrument=data.instrument.label if data.instrument is not None else None, trend=data.trend,
+        trend_png=trend_png,
     )
 
 
@@ -302,14 +384,16 @@ def _show(value: object) -> str:
 def write_report(settings: Settings, day: date, *, classifier: Classifier | None = None,
                  now: datetime | None = None) -> ReportPaths:
     """Write `reports/YYYY-MM-DD/` for the local `day`; returns its paths."""
-    from semwatch.report.plots import plot_day
+    from semwatch.report.plots import plot_day, plot_trend
 
     data = load_day(settings, day)
     generated = (now or datetime.now(UTC)).astimezone(ZoneInfo(settings.report.timezone))
     plots = plot_day(data.images) if data.images else None
+    trend_png = plot_trend(data.trend) if any(t.images for t in data.trend) else ""
     thumbs = flagged_thumbnails(settings, data.images, classifier)
     files = {
-        "report.html": render_html(settings, day, data, thumbs, plots, generated).encode("utf-8"),
+        "report.html": render_html(settings, day, data, thumbs, plots, generated,
+                                   trend_png=trend_png).encode("utf-8"),
         "images.csv": csv_bytes(REPORT_IMAGE_COLUMNS, [dataclasses.asdict(img) for img in data.images]),
         "samples.csv": csv_bytes(REPORT_SAMPLE_COLUMNS, [dataclasses.asdict(s) for s in data.samples]),
     }

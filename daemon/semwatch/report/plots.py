@@ -37,6 +37,22 @@ class Plotted(Protocol):
     def processed_local(self) -> str: ...
 
 
+class TrendPoint(Protocol):
+    """One day of the trend (`report.daily.TrendDay`)."""
+
+    @property
+    def day(self) -> str: ...
+
+    @property
+    def images(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+    @property
+    def unknown(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Plots:
     timeline: str
@@ -108,6 +124,32 @@ def plot_confidence(images: Sequence[Plotted]) -> str:
     ax.set_ylabel("images")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("confidence histogram")
+    return _png(fig)
+
+
+def plot_trend(days: Sequence[TrendPoint], title: str = "the last 30 days") -> str:
+    """Images per day (bars: failed in red, the rest grey) and the unknown share (line, right axis):
+    a drift (more unknowns, a failing reader) shows over days, not within one."""
+    fig = Figure(figsize=(7.0, 3.0))
+    ax = fig.add_subplot()
+    x = np.arange(len(days))
+    images = np.array([d.images for d in days], dtype=float)
+    failed = np.array([d.failed for d in days], dtype=float)
+    ax.bar(x, images - failed, color="#90a4ae", label="images", width=0.8)
+    ax.bar(x, failed, bottom=images - failed, color=STATUS_COLOURS["failed"], label="failed", width=0.8)
+    ax.set_ylabel("images")
+    ax.set_ylim(0, max(1.0, float(images.max(initial=0))) * 1.3)  # room for the legend above the bars
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    step = max(1, len(days) // 8)
+    ax.set_xticks(x[::step], [d.day[5:] for d in days][::step])
+    share = ax.twinx()
+    unknown = [d.unknown / d.images if d.images else np.nan for d in days]
+    share.plot(x, unknown, color=STATUS_COLOURS["unknown"], marker=".", label="unknown share")
+    share.set_ylim(0, 1)
+    share.set_ylabel("unknown share")
+    handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", fontsize="small")
+    ax.set_title(title)
     return _png(fig)
 
 

@@ -41,6 +41,7 @@ class Thumbnail:
     detail: str
     sample_id: str | None
     confidence: float | None
+    judged: str = ""  # what the caption says of the verdict (`report.daily.DayImage.judged`)
 
 
 def thumbnail(stored_path: str, settings: Settings, classifier: Classifier | None) -> tuple[str | None, str]:

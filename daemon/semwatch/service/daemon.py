@@ -45,6 +45,7 @@ from semwatch.model.registry import live_model_dir
 from semwatch.reading.micrograph import read_micrograph
 from semwatch.service.catchup import CatchUp
 from semwatch.service.events import health_conditions
+from semwatch.service.fleet_export import SnapshotScheduler
 from semwatch.service.folderprobe import FolderProbe, FolderState, unreachable_after
 from semwatch.service.inbox import Inbox
 from semwatch.service.logs import setup_logging
@@ -84,12 +85,14 @@ ViewFactory = Callable[[Settings], Attachment]
 _Handler = Callable[[int, FrameType | None], object] | int | None
 
 
-def run_daemon(settings: Settings, *, folder: Path | None = None, view: ViewFactory | None = None) -> int:
+def run_daemon(settings: Settings, *, folder: Path | None = None, view: ViewFactory | None = None,
+               rename_instrument: bool = False) -> int:
     """Run the daemon until SIGTERM/SIGINT; the exit status (`ExitStatus`). `folder` replaces
-    `[watch] folder`; `view` builds the live view (None: plain log lines)."""
+    `[watch] folder`; `view` builds the live view (None: plain log lines); `rename_instrument`
+    lets a database of another `[instrument] name` take this one (`store.instrument.bind`)."""
     if folder is not None:
         settings = settings.replace(watch=dataclasses.replace(settings.watch, folder=folder.absolute()))
-    return Service(settings, view=view).run()
+    return Service(settings, view=view, rename_instrument=rename_instrument).run()
 
 
 class _Signals:
@@ -129,8 +132,10 @@ class _Parts:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, view: ViewFactory | None = None) -> None:
+    def __init__(self, settings: Settings, *, view: ViewFactory | None = None,
+                 rename_instrument: bool = False) -> None:
         self.settings = settings
+        self.rename_instrument = rename_instrument
         self.view = view
         self.folder = Path(os.path.abspath(settings.watch.folder))  # noqa: PTH100 - keep symlinks as named
         self.notifier = Notifier()
@@ -169,7 +174,7 @@ class Service:
         self.signals.install()
         try:
             classifier = self._load_classifier()
-            store = open_writer(self.settings)
+            store = open_writer(self.settings, rename_instrument=self.rename_instrument)
         except BaseException:
             self.signals.restore()
             raise
@@ -340,8 +345,8 @@ class Service:
         return None
 
     def _start_attachments(self) -> list[Attachment]:
-        """The live view (when the caller gave one) and the report scheduler (when enabled); one
-        that fails to start costs only itself."""
+        """The live view (when the caller gave one), the report scheduler (when enabled) and the
+        snapshot scheduler (`[fleet] export_folder`); one that fails to start costs only itself."""
         factories: list[tuple[ViewFactory, str]] = []
         if self.view is not None:
             factories.append((self.view, "live view failed to start: %s; plain log lines"))
@@ -349,6 +354,8 @@ class Service:
             scheduler: ViewFactory = ReportScheduler if self.alerts is None else functools.partial(
                 ReportScheduler, on_written=self.alerts.report_ready)
             factories.append((scheduler, "report scheduler failed to start: %s"))
+        if self.settings.fleet.export_folder is not None:  # snapshots for `semwatch fleet`
+            factories.append((SnapshotScheduler, "snapshot scheduler failed to start: %s"))
         started: list[Attachment] = []
         for factory, failed in factories:
             try:

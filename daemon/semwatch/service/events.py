@@ -42,6 +42,14 @@ class Event:
     body: str
 
 
+def for_instrument(event: Event, instrument: str) -> Event:
+    """`event` naming the instrument it comes from (`[instrument]`), in its title and first line:
+    with several microscopes on one channel, "sample X FAIL" alone does not say where to walk."""
+    name = _clean(instrument)
+    title = event.title.removeprefix("semwatch: ")
+    return Event(event.kind, event.key, f"semwatch [{name}]: {title}", f"instrument: {name}\n{event.body}")
+
+
 def _clean(text: object) -> str:
     """Untrusted text (sample ids, paths, error messages) for a chat message or an e-mail."""
     return printable(text_safe(str(text)))

@@ -30,6 +30,7 @@ from semwatch.store.selection import count_outdated
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
     from semwatch.service.folderprobe import FolderState
@@ -124,8 +125,29 @@ class _DatabaseCollector:
                                 value=self._outdated)
 
 
+class _Labelled:
+    """Every metric of `inner` with the `instrument` label added to each sample: one rule for all
+    of them (ours, prometheus-client's process metrics, any added later), so a central Prometheus
+    that scrapes or federates several daemons tells them apart by the same label (docs/FLEET.md)."""
+
+    def __init__(self, inner: CollectorRegistry, instrument: str) -> None:
+        self.inner = inner
+        self.instrument = instrument
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import Metric
+
+        for family in self.inner.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, "instrument": self.instrument}, s.value, s.timestamp,
+                               s.exemplar)
+            yield out
+
+
 class Metrics:
-    """The registry, the pipeline's observer and the HTTP server (`start`/`stop`)."""
+    """The registry, the pipeline's observer and the HTTP server (`start`/`stop`). `registry` is
+    what is served: `inner`'s metrics, each labelled with the instrument (`_Labelled`)."""
 
     def __init__(self, settings: Settings, *, model_id: str, device: str, depths: Depths,
                  folder: Callable[[], FolderState] | None = None) -> None:
@@ -133,25 +155,27 @@ class Metrics:
 
         self.settings = settings
         self.registry = CollectorRegistry()
+        self.inner = CollectorRegistry()
+        self.registry.register(_Labelled(self.inner, settings.instrument.resolved_name()))
         self.results = Counter("semwatch_results", "Images classified or failed by this daemon, by status",
-                               ["status"], registry=self.registry)
+                               ["status"], registry=self.inner)
         self.tiles = Counter("semwatch_tiles_classified", "Tiles run through the network",
-                             registry=self.registry)
+                             registry=self.inner)
         self.latency = Histogram("semwatch_verdict_latency_seconds",
                                  "From a file's settling (stable size and mtime) to its verdict",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+                                 buckets=LATENCY_BUCKETS, registry=self.inner)
         self.batch_images = Histogram("semwatch_inference_batch_images", "Images per inference batch",
-                                      buckets=BATCH_IMAGE_BUCKETS, registry=self.registry)
+                                      buckets=BATCH_IMAGE_BUCKETS, registry=self.inner)
         self.batch_tiles = Histogram("semwatch_inference_batch_tiles", "Tiles per inference batch",
-                                     buckets=BATCH_TILE_BUCKETS, registry=self.registry)
-        Info("semwatch_model", "The daemon's model and device", registry=self.registry).info(
-            {"model_id": model_id, "device": device})
-        self.registry.register(_DatabaseCollector(settings.store.database, model_id, depths))
+                                     buckets=BATCH_TILE_BUCKETS, registry=self.inner)
+        Info("semwatch_model", "The daemon's model and device", registry=self.inner).info(
+            {"model_id": model_id, "device": device, "site": settings.instrument.site})
+        self.inner.register(_DatabaseCollector(settings.store.database, model_id, depths))
         if folder is not None:
             Gauge("semwatch_watch_folder_reachable", "1 while the watch folder answers a stat within "
                   "the limit, 0 while it does not (a frozen share) or is gone",
-                  registry=self.registry).set_function(lambda: float(folder().problem() is None))
-        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, resident memory, fds
+                  registry=self.inner).set_function(lambda: float(folder().problem() is None))
+        ProcessCollector(registry=self.inner)  # process_cpu_seconds_total, resident memory, fds
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

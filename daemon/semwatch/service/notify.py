@@ -43,6 +43,7 @@ from semwatch.service.events import (
     HealthTracker,
     SamplePoller,
     digest_event,
+    for_instrument,
     report_event,
 )
 from semwatch.store import db
@@ -169,6 +170,7 @@ class Alerts:
         self.state = SentLog(state_path(settings.store.database), settings.notify.dedup_seconds)
         self.queue: queue.Queue[Event | None] = queue.Queue(maxsize=settings.notify.queue_size)
         self.health_tracker = HealthTracker(socket.gethostname())
+        self.instrument = instrument_label(settings)
         self.dropped = 0
         self.sent = 0
         self.failed = 0
@@ -189,7 +191,7 @@ class Alerts:
             if event.key in self._queued:
                 return False
             try:
-                self.queue.put_nowait(event)
+                self.queue.put_nowait(for_instrument(event, self.instrument))
             except queue.Full:
                 self.dropped += 1
                 log.warning("alert queue full (%d): dropped %s (%d dropped so far)",
@@ -338,6 +340,12 @@ def start_alerts(settings: Settings) -> Alerts | None:
     return alerts
 
 
+def instrument_label(settings: Settings) -> str:
+    """`[instrument] name (site)` as alerts show it."""
+    name, site = settings.instrument.resolved_name(), settings.instrument.site
+    return f"{name} ({site})" if site else name
+
+
 def send_test(settings: Settings, *, out: Output,
               targets: Callable[[tuple[str, ...], float], list[Target]] = build_targets) -> int:
     """`semwatch notify --test`: one test message to each configured URL, one line per URL;
@@ -346,8 +354,9 @@ def send_test(settings: Settings, *, out: Output,
     if not urls:
         where = settings.source or "the built-in defaults"
         raise ConfigError(f"[notify] urls is empty in {where}: no alert targets configured")
-    event = Event("test", "test", f"semwatch: test message from {socket.gethostname()}",
-                  "This is a test of semwatch alerts (semwatch notify --test).")
+    event = for_instrument(Event("test", "test", f"semwatch: test message from {socket.gethostname()}",
+                                 "This is a test of semwatch alerts (semwatch notify --test)."),
+                           instrument_label(settings))
     failed = 0
     for target in targets(urls, settings.notify.timeout_seconds):
         ok = deliver(target, event)

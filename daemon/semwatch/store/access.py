@@ -21,6 +21,7 @@ import semwatch
 from semwatch.config import Settings
 from semwatch.errors import ConfigError, ExitStatus, UserError
 from semwatch.store import db
+from semwatch.store.instrument import Instrument
 from semwatch.store.ledger import HeldByOtherVersion, Store
 from semwatch.store.schema import (
     SCHEMA_VERSION,
@@ -40,9 +41,10 @@ class ReadRefused(UserError):
     version, or not a database. One line for the user; `exit_status` says which."""
 
 
-def open_writer(settings: Settings) -> Store:
+def open_writer(settings: Settings, *, rename_instrument: bool = False) -> Store:
     """The writer's Store on `[store] database` and `results_csv`, checked up front: an unusable
-    one is a configuration error (78), a daemon of another version holding it 75."""
+    one, or one of another `[instrument] name` (unless `rename_instrument`), is a configuration
+    error (78), a daemon of another version holding it 75."""
     csv_path = settings.store.results_csv
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,9 @@ def open_writer(settings: Settings) -> Store:
         raise ConfigError(f"[store] results_csv cannot be written: {csv_path}: {reason}") from None
     try:
         return Store(settings.store.database, csv_path, busy_timeout_ms=settings.store.busy_timeout_ms,
-                     sample_settings=settings.samples)
+                     sample_settings=settings.samples,
+                     instrument=Instrument(settings.instrument.resolved_name(), settings.instrument.site),
+                     rename_instrument=rename_instrument)
     except HeldByOtherVersion as exc:
         raise UserError(str(exc), ExitStatus.LOCKED) from None
     except SchemaTooNew as exc:

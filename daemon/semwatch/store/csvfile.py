@@ -24,6 +24,7 @@ RESULTS_COLUMNS = (
     "id", "path", "sample_id", "status", "predicted_class", "composition", "state", "confidence",
     "tile_agreement", "n_tiles", "model_id", "sha256", "size_bytes", "mtime_ns", "detected_at",
     "processed_at", "error", "reasons",
+    "instrument",  # added by schema step 6 (fleet): the last column, so older readers still work
 )
 # The report's images.csv: the day's finished rows, with the time in the report's time zone;
 # `supersedes` is the id of the result a re-classification replaced (`semwatch reprocess`).

@@ -29,10 +29,11 @@ class TrackedConnection(sqlite3.Connection):
 
 
 def connect(path: Path, *, readonly: bool = False, busy_timeout_ms: int = 10000,
-            check_same_thread: bool = True) -> TrackedConnection:
-    """Open `path`; writers get WAL mode, readers open the file read-only (never block the writer)."""
+            check_same_thread: bool = True, immutable: bool = False) -> TrackedConnection:
+    """Open `path`; writers get WAL mode, readers open the file read-only (never block the writer).
+    `immutable` (readers of a file that never changes, e.g. a fleet snapshot): no locks at all."""
     if readonly:
-        uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+        uri = f"{Path(path).resolve().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000,
                                factory=TrackedConnection, check_same_thread=check_same_thread)
     else:

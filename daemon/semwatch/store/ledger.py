@@ -30,6 +30,8 @@ from semwatch.config import SampleSettings
 from semwatch.safefs import path_from_text, path_text, text_safe
 from semwatch.store import db
 from semwatch.store import results_csv as live_csv
+from semwatch.store.instrument import Instrument
+from semwatch.store.instrument import bind as bind_instrument
 from semwatch.store.messages import (
     Attempt,
     DaemonStatus,
@@ -115,7 +117,8 @@ class Store:
     (`access.open_writer`) and writes only under `batch()` / the write lock."""
 
     def __init__(self, database: Path, results_csv: Path | None, *, busy_timeout_ms: int = 10000,
-                 check_same_thread: bool = False, sample_settings: SampleSettings | None = None) -> None:
+                 check_same_thread: bool = False, sample_settings: SampleSettings | None = None,
+                 instrument: Instrument | None = None, rename_instrument: bool = False) -> None:
         self.write_lock = db.WriteLock(database)  # taken by every writer around each batch
         try:
             with self.write_lock:
@@ -125,6 +128,8 @@ class Store:
                     if schema_version(self.conn) < SCHEMA_VERSION:
                         _refuse_other_daemon(database)
                     applied = create_schema(self.conn)
+                    if instrument is not None:  # which microscope writes it (store.instrument)
+                        bind_instrument(self.conn, instrument, rename=rename_instrument)
                     self.identity = _identity(database)
                     if 1 in applied and results_csv is not None:  # a new database
                         live_csv.set_aside_orphan(results_csv)

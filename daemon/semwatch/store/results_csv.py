@@ -1,5 +1,6 @@
 """results.csv, the live CSV derived from the ledger: every finished row appended once.
 
+A file begun by an earlier release keeps its header's columns (`_columns_of`).
 Each append is one `os.write` on an O_APPEND descriptor (the header first when the file is new),
 so a reader never sees half a line; a write that fails (a full disk) is cut back, so the retry does
 not extend half a line. After a kill -9 between the database and the CSV, a torn last line is
@@ -43,7 +44,8 @@ def append(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         before = os.fstat(fd).st_size
-        view = memoryview(csv_bytes(RESULTS_COLUMNS, rows, header=before == 0))
+        columns = _columns_of(path) if before else RESULTS_COLUMNS
+        view = memoryview(csv_bytes(columns, rows, header=before == 0))
         try:
             while view:
                 written = os.write(fd, view)
@@ -53,6 +55,16 @@ def append(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _columns_of(path: Path) -> tuple[str, ...]:
+    """The columns an existing file's header names: a file begun by an earlier release keeps its
+    columns (a column added since, such as `instrument`, is left out of it), so no file mixes two
+    column lists and a spreadsheet reading it keeps working; a new file has every column."""
+    with open(path, "rb") as fh:
+        first = fh.readline(4096).rstrip(b"\n").decode("utf-8", "replace")
+    named = tuple(next(csv.reader([first]), []))
+    return named if named and set(named) <= set(RESULTS_COLUMNS) else RESULTS_COLUMNS
 
 
 def ids_in_file(path: Path) -> set[int]:

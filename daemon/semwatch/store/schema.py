@@ -278,6 +278,34 @@ CREATE INDEX shadow_results_created ON shadow_results (created_at);
 CREATE INDEX shadow_results_disagree ON shadow_results (id) WHERE agrees = 0;
 """
 
+# Version 6 (fleet, issue 21): the instrument that writes this database. `instrument` holds its name
+# once (one row; `store.instrument.bind` fills it with `[instrument] name` when the daemon first
+# opens the database, and refuses another name), and every images and samples row carries it, so a
+# row read out of a snapshot, a CSV or a merged table still says which microscope judged it. The
+# rows get it from the database itself (a trigger copies the name into each new row), so no writer
+# (the daemon, `semwatch reprocess`) has to remember it; rows written before the name was known are
+# stamped by `bind`. A later step that rebuilds `images` or `samples` must create its trigger again.
+SCHEMA_V6_INSTRUMENT = """
+CREATE TABLE instrument (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    name       TEXT NOT NULL,
+    site       TEXT NOT NULL DEFAULT '',
+    named_at   TEXT NOT NULL,
+    previous   TEXT
+);
+ALTER TABLE images ADD COLUMN instrument TEXT;
+ALTER TABLE samples ADD COLUMN instrument TEXT;
+CREATE TRIGGER images_instrument AFTER INSERT ON images WHEN NEW.instrument IS NULL
+BEGIN
+    UPDATE images SET instrument = (SELECT name FROM instrument WHERE id = 1) WHERE id = NEW.id;
+END;
+CREATE TRIGGER samples_instrument AFTER INSERT ON samples WHEN NEW.instrument IS NULL
+BEGIN
+    UPDATE samples SET instrument = (SELECT name FROM instrument WHERE id = 1)
+    WHERE sample_id = NEW.sample_id;
+END;
+"""
+
 Migration = Callable[[sqlite3.Connection], None]
 
 
@@ -290,7 +318,8 @@ def _script(sql: str) -> Migration:
 
 
 MIGRATIONS: Sequence[Migration] = (_script(SCHEMA_V1), _script(SCHEMA_V2), _script(SCHEMA_V3),
-                                   _script(SCHEMA_V4), _script(SCHEMA_V5))
+                                   _script(SCHEMA_V4), _script(SCHEMA_V5),
+                                   _script(SCHEMA_V6_INSTRUMENT))
 SCHEMA_VERSION = len(MIGRATIONS)
 LOGGED_FROM = 2  # the first version whose database has `schema_migrations`
 # Who a daemon is, written into `<database>.lock` (`db.lock_database`) so that a command that would

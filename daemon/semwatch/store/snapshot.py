@@ -17,6 +17,7 @@ from semwatch.config import Settings
 from semwatch.store import db
 from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import NO_OUTDATED, Outdated, SampleRow, count_outdated, day_bounds, sample_row
+from semwatch.store.instrument import read as read_instrument
 from semwatch.store.model_events import NO_SHADOW, Agreement, shadow_agreement
 
 
@@ -74,6 +75,7 @@ class Snapshot:
     outdated: Outdated = NO_OUTDATED
     # The shadow model's agreement with the live verdicts over the last day (issue 20; n = 0: none).
     shadow: Agreement = NO_SHADOW
+    instrument: str | None = None  # `store.instrument` label (name and site); None before schema 6
 
 
 def parse_utc(text: str | None) -> datetime | None:
@@ -133,12 +135,14 @@ def _read(conn: db.TrackedConnection, path: Path, now: datetime, n_recent: int, 
             "ORDER BY COALESCE(processed_at, detected_at) DESC, id DESC LIMIT ?", (n_errors,)))
         outdated = count_outdated(conn, current_model or (daemon.model_id if daemon else None), today=today)
         shadow = shadow_agreement(conn, since=now - timedelta(days=1))
+        instrument = read_instrument(conn)
     finally:
         conn.execute("COMMIT")
     age = heartbeat_age(daemon, now)
     stale = daemon is None or age is None or age > stale_seconds
     return Snapshot(path, now, daemon=daemon, heartbeat_age_s=age, stale=stale, status_counts=counts,
-                    recent=recent, samples=samples, errors=errors, outdated=outdated, shadow=shadow)
+                    recent=recent, samples=samples, errors=errors, outdated=outdated, shadow=shadow,
+                    instrument=instrument.label if instrument is not None else None)
 
 
 def heartbeat_age(daemon: DaemonRow | None, now: datetime) -> float | None:

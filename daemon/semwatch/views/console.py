@@ -42,6 +42,7 @@ from semwatch.config import Settings
 from semwatch.safefs import printable, text_safe
 from semwatch.store import browse, db
 from semwatch.store.access import ReadRefused, open_readonly
+from semwatch.store.instrument import read as read_instrument
 from semwatch.store.snapshot import DaemonRow, heartbeat_age, parse_utc, read_daemon
 from semwatch.views import labelling
 from semwatch.views.live import STATUS_STYLE, VERDICT_STYLE, age_text, fmt_conf, shown
@@ -332,6 +333,7 @@ class ConsoleApp(labelling.LabelKeys):
         self._debounce: Timer | None = None
         self.review_stale = True
         self.review: list[labelling.ReviewRow] = []
+        self.instrument: str | None = None  # the database's `[instrument]` label
 
     # --- layout ---------------------------------------------------------------------------------
 
@@ -432,6 +434,8 @@ class ConsoleApp(labelling.LabelKeys):
         if changed or force:
             today = browse.day_bounds(self._today(), self.zone)
             self.daemon = read_daemon(conn)
+            named = read_instrument(conn)
+            self.instrument = named.label if named is not None else None
             self.today_counts = browse.status_counts(conn, day=today)
             if now - self.slow_at >= SLOW_EVERY_S or force or self.images_stale:
                 self.slow_at = now
@@ -503,6 +507,10 @@ class ConsoleApp(labelling.LabelKeys):
             if d.message and d.state == "running":  # its problem now: a frozen share, a full disk, stuck
                 lines[0].append(shown(f" · {d.message}", "bold red"))
         model = self._model()
+        if self.instrument:
+            lines[1].append("instrument ", style="dim")
+            lines[1].append(shown(self.instrument, "bold"))
+            lines[1].append(" · ", style="dim")
         if model:
             lines[1].append("model ", style="dim")
             lines[1].append(shown(model))

@@ -169,7 +169,8 @@ def _header(snap: Snapshot, settings: Settings) -> RenderableType:
         lines.append("   ")
         lines.append(shadow)
     # A str subtitle would be parsed as markup: the database path is shown as Text too.
-    return Panel(lines, title="semwatch", subtitle=shown(snap.database), border_style="blue")
+    title = shown(f"semwatch — {snap.instrument}") if snap.instrument else "semwatch"
+    return Panel(lines, title=title, subtitle=shown(snap.database), border_style="blue")
 
 
 def _recent(snap: Snapshot, zone: ZoneInfo) -> RenderableType:
