@@ -26,6 +26,7 @@ from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
 from semwatch.safefs import path_text, printable
 from semwatch.store import labels as lab
+from semwatch.store.access import open_writer
 from semwatch.store.ledger import Store
 from semwatch.values import parse_class
 
@@ -76,12 +77,7 @@ def open_label_store(settings: Settings) -> Store:
     database = settings.store.database
     if not database.exists():
         raise UserError(f"no database at {path_text(database)}: the daemon has classified nothing yet")
-    try:
-        return Store(database, None, busy_timeout_ms=settings.store.busy_timeout_ms,
-                     sample_settings=settings.samples)
-    except (sqlite3.Error, OSError, RuntimeError) as exc:
-        raise UserError(f"[store] database cannot be used: {path_text(database)}: {exc}",
-                        ExitStatus.CONFIG) from None
+    return open_writer(settings)  # the one way in for a writer: identity, lock, version, instrument
 
 
 def write_labels(settings: Settings, changes: Sequence[LabelChange]) -> list[Applied]:
