@@ -39,6 +39,15 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, out: Output) -> in
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    if args.labels or settings.train.labels:  # the flag, or `[train] labels = true`
+        from semwatch.lifecycle.training import train_with_labels
+
+        return train_with_labels(settings, data_dir=args.data_dir, out_dir=args.out, epochs=args.epochs,
+                                 max_images_per_class=args.max_images_per_class, split_out=args.split_out,
+                                 out=out)
+    if args.data_dir is None:
+        raise UserError("give DATA_DIR (one folder per class), --labels (the ledger's labels), or both",
+                        ExitStatus.USAGE)
     from semwatch.model.train import train_folder
 
     return train_folder(args.data_dir, settings, out_dir=args.out, epochs=args.epochs,
@@ -107,6 +116,21 @@ def cmd_reprocess(args: argparse.Namespace, settings: Settings, out: Output) -> 
                           sample=args.sample, path_glob=args.path)
     request = ReprocessRequest(tuple(args.folders), selection, engine=args.engine, dry_run=args.dry_run)
     return reprocess(settings, request, out=out)
+
+
+def cmd_label(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from semwatch.lifecycle.labelling import Action, import_labels, label_files
+
+    if args.import_csv is not None:
+        if args.targets:
+            raise UserError("--import takes no PATH (the file names the images)", ExitStatus.USAGE)
+        return import_labels(settings, args.import_csv, by=args.by, note=args.note, out=out)
+    if not args.targets:
+        raise UserError("give at least one PATH or sha256 (or --import FILE.csv)", ExitStatus.USAGE)
+    action: Action = ("class" if args.class_name else "confirm" if args.confirm else
+                      "foreign" if args.foreign else "undo")
+    return label_files(settings, args.targets, action, class_name=args.class_name, by=args.by,
+                       note=args.note, out=out)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -243,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=cmd_inspect)
 
-    p = sub.add_parser("train", help="train a model from one folder per class")
-    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p = sub.add_parser("train", help="train a model from one folder per class and/or the ledger's labels")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR", nargs="?")
+    p.add_argument("--labels", action="store_true",
+                   help="also (or, without DATA_DIR, only) the images operators labelled (semwatch label); "
+                   "[train] labels = true does the same")
     p.add_argument("--out", type=_out_dir, required=True, metavar="MODEL_DIR")
     p.add_argument("--epochs", type=_count, help="override [train] epochs")
     p.add_argument("--max-images-per-class", type=_count, help="use at most N images per class")
@@ -355,6 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
     _after_action(q)
     p.set_defaults(handler=cmd_models)
+
+    p = sub.add_parser("label", help="say what an image is: confirm its verdict, name its class, "
+                       "mark it foreign, undo (the labels the next model learns from)")
+    p.add_argument("targets", nargs="*", metavar="PATH",
+                   help="a file the database knows, or its sha256 (the label follows the content)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--class", dest="class_name", metavar="NAME",
+                      help="it is this class: <composition>_<state> (a new one is allowed)")
+    what.add_argument("--confirm", action="store_true", help="its verdict is right")
+    what.add_argument("--foreign", action="store_true", help="not a specimen the model should know")
+    what.add_argument("--undo", action="store_true", help="take back its newest label")
+    what.add_argument("--import", dest="import_csv", type=Path, metavar="FILE.csv",
+                      help="labels from a CSV (path or sha256, label, optional by, note): all or none")
+    p.add_argument("--by", metavar="NAME", help="who says so (default: the login name)")
+    p.add_argument("--note", metavar="TEXT", help="a note kept with the label")
+    _common(p)
+    p.set_defaults(handler=cmd_label)
 
     p = sub.add_parser("demo", help="the whole thing end to end for a first-time user")
     p.add_argument("--data", type=Path, help="labelled folder (default: [data] ncm_dir)")

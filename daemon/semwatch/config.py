@@ -204,6 +204,7 @@ class TrainSettings:
     augment_copies: int = 1  # 2 until 2026-11-26: one fewer backbone pass per training tile
     tiles_per_image: int = 16
     class_map: dict[str, str] = field(default_factory=dict)
+    labels: bool = False  # `semwatch train` also takes the ledger's labelled images (as --labels)
     unknown_quantile: float = 0.99
     unknown_margin: float = 1.2
     # "frozen": a head on cached features; "finetune": then the whole backbone end to end; "auto":

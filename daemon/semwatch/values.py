@@ -12,6 +12,7 @@ store/samples.py, store/ledger.py ...). Also here: class names (`ClassInfo`), th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,10 +119,32 @@ class ClassInfo:
     state: str | None
 
 
+# The one rule for class names (`parse_class`); README "Class names" says the same.
+_COMPOSITION = r"[A-Za-z0-9][A-Za-z0-9.+-]{0,39}"
+_STATE = r"[a-z0-9][a-z0-9-]{0,39}"
+_CLASS_NAME = re.compile(rf"({_COMPOSITION})(?:_({_STATE}))?")
+# Words that mean something else where a class name may stand (a label, a verdict's status).
+RESERVED_CLASS_NAMES = frozenset({"confirmed", "corrected", "foreign", "cleared", "confirm", "undo",
+                                  "unknown", "rejected", "failed", "pending", "none", "null"})
+CLASS_NAME_RULE = ("<composition> or <composition>_<state>: the composition is letters, digits, "
+                   "'.', '+' or '-' (starting with a letter or digit, e.g. 622, NCA, LFP, 811Zr), "
+                   "the state lower-case letters, digits or '-' (e.g. pristine, formation, cycled); "
+                   "one '_' between them, at most 40 characters each; no state means pristine")
+
+
 def parse_class(name: str) -> ClassInfo:
-    """`<composition>` or `<composition>_<state>`; a missing state means pristine."""
-    head, sep, tail = name.partition("_")
-    return ClassInfo(name, head or None, tail if sep and tail else "pristine")
+    """The single rule for class names, for the classes a model is trained on (folders,
+    `[train] class_map`, labels) and for a label naming a class no model knows yet:
+    `<composition>` or `<composition>_<state>` (`CLASS_NAME_RULE`). The part before the one `_` is
+    the composition, the part after it the state, so a new class states its own split:
+    `NCA` = (NCA, pristine), `LFP_cycled` = (LFP, cycled), `811Zr_formation` = (811Zr, formation).
+    A missing state means pristine (the shared data's folders are `622`, `622_cycled`, ...).
+    Raises ValueError (one line, naming the rule) for a name that does not follow it."""
+    match = _CLASS_NAME.fullmatch(name)
+    if match is None or name.lower() in RESERVED_CLASS_NAMES:
+        why = "a reserved word" if match is not None else "not a class name"
+        raise ValueError(f"{name!r} is {why}: class names are {CLASS_NAME_RULE}")
+    return ClassInfo(name, match.group(1), match.group(2) or "pristine")
 
 
 @dataclass(frozen=True, order=True)

@@ -33,6 +33,7 @@ from semwatch.safefs import path_text, printable, text_safe, write_atomic
 from semwatch.store import db
 from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
+from semwatch.store.labels import LabelDay, has_labels_table, label_day
 from semwatch.store.model_events import NO_SHADOW, Agreement, shadow_agreement
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class DayData:
     samples: list[DaySample]
     outdated: Outdated | None = None  # None: the current model is not known
     shadow: Agreement = NO_SHADOW  # the shadow model's agreement with the live verdicts that day
+    labels: LabelDay | None = None  # operators' labels of the day (None: a database before labels)
 
 
 def load_day(settings: Settings, day: date) -> DayData:
@@ -157,6 +159,7 @@ def load_day(settings: Settings, day: date) -> DayData:
         image_rows, sample_rows, models = _query_day(conn, start, end)
         outdated = _outdated(conn, current_model_id(settings, conn), start, end)
         shadow = shadow_agreement(conn, since=start, until=end)
+        labels = label_day(conn, start, end) if has_labels_table(conn) else None
     except sqlite3.DatabaseError as exc:
         raise UserError(f"cannot read database {path}: {exc}", ExitStatus.INPUT_FAILED) from None
     finally:
@@ -165,7 +168,7 @@ def load_day(settings: Settings, day: date) -> DayData:
     counts = Counter(img.sample_id for img in images if img.sample_id is not None)
     samples = [_day_sample(r, counts[r["sample_id"]], models.get(r["sample_id"], ""))
                for r in sample_rows if r["sample_id"] in counts]
-    return DayData(images, samples, outdated, shadow)
+    return DayData(images, samples, outdated, shadow=shadow, labels=labels)
 
 
 def current_model_id(settings: Settings, conn: sqlite3.Connection) -> str | None:
@@ -286,6 +289,7 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumb
         generated_at=generated_at.isoformat(timespec="seconds"), summary=summarise(data),
         samples=data.samples, plots=plots, thumbs=thumbs, images=data.images, outdated=data.outdated,
         shadow=data.shadow,
+        labels=data.labels,
         database=path_text(settings.store.database),
     )
 

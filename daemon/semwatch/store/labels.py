@@ -18,6 +18,7 @@ check, and one BEGIN IMMEDIATE ... COMMIT, so a bulk import is applied whole or 
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ STATUSES: tuple[LabelStatus, ...] = ("confirmed", "corrected", "foreign", "clear
 _COLUMNS = "id, sha256, status, class_name, by, created_at, note, path, image_id, undoes"
 
 # The labels that count: not a `cleared` row, and not taken back by one.
-_LIVE = ("status != 'cleared' AND NOT EXISTS "
+_LIVE = ("{t}.status != 'cleared' AND NOT EXISTS "
          "(SELECT 1 FROM labels u WHERE u.undoes = {t}.id)")
 
 
@@ -124,7 +125,7 @@ def undo(conn: sqlite3.Connection, sha256: str, by: str, *, note: str | None = N
 def label_of(conn: sqlite3.Connection, sha256: str) -> Label | None:
     """The current label of one content, or None."""
     row = conn.execute(
-        f"SELECT {_COLUMNS} FROM labels l WHERE sha256 = ? AND {_LIVE.format(t='l')} "
+        f"SELECT {_COLUMNS} FROM labels l WHERE l.sha256 = ? AND {_LIVE.format(t='l')} "
         "ORDER BY id DESC LIMIT 1", (sha256,)).fetchone()
     return None if row is None else _label(row)
 
@@ -155,3 +156,128 @@ def has_labels_table(conn: sqlite3.Connection) -> bool:
     """Whether the database has reached schema step 4 (a reader may open an older one)."""
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'"
                         ).fetchone() is not None
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    """The ledger row a label is made on: its id, path (stored text), content and verdict."""
+
+    image_id: int
+    path: str
+    sha256: str
+    status: str
+    predicted_class: str | None
+
+
+_ROW = "SELECT id, path, sha256, status, predicted_class FROM images"
+
+
+def _row(row: sqlite3.Row | None) -> LabelledRow | None:
+    if row is None:
+        return None
+    return LabelledRow(int(row["id"]), row["path"], row["sha256"], row["status"], row["predicted_class"])
+
+
+def row_by_id(conn: sqlite3.Connection, image_id: int) -> LabelledRow | None:
+    """An image row with content (a pending row has no sha256 yet: None)."""
+    return _row(conn.execute(f"{_ROW} WHERE id = ? AND sha256 IS NOT NULL", (image_id,)).fetchone())
+
+
+def row_by_path(conn: sqlite3.Connection, path: str) -> LabelledRow | None:
+    """The current row of a path (stored text), if it has content."""
+    return _row(conn.execute(f"{_ROW} WHERE path = ? AND current = 1 AND sha256 IS NOT NULL",
+                             (path,)).fetchone())
+
+
+def row_by_sha256(conn: sqlite3.Connection, sha256: str) -> LabelledRow | None:
+    """The newest current row with this content (a verdict of it; a copy's is as good)."""
+    return _row(conn.execute(f"{_ROW} WHERE sha256 = ? AND current = 1 ORDER BY id DESC LIMIT 1",
+                             (sha256,)).fetchone())
+
+
+def rows_with_content(conn: sqlite3.Connection, sha256: str) -> list[LabelledRow]:
+    """Every current row with this content, newest first: the places a labelled image may still
+    lie (training reads the first one whose file still holds these bytes)."""
+    rows = conn.execute(f"{_ROW} WHERE sha256 = ? AND current = 1 ORDER BY id DESC", (sha256,))
+    return [r for r in map(_row, rows) if r is not None]
+
+
+def known_classes(conn: sqlite3.Connection) -> set[str]:
+    """Every class a registered model knows or a current label names."""
+    names = known_classes_of_models(conn)
+    if has_labels_table(conn):
+        names.update(lab.class_name for lab in current_labels(conn) if lab.class_name)
+    return names
+
+
+# --- the report's figures ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassCheck:
+    """Operators' checks of one verdict class: how many, how many confirmed."""
+
+    predicted_class: str
+    checked: int
+    confirmed: int
+
+    @property
+    def share_confirmed(self) -> float:
+        return self.confirmed / self.checked if self.checked else 0.0
+
+
+@dataclass(frozen=True)
+class LabelDay:
+    """Labels made in one interval and still standing (not undone): verdicts checked (labels on an
+    `ok` verdict: confirmed or corrected), per class of the verdict; names given to images without a
+    verdict; images marked foreign."""
+
+    n_labels: int
+    checked: int
+    confirmed: int
+    named: int  # corrected labels on unknown / rejected / failed images
+    foreign: int
+    per_class: tuple[ClassCheck, ...]
+    new_classes: tuple[str, ...]  # classes labels named that no registered model knows
+
+    @property
+    def share_confirmed(self) -> float:
+        return self.confirmed / self.checked if self.checked else 0.0
+
+
+def label_day(conn: sqlite3.Connection, start: str, end: str) -> LabelDay:
+    """The figures of labels made in [start, end) (UTC ISO text) that no later undo took back; each
+    judged against the verdict of the row it was made on."""
+    rows = conn.execute(
+        "SELECT l.status, l.class_name, i.status AS verdict, i.predicted_class "
+        "FROM labels l LEFT JOIN images i ON i.id = l.image_id "
+        f"WHERE l.created_at >= ? AND l.created_at < ? AND {_LIVE.format(t='l')}", (start, end)).fetchall()
+    per: dict[str, list[int]] = {}
+    named = foreign = 0
+    for r in rows:
+        if r["status"] == "foreign":
+            foreign += 1
+        elif r["verdict"] == "ok" and r["predicted_class"]:
+            counts = per.setdefault(r["predicted_class"], [0, 0])
+            counts[0] += 1
+            counts[1] += r["status"] == "confirmed" or r["class_name"] == r["predicted_class"]
+        else:
+            named += 1
+    per_class = tuple(ClassCheck(c, n, k) for c, (n, k) in sorted(per.items()))
+    model_classes = known_classes_of_models(conn)
+    new = sorted({r["class_name"] for r in rows if r["class_name"] and r["class_name"] not in model_classes})
+    return LabelDay(len(rows), sum(c.checked for c in per_class), sum(c.confirmed for c in per_class),
+                    named, foreign, per_class, tuple(new))
+
+
+def known_classes_of_models(conn: sqlite3.Connection) -> set[str]:
+    """Every class a registered model knows."""
+    names: set[str] = set()
+    for (classes,) in conn.execute("SELECT classes FROM models WHERE classes IS NOT NULL"):
+        try:
+            value = json.loads(classes)
+        except ValueError:
+            continue
+        if isinstance(value, list):
+            names.update(c for c in value if isinstance(c, str))
+    return names

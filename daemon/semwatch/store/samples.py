@@ -160,5 +160,8 @@ def _update_sample(conn: sqlite3.Connection, sample_id: str, expected: str | Non
 
 
 def _parts(name: str) -> tuple[str | None, str | None]:
-    info = parse_class(name)
+    try:
+        info = parse_class(name)
+    except ValueError:  # a class of a model trained before the naming rule was enforced
+        return None, None
     return info.composition, info.state

@@ -30,7 +30,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual import on
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
@@ -42,6 +42,7 @@ from semwatch.config import Settings
 from semwatch.safefs import printable, text_safe
 from semwatch.store import browse, db
 from semwatch.store.snapshot import DaemonRow, heartbeat_age, parse_utc, read_daemon
+from semwatch.views import labelling
 from semwatch.views.live import STATUS_STYLE, VERDICT_STYLE, age_text, fmt_conf, shown
 
 PAGE = 1000  # rows a table holds: the newest matching ones (a filter narrows, scrolling pages)
@@ -231,9 +232,10 @@ def sample_columns(width: int) -> dict[str, int]:
 class ImageScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.pop_screen", "Back")]
 
-    def __init__(self, view: RenderableType) -> None:
+    def __init__(self, view: RenderableType, image_id: int | None = None) -> None:
         super().__init__()
         self.view = view
+        self.image_id = image_id  # the labelling keys act on it
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail-scroll"):
@@ -264,7 +266,7 @@ class SampleScreen(Screen[None]):
         self.console.open_image(int(str(event.row_key.value)))
 
 
-class ConsoleApp(App[int]):
+class ConsoleApp(labelling.LabelKeys):
     """The console; `run_test` drives it in tests, `run` on a terminal."""
 
     TITLE = "semwatch"
@@ -297,7 +299,9 @@ class ConsoleApp(App[int]):
         Binding("c", "clear_filters", "Clear"),
         Binding("i", "tab('images')", "Images"),
         Binding("s", "tab('samples')", "Samples"),
+        Binding("r", "tab('review')", "Review"),
         Binding("escape", "to_table", "Table", show=False),
+        *labelling.LABEL_BINDINGS,
     ]
 
     def __init__(self, settings: Settings, *, current_model: str | None = None) -> None:
@@ -325,6 +329,8 @@ class ConsoleApp(App[int]):
         self.slow_at = 0.0
         self.class_names: tuple[str, ...] = ()
         self._debounce: Timer | None = None
+        self.review_stale = True
+        self.review: list[labelling.ReviewRow] = []
 
     # --- layout ---------------------------------------------------------------------------------
 
@@ -355,12 +361,16 @@ class ConsoleApp(App[int]):
                                 valid_empty=True)
                 with Horizontal(classes="body"):
                     yield Rows(id="samples-table", cursor_type="row", zebra_stripes=True)
+            with TabPane("Review", id="review"):
+                yield Rows(id="review-table", cursor_type="row", zebra_stripes=True)
         yield Footer(show_command_palette=False)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """The main screen's keys do nothing (and leave the footer) while a detail is open."""
         if action in ("search", "filters", "clear_filters", "tab", "to_table"):
             return self.screen is self.screen_stack[0]
+        if action == "label":  # on an image (a table's or a detail's), not in the class chooser
+            return not isinstance(self.screen, labelling.ClassChooser)
         return True
 
     def on_mount(self) -> None:
@@ -449,6 +459,9 @@ class ConsoleApp(App[int]):
             if newest != self.images:
                 old, self.images = self.images, newest
                 self._patch_images(old)
+        if self._active() == "review" and (self.review_stale or changed):
+            self.review_stale = False
+            self._show_review(labelling.read_review(conn, self.settings))
         if self._active() == "samples" and (self.samples_stale or changed):
             samples = browse.list_samples(conn, self.sample_filter, limit=PAGE)
             if self.samples_stale or samples != self.samples:  # a heartbeat changes no sample
@@ -580,6 +593,14 @@ class ConsoleApp(App[int]):
             table.add_row(*(cells[k] for k in widths), key=s.sample_id)
         self._restore_cursor(table, keep)
 
+    def _show_review(self, rows: list[labelling.ReviewRow]) -> None:
+        table = self.query_one("#review-table", Rows)
+        if rows == self.review and table.row_count == len(rows):
+            return
+        self.review, keep = rows, self._cursor_key(table)
+        labelling.fill_review(table, rows, self.size.width, fit)
+        self._restore_cursor(table, keep)
+
     @staticmethod
     def _cursor_key(table: Rows) -> str | None:
         if table.row_count == 0:
@@ -616,6 +637,11 @@ class ConsoleApp(App[int]):
         if event.row_key.value is not None:
             self.open_image(int(event.row_key.value))
 
+    @on(Rows.RowSelected, "#review-table")
+    def _review_selected(self, event: Rows.RowSelected) -> None:
+        if event.row_key.value is not None:
+            self.open_image(int(event.row_key.value))
+
     @on(Rows.RowSelected, "#samples-table")
     def _sample_selected(self, event: Rows.RowSelected) -> None:
         if self.conn is None or event.row_key.value is None:
@@ -629,11 +655,13 @@ class ConsoleApp(App[int]):
             return
         detail = browse.image_detail(self.conn, image_id)
         if detail is not None:
-            self.push_screen(ImageScreen(image_detail_view(detail, self.zone, self._model())))
+            view = labelling.with_label(self.conn, detail.sha256,
+                                        image_detail_view(detail, self.zone, self._model()))
+            self.push_screen(ImageScreen(view, image_id))
 
     @on(TabbedContent.TabActivated)
     def _tab(self) -> None:
-        self.samples_stale = True
+        self.samples_stale = self.review_stale = True
         self.poll(force=True)
         self.action_to_table()
 
@@ -694,7 +722,24 @@ class ConsoleApp(App[int]):
         self.apply_filters()
 
     def action_to_table(self) -> None:
-        self.query_one("#images-table" if self._active() == "images" else "#samples-table", Rows).focus()
+        self.query_one(f"#{self._active()}-table", Rows).focus()
+
+    # --- labels (views/labelling.py) ------------------------------------------------------------
+
+    def labelling_target(self) -> int | None:
+        """The image the labelling keys act on: the open detail's, else the highlighted row's."""
+        if isinstance(self.screen, ImageScreen):
+            return self.screen.image_id
+        table = (self.screen.query_one("#sample-images", Rows) if isinstance(self.screen, SampleScreen)
+                 else self.query_one(f"#{self._active()}-table", Rows))
+        if table.id == "samples-table":
+            return None  # a sample is not an image
+        key = self._cursor_key(table)
+        return int(key) if key is not None else None
+
+    def label_about(self, image_id: int) -> str:
+        row = self.images.get(image_id)
+        return row.path if row is not None else f"image {image_id}"
 
 
 def run_console(settings: Settings, *, current_model: str | None) -> int:

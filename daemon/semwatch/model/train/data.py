@@ -46,7 +46,10 @@ def discover(data_dir: Path, class_map: dict[str, str]) -> tuple[list[ClassInfo]
             names.setdefault(name, []).extend(files)
     if len(names) < 2:
         raise UserError(f"{data_dir}: need at least two class folders with images, found {len(names)}")
-    classes = [parse_class(n) for n in sorted(names)]
+    try:  # the one class-name rule (`values.parse_class`)
+        classes = [parse_class(n) for n in sorted(names)]
+    except ValueError as exc:
+        raise UserError(f"{data_dir}: {exc} (rename the folder or map it in [train] class_map)") from None
     images = [
         LabelledImage(p, f"{p.parent.name}/{p.name}", i) for i, c in enumerate(classes) for p in names[c.name]
     ]
