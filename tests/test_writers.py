@@ -326,7 +326,10 @@ def test_reprocess_on_a_real_full_disk_waits_for_room(small_disk: Path, tmp_path
             assert time.monotonic() < deadline, "the run never met the full disk"
             if select.select([proc.stderr], [], [], 1.0)[0]:
                 chunk = os.read(proc.stderr.fileno(), 4096)
-                assert chunk or proc.poll() is None, said.decode()  # EOF: it ended without retrying
+                if not chunk and proc.wait(30) == 0 and b"retrying" not in said:
+                    # SQLite reused space its WAL already had, the CSV line fit its last page: the
+                    # disk was full but never refused a write. Said, not passed: nothing was tested.
+                    pytest.skip("the run finished without meeting the full disk")
                 said += chunk
         filler.unlink()
     finally:
