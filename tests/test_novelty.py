@@ -16,6 +16,7 @@ import torch
 from semwatch.config import load_settings
 from semwatch.model.artifact import load_artifact, read_manifest, save_artifact
 from semwatch.model.classify import Classifier, outcomes
+from semwatch.model.runtimes import TorchRunner
 from semwatch.model.train import (
     LabelledImage,
     Recipe,
@@ -83,7 +84,8 @@ def old_model(tiny_model: Path, out: Path) -> Path:
     """`tiny_model` as a schema-2 artifact: no layer detector, the PCA score and its threshold."""
     state, manifest = load_artifact(tiny_model)
     state = {k: v for k, v in state.items() if not k.startswith("layers.")}
-    old = dataclasses.replace(manifest, novelty={}, schema_version=2, unknown_threshold=1.5)
+    old = dataclasses.replace(manifest, novelty={}, schema_version=2, unknown_threshold=1.5,
+                              export={})  # nor had it an export
     save_artifact(out, state, old)
     return out
 
@@ -98,8 +100,9 @@ def test_a_schema_2_model_without_the_detector_keeps_the_old_score(
     assert clf.net.detector == "pca" and not hasattr(clf.net, "layers")
     prepared = clf.prepare(read_micrograph(ncm_image(ncm_dir, tiny_model), clf.settings))
     out = clf.predict(prepared.tiles)
-    with torch.inference_mode(), clf._autocast():
-        feats, _ = clf.net.backbone(torch.from_numpy(prepared.tiles))
+    with torch.inference_mode():
+        feats, _ = TorchRunner(clf.net.backbone, clf.torch_device, clf.settings).features(
+            torch.from_numpy(prepared.tiles))
         expected = clf.net.novelty(feats.float()).numpy()
     np.testing.assert_allclose(out.novelty, expected, rtol=1e-2, atol=1e-2)
     assert clf.verdict(prepared, out).status in ("ok", "unknown")

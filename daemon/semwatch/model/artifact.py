@@ -305,8 +305,9 @@ def add_export(model_dir: Path, manifest: Manifest, export: Mapping[str, Json]) 
 
 
 def export_bytes(model_dir: Path, manifest: Manifest, kind: str = "onnx") -> bytes | None:
-    """The verified bytes of the model's `kind` export (None when it has none); `UserError` when the
-    file is missing or is not the one the manifest names (tampered, truncated, replaced)."""
+    """The verified bytes of the model's `kind` export (None when it has none, or its file is not
+    there); `UserError` when the file cannot be read or is not the one the manifest names
+    (tampered, truncated, replaced)."""
     record = manifest.export.get(kind)
     if not isinstance(record, dict):
         return None
@@ -314,6 +315,8 @@ def export_bytes(model_dir: Path, manifest: Manifest, kind: str = "onnx") -> byt
     if not isinstance(name, str) or not isinstance(digest, str) or "/" in name or name.startswith("."):
         raise UserError(f"{model_dir / MANIFEST}: the {kind} export record is malformed")
     path = model_dir / name
+    if not path.exists() and not path.is_symlink():
+        return None  # named but gone (a copy of the manifest alone): torch runs it, and says so
     try:
         blob = path.read_bytes()
     except OSError as exc:

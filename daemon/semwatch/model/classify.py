@@ -21,7 +21,7 @@ from semwatch.model.artifact import Manifest, export_bytes, load_artifact
 from semwatch.model.backbone import TileNet
 from semwatch.model.engine import PreparedImage, TileOutput, batch_groups, predict_images, prefetched
 from semwatch.model.runtime import describe_device, select_device
-from semwatch.model.runtimes import Choice, Runner, TorchRunner, choose
+from semwatch.model.runtimes import NO_EXPORT, Choice, Runner, TorchRunner, choose
 from semwatch.output import Output
 from semwatch.reading.tiles import cut_tiles, scale_for
 from semwatch.safefs import UNCONFINED, Confinement, path_text
@@ -105,10 +105,11 @@ class Classifier:
     @property
     def runtime_note(self) -> str | None:
         """One line for the operator when the model cannot use the faster runtimes (no export)."""
-        if self.manifest.export or self.settings.model.runtime == "torch":
+        if self.choice is None or self.choice.reason != NO_EXPORT:
             return None
         where = path_text(self.model_dir) if self.model_dir is not None else "MODEL_DIR"
-        return (f"model {self.model_id} has no ONNX export: its backbone runs in eager torch; "
+        what = "its ONNX export file is missing" if self.manifest.export else "it has no ONNX export"
+        return (f"model {self.model_id}: {what}, so its backbone runs in eager torch; "
                 f"`semwatch models export {where}` adds one (ONNX Runtime / OpenVINO, faster on most CPUs)")
 
     @property

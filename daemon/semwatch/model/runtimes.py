@@ -36,6 +36,7 @@ from semwatch.safefs import write_atomic
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 CACHE_FILE = "runtime.json"
 CALIBRATION_ROUNDS = 3
+NO_EXPORT = "the model has no ONNX export"
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 
@@ -264,7 +265,7 @@ def choose(backbone: Backbone, graph: bytes | None, device: torch.device, settin
         return build(kind, backbone, graph, device, settings), Choice(kind, {}, False, "[model] runtime")
     names = candidates(graph, device)
     if len(names) == 1:
-        reason = "the model has no ONNX export" if graph is None else "no other runtime installed"
+        reason = NO_EXPORT if graph is None else "no other runtime installed"
         return build("torch", backbone, graph, device, settings), Choice("torch", {}, False, reason)
     key = cache_key(model_id, graph_sha256, device, settings, tile_px)
     cached = read_cache(model_dir, key)

@@ -307,7 +307,7 @@ def refit_novelty(model_dir: Path, data_dir: Path, out_dir: Path, settings: Sett
     tiles of its training images as they are, its threshold calibrated on its validation images.
     Writes a new artifact to `out_dir` (a new model id); the source is not changed. Costs one
     backbone pass over the training and validation images (minutes), not a training run."""
-    from semwatch.model.artifact import load_artifact
+    from semwatch.model.artifact import export_bytes, load_artifact
 
     state, manifest = load_artifact(model_dir)
     classes = list(manifest.classes)
@@ -353,6 +353,11 @@ def refit_novelty(model_dir: Path, data_dir: Path, out_dir: Path, settings: Sett
         schema_version=SCHEMA_VERSION,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+    # The backbone is unchanged, so its export (if the source has one) is still this model's graph.
+    graph = export_bytes(model_dir, manifest)
+    if graph is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / ONNX_FILE, graph)
     return save_artifact(out_dir, dict(net.state_dict()), new)
 
 
