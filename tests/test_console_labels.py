@@ -95,11 +95,10 @@ def test_review_tab_and_labelling_keys(settings: Settings) -> None:
 def test_review_counts_shadow_disagreements_when_the_table_exists(settings: Settings) -> None:
     _fixture(settings)
     conn = db.connect(settings.store.database)
-    try:  # the shadow table as schema step 5 makes it (only the columns the review reads)
-        conn.execute("CREATE TABLE IF NOT EXISTS shadow_results (id INTEGER PRIMARY KEY, sha256 TEXT, "
-                     "agrees INTEGER)")
-        conn.execute("INSERT INTO shadow_results (sha256, agrees) VALUES (?, 0)", (f"{1:064x}",))  # a1
-        conn.execute("INSERT INTO shadow_results (sha256, agrees) VALUES (?, 1)", (f"{0:064x}",))  # c1
+    try:  # shadow verdicts as the daemon writes them (schema step 5's table): one disagrees
+        for sha, agrees in ((f"{1:064x}", 0), (f"{0:064x}", 1)):  # a1, c1
+            conn.execute("INSERT INTO shadow_results (path, sha256, model_id, status, agrees, created_at) "
+                         "VALUES ('x.tif', ?, 'shadow', 'ok', ?, '2026-12-04T00:00:00.000Z')", (sha, agrees))
     finally:
         conn.close()
 

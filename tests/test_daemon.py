@@ -63,7 +63,11 @@ class Daemon:
         values.update(watch)
         lines = ["[watch]"] + [f"{k} = {_toml(v)}" for k, v in values.items()] + [
             "[store]", f'database = "{self.database}"', f'results_csv = "{self.csv}"',
+            # One runtime pinned: `auto` measures each model on its own (seconds per start on a
+            # loaded machine) and may pick another runtime for another model, whose float32/bf16
+            # digits differ; tests that compare results to the last digit need the same one.
             "[model]", f'path = "{model}"', 'device = "cpu"', "max_batch_latency_ms = 100.0",
+            'runtime = "onnxruntime"',
             "[report]", "enabled = false",
         ]
         self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")

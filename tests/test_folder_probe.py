@@ -116,8 +116,8 @@ def test_probe_says_unreachable_without_blocking_the_caller(tmp_path: Path, free
 def _scrape_reachable(port: int) -> float | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("semwatch_watch_folder_reachable "):
-                return float(line.split()[1])
+            if line.startswith("semwatch_watch_folder_reachable"):  # {instrument="..."} labelled
+                return float(line.rsplit(" ", 1)[1])
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from conftest import Cli
 from semwatch.config import load_settings
 from semwatch.lifecycle.gate import GateImage, ModelScore, decide, mcnemar_one_sided, unseen
 from semwatch.model.artifact import Manifest, load_artifact, read_manifest, save_artifact
+from semwatch.model.export import ONNX_FILE
 from semwatch.model.registry import Aliases, Move, Registry, live_model_dir
 from semwatch.store import db, schema
 from test_daemon import Daemon, copy_image, daemon_factory, ncm_images
@@ -42,7 +44,7 @@ def champion_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     state, manifest = load_artifact(tiny_model)
     out = tmp_path_factory.mktemp("champion_model") / "model"
     save_artifact(out, state, dataclasses.replace(_untrained_on(manifest), name=f"{manifest.name}-a"))
-    return out
+    return _with_export(tiny_model, out)
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +56,13 @@ def worse_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     save_artifact(out, state, dataclasses.replace(
         _untrained_on(manifest), name=f"{manifest.name}-reversed", classes=tuple(reversed(manifest.classes)),
         class_info=tuple(reversed(manifest.class_info))))
+    return _with_export(tiny_model, out)
+
+
+def _with_export(source: Path, out: Path) -> Path:
+    """The same backbone, so the source's verified ONNX export (its record kept in the manifest)
+    serves the derived model too: the daemons here run ONNX Runtime like every test daemon."""
+    shutil.copyfile(source / ONNX_FILE, out / ONNX_FILE)
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from semwatch.config import Settings
+from semwatch.errors import UserError
 from semwatch.report.daily import write_report
 from semwatch.store import db
 from semwatch.store.ledger import Store, find_verdict_by_content, load_ledger
@@ -113,12 +114,17 @@ def test_v1_database_is_migrated_and_nothing_is_lost(v1: Settings) -> None:
     assert not list(v1.store.results_csv.parent.glob("*.before-*"))  # an old database's CSV is its own
 
 
-@pytest.mark.parametrize("migrated", [False, True])
-def test_readers_read_the_v1_database(v1: Settings, migrated: bool) -> None:
-    """`semwatch top` and the report read a database as the daemon left it, before and after the
-    daemon migrates it."""
-    if migrated:
-        Store(v1.store.database, v1.store.results_csv).close()
+def test_readers_refuse_the_v1_database_until_a_writer_migrates_it(v1: Settings) -> None:
+    """A read-only command never migrates: before a daemon (or reprocess) of this version has
+    migrated the old database, `semwatch top` and the report say so in one line and leave the file
+    exactly as it was; after the migration they read what the old daemon wrote."""
+    before = v1.store.database.read_bytes()
+    snap = take_snapshot(v1, now=datetime(2026, 3, 2, 9, tzinfo=UTC))
+    assert snap.problem is not None and "schema version 1" in snap.problem
+    with pytest.raises(UserError, match=r"schema version 1.*does not migrate it"):
+        write_report(v1, DAY)
+    assert v1.store.database.read_bytes() == before
+    Store(v1.store.database, v1.store.results_csv).close()
     snap = take_snapshot(v1, now=datetime(2026, 3, 2, 9, tzinfo=UTC))
     assert snap.problem is None and snap.daemon is not None
     assert (snap.daemon.state, snap.daemon.message, snap.daemon.done) == ("stopped", "exit 0", 6)

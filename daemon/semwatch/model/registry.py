@@ -11,8 +11,9 @@ history of moves is in the database (`model_events`, written by `semwatch.lifecy
 carries the last move's `token`, so a move whose database record was lost (a kill between the
 rename and the commit) is recognised and recorded by the next move.
 
-A model is added by copying its two files into a temporary sub-folder, checking them (the manifest's
-checksums), then renaming the folder to the model id: a half-copied model is never visible.
+A model is added by copying its files (weights, manifest, the ONNX export if any) into a temporary
+sub-folder, checking them (the manifest's checksums), then renaming the folder to the model id: a
+half-copied model is never visible.
 Without a registry, `[model] path` is the model, as before; with one but no champion yet, `path`
 is still the one served (`live_model_dir`) until the first move records it.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from semwatch.config import ModelSettings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import MANIFEST, WEIGHTS, Manifest, read_manifest
+from semwatch.model.export import ONNX_FILE
 from semwatch.safefs import path_text, write_atomic
 
 ALIASES = "aliases.json"
@@ -174,7 +176,10 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
         try:
-            for name in (WEIGHTS, MANIFEST):
+            # The ONNX export travels with the weights when there is one (verified at load by its
+            # sha256 in the manifest, like the weights); a model without one runs in torch.
+            extra = [ONNX_FILE] if (model_dir / ONNX_FILE).is_file() else []
+            for name in (WEIGHTS, MANIFEST, *extra):
                 shutil.copyfile(model_dir / name, staging / name)
                 with open(staging / name, "rb") as fh:
                     os.fsync(fh.fileno())

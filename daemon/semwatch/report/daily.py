@@ -197,9 +197,7 @@ def load_day(settings: Settings, day: date, *, database: Path | None = None,
     (failing first), the 30 days' trend and the instrument. `database` replaces `[store] database`
     and `model_id` the configured model (the fleet report: another instrument's snapshot and its
     daemon's model)."""
-    path = database or settings.store.database
-    if not path.is_file():
-        raise UserError(f"no database at {path} (has the daemon run?)", ExitStatus.INPUT_FAILED)
+    path = database or settings.store.database  # missing, older or newer: open_readonly says so
     zone = ZoneInfo(settings.report.timezone)
     conn = open_readonly(path, busy_timeout_ms=settings.store.busy_timeout_ms)  # ReadRefused: one line
     start, end = day_bounds(day, zone)
