@@ -31,7 +31,11 @@ from test_daemon import Daemon, copy_image
 pytestmark = pytest.mark.slow
 
 NCM_COMPOSITIONS = ("333", "523", "622", "811")
-LEFT_OUT = "523"  # the composition the first model never sees (any of NCM_COMPOSITIONS)
+# The composition the first model never sees. Nothing else here (nor in the product) names it. Runs
+# here (2026-12-04): 523 and 333 pass; 622 does not at this size: the tiny champion named 3 of 6
+# (5 of 6 with 20 images per class) 622 images "523" at confidence 1.0 below the novelty threshold
+# (pristine 523 and 622 were imaged in one session, same brightness/contrast; see the data README).
+LEFT_OUT = "523"
 # One state per composition (the pristine one, the largest class of each), so that leaving out a
 # composition leaves out all of its classes and each known class gets more images than 12 classes
 # of 2 would: with 10 classes of 2 images the tiny challenger was unsure of everything (2026-12-04).
@@ -41,6 +45,7 @@ ARRIVING = 6  # images of the left-out composition that reach the export folder
 LABELLED = 4  # of those, labelled by the operator (the rest stay unlabelled)
 EVAL_NEW = 4  # further images of the left-out composition in the evaluation folder
 EVAL_KNOWN = 2  # evaluation images per known class
+FAMILIAR = 3  # images per known class that arrive too (the operator confirms those named right)
 # Few tiles per image keep it short; the head's epochs cost little (the backbone is frozen, its
 # features computed once), and a head trained to the end (no early stop) is sure enough of what it
 # learnt. No held-out test split: with 4 labelled images of the new class, the default 15 % test and
@@ -121,10 +126,11 @@ def test_a_left_out_composition_is_learnt_from_labels_promoted_live_and_rolled_b
     images = {c: sorted((ncm_dir / c).glob("*.jpg")) for c in [*known, new_class]}
     new = images[new_class]
     assert len(new) >= ARRIVING + EVAL_NEW
+    assert all(len(images[c]) >= PER_CLASS + EVAL_KNOWN + FAMILIAR for c in known)
     train_dir = link_folder(tmp_path / "train", {c: images[c][:PER_CLASS] for c in known})
     eval_folder = link_folder(tmp_path / "eval", {
         new_class: new[ARRIVING:ARRIVING + EVAL_NEW],
-        **{c: images[c][-1 - EVAL_KNOWN:-1] for c in known}})
+        **{c: images[c][-FAMILIAR - EVAL_KNOWN:-FAMILIAR] for c in known}})
 
     # The daemon's configuration; `semwatch train` reads the same file (tiny settings, the database
     # whose labels it learns from).
@@ -142,9 +148,10 @@ def test_a_left_out_composition_is_learnt_from_labels_promoted_live_and_rolled_b
         assert cli("models", "register", model_a, "--alias", "champion", *config).code == 0
         a = read_manifest(model_a).model_id
 
-        # The left-out composition and one image of each known class arrive at the running daemon.
+        # The left-out composition and a few images of each known class arrive at the running daemon.
         arriving = [copy_image(p, d.folder / "lotN" / p.name) for p in new[:ARRIVING]]
-        familiar = [copy_image(images[c][-1], d.folder / "lotK" / f"{c}.jpg") for c in known]
+        familiar = [copy_image(p, d.folder / "lotK" / c / p.name)
+                    for c in known for p in images[c][-FAMILIAR:]]
         d.start()
         d.wait_finished([*arriving, *familiar], timeout=600)
         before = current(d.database)
@@ -157,8 +164,8 @@ def test_a_left_out_composition_is_learnt_from_labels_promoted_live_and_rolled_b
         labelled = arriving[:LABELLED]
         done = cli("label", *labelled, "--class", new_class, "--by", "operator", *config)
         assert done.code == 0, done.err
-        right_known = [p for p in familiar
-                       if before[str(p)]["status"] == "ok" and before[str(p)]["predicted_class"] == p.stem]
+        right_known = [p for p in familiar if before[str(p)]["status"] == "ok"
+                       and before[str(p)]["predicted_class"] == p.parent.name]
         assert right_known, verdicts(before, familiar)  # something to confirm
         done = cli("label", *right_known, "--confirm", "--by", "operator", *config)
         assert done.code == 0, done.err
