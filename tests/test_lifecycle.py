@@ -18,6 +18,7 @@ import pytest
 
 from conftest import Cli
 from semwatch.config import load_settings
+from semwatch.errors import UserError
 from semwatch.lifecycle.gate import GateImage, ModelScore, decide, mcnemar_one_sided, unseen
 from semwatch.model.artifact import Manifest, load_artifact, read_manifest, save_artifact
 from semwatch.model.export import ONNX_FILE
@@ -161,6 +162,31 @@ def test_registry_adds_resolves_and_falls_back_to_path(tmp_path: Path, champion_
     assert live_model_dir(settings.model) == registry.model_dir(b)
     (registry.root / "aliases.json").write_text("{broken", encoding="utf-8")
     assert live_model_dir(settings.model, strict=False) == champion_model
+
+
+def test_registry_copies_the_onnx_export_checked(tmp_path: Path, tiny_model: Path) -> None:
+    """A registered model keeps its ONNX export: the daemon serving the registry's copy builds its
+    runtime from it (`semwatch train` writes one; without the copy the daemon refused to start).
+    An export that is not the one its manifest records is refused, and nothing is added."""
+    from semwatch.model.classify import Classifier
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    assert read_manifest(model).export.get("onnx"), "the tiny model has no export to copy"
+    registry = Registry(tmp_path / "registry")
+    model_id = registry.add(model)
+    copied = registry.model_dir(model_id)
+    assert (copied / "backbone.onnx").read_bytes() == (model / "backbone.onnx").read_bytes()
+    settings = load_settings(None, environ={},
+                             overrides={"model": {"device": "cpu", "runtime": "onnxruntime"}})
+    assert Classifier.load(copied, settings).runtime == "onnxruntime"
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_model, tampered)
+    (tampered / "backbone.onnx").write_bytes((tampered / "backbone.onnx").read_bytes() + b"\0")
+    with pytest.raises(UserError, match="not the export its manifest records"):
+        Registry(tmp_path / "registry2").add(tampered)
+    assert not list((tmp_path / "registry2").iterdir())
 
 
 # --- the gate at work: refusing a worse model, --force with its reason, rollback ------------------

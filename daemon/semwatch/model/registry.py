@@ -11,9 +11,10 @@ history of moves is in the database (`model_events`, written by `semwatch.lifecy
 carries the last move's `token`, so a move whose database record was lost (a kill between the
 rename and the commit) is recognised and recorded by the next move.
 
-A model is added by copying its files (weights, manifest, the ONNX export if any) into a temporary
-sub-folder, checking them (the manifest's checksums), then renaming the folder to the model id: a
-half-copied model is never visible.
+A model is added by copying its two files (and its ONNX export, `backbone.onnx`, when the manifest
+records one: the runtimes build from it) into a temporary sub-folder, checking them (the manifest's
+checksums, the export's sha256), then renaming the folder to the model id: a half-copied model is
+never visible.
 Without a registry, `[model] path` is the model, as before; with one but no champion yet, `path`
 is still the one served (`live_model_dir`) until the first move records it.
 """
@@ -32,7 +33,6 @@ from pathlib import Path
 from semwatch.config import ModelSettings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import MANIFEST, WEIGHTS, Manifest, read_manifest
-from semwatch.model.export import ONNX_FILE
 from semwatch.safefs import path_text, write_atomic
 
 ALIASES = "aliases.json"
@@ -176,10 +176,7 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
         try:
-            # The ONNX export travels with the weights when there is one (verified at load by its
-            # sha256 in the manifest, like the weights); a model without one runs in torch.
-            extra = [ONNX_FILE] if (model_dir / ONNX_FILE).is_file() else []
-            for name in (WEIGHTS, MANIFEST, *extra):
+            for name in (WEIGHTS, MANIFEST):
                 shutil.copyfile(model_dir / name, staging / name)
                 with open(staging / name, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -187,6 +184,7 @@ class Registry:
             weights = hashlib.sha256((staging / WEIGHTS).read_bytes()).hexdigest()
             if copied.model_id != model_id or weights != copied.weights_sha256:
                 raise UserError(f"{path_text(model_dir)}: the model changed while it was copied")
+            _copy_export(model_dir, staging, copied)
             staging.chmod(0o755)
             staging.replace(target)
             _fsync_folder(self.root)
@@ -196,6 +194,27 @@ class Registry:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return model_id
+
+
+def _copy_export(model_dir: Path, staging: Path, manifest: Manifest) -> None:
+    """The manifest's ONNX export beside the weights, checked: a registry model whose manifest names
+    an export it lacks is refused by every runtime (`auto` included) when the daemon loads it. A
+    model folder that lacks it already is copied as it is."""
+    onnx = manifest.export.get("onnx")
+    if not isinstance(onnx, dict):
+        return
+    name, expected = str(onnx.get("file", "")), str(onnx.get("sha256", ""))
+    if not name or Path(name).name != name:
+        raise UserError(f"{path_text(model_dir)}: the manifest's export names {name!r}, not a file beside it")
+    try:
+        shutil.copyfile(model_dir / name, staging / name)
+    except FileNotFoundError:
+        return  # the folder lacks it already: its load says how to make it (`semwatch models export`)
+    with open(staging / name, "rb") as fh:
+        os.fsync(fh.fileno())
+    if hashlib.sha256((staging / name).read_bytes()).hexdigest() != expected:
+        raise UserError(f"{path_text(model_dir)}: {name} is not the export its manifest records "
+                        f"(make it again with `semwatch models export {path_text(model_dir)}`)")
 
 
 def registry_of(model: ModelSettings) -> Registry | None:
