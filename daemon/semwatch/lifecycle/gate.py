@@ -28,11 +28,11 @@ import numpy as np
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import Manifest
+from semwatch.model.evaluate import expected_calibration_error  # the same binning as `evaluate`
 from semwatch.safefs import path_text
 
 Decision = Literal["better", "not significantly worse", "worse"]
 FOREIGN = "foreign"  # the truth of an image an operator marked foreign: not a class to know
-ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ class ModelScore:
             "n": n,
             "accuracy": _round(np.mean(self.right)) if n else 0.0,
             "unknown_rate": _round(self.status.count("unknown") / n) if n else 0.0,
-            "ece": _round(calibration_error(np.array(self.confidence), np.array(self.closed_right, float))),
+            "ece": _round(expected_calibration_error(np.array(self.confidence),
+                                                     np.array(self.closed_right, float))),
             "per_class": per_class,
         }
 
@@ -94,20 +95,6 @@ def mcnemar_one_sided(wins: int, losses: int) -> float:
     if n == 0 or losses == 0:
         return 1.0
     return min(1.0, sum(math.comb(n, k) for k in range(losses, n + 1)) / 2.0**n)
-
-
-def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error (the same binning as `semwatch evaluate`)."""
-    if not len(confidence):
-        return 0.0
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = idx == b
-        if mask.any():
-            ece += mask.mean() * abs(float(correct[mask].mean()) - float(confidence[mask].mean()))
-    return float(ece)
 
 
 def folder_images(folder: Path, settings: Settings) -> list[GateImage]:
