@@ -29,6 +29,7 @@ from pathlib import Path
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
+from semwatch.reading.listing import confinement_root
 from semwatch.reading.sidecar import sidecar_path
 from semwatch.safefs import Confinement, RefusedFile, path_from_text, path_text, read_bounded, write_atomic
 from semwatch.store import labels as lab
@@ -59,13 +60,6 @@ class LabelledSet:
     def counts(self) -> dict[str, int]:
         return {"labelled_images": len(self.images), "foreign": self.foreign, "gone": self.gone,
                 "changed": self.changed, "refused": self.refused, "in_folder": self.in_folder}
-
-
-def root_of(path: str, watch_folder: Path) -> Path:
-    """Where a recorded file's reads are confined: the watch folder for its files, else the file's
-    own folder (the rule of `reprocess.run._root_of`, which reads rows again the same way)."""
-    folder, file = watch_folder.absolute(), Path(path).absolute()
-    return folder if file.is_relative_to(folder) else file.parent
 
 
 def collect_labelled(conn: sqlite3.Connection, settings: Settings, staging: Path) -> LabelledSet:
@@ -99,7 +93,8 @@ def _stage(conn: sqlite3.Connection, sha256: str, settings: Settings, staging: P
     why = "gone"
     for row in lab.rows_with_content(conn, sha256):
         name = path_from_text(row.path)
-        confine = Confinement(root_of(name, settings.watch.folder), settings.watch.follow_symlinks)
+        confine = Confinement(Path(confinement_root(name, settings.watch.folder)),
+                              settings.watch.follow_symlinks)
         try:
             data = read_bounded(name, limit, confine=confine)
         except FileNotFoundError:
