@@ -197,8 +197,8 @@ class Registry:
 
 
 def _copy_export(model_dir: Path, staging: Path, manifest: Manifest) -> None:
-    """The manifest's ONNX export beside the weights, checked: a registry model whose manifest names
-    an export it lacks is refused by every runtime (`auto` included) when the daemon loads it. A
+    """The manifest's ONNX export beside the weights, checked: without it the registry's copy would
+    fall back to torch (or be refused where `[model] runtime` names ONNX Runtime or OpenVINO). A
     model folder that lacks it already is copied as it is."""
     onnx = manifest.export.get("onnx")
     if not isinstance(onnx, dict):
