@@ -9,6 +9,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+# The instruction sets that set the network's speed on a CPU (the weakest machine has only AVX2).
+SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"}
+
 
 def describe() -> dict[str, Any]:
     """CPU model name, cores, whether it does bfloat16 natively, the GPU (or None), torch."""
@@ -17,15 +20,18 @@ def describe() -> dict[str, Any]:
     from semwatch.model.runtime import native_bfloat16
 
     name = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and name in (platform.processor(), platform.machine()):
                 name = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": name, "cores": os.cpu_count(), "cpu_bfloat16": native_bfloat16(), "gpu": gpu,
+            "cpu_flags": sorted(flags & SPEED_FLAGS), "load_average": list(os.getloadavg()),
             "torch": torch.__version__}
 
 
@@ -33,4 +39,5 @@ def summary() -> str:
     """`describe` in one line, e.g. "AMD EPYC, 2 cores, native bfloat16"."""
     d = describe()
     bf16 = "native bfloat16" if d["cpu_bfloat16"] else "no native bfloat16"
-    return f"{d['cpu']}, {d['cores']} cores, {bf16}" + (f", GPU {d['gpu']}" if d["gpu"] else "")
+    flags = "/".join(d["cpu_flags"]) or "flags unknown"
+    return f"{d['cpu']}, {d['cores']} cores, {flags}, {bf16}" + (f", GPU {d['gpu']}" if d["gpu"] else "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -92,6 +93,7 @@ def main() -> int:
     from semwatch.values import parse_class
 
     rng = random.Random(args.seed)
+    load_at_start = list(os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="lifecycle-bench-"))
     train_dir, eval_dir, incoming = work / "train", work / "eval", work / "incoming"
     arriving: dict[Path, str] = {}
@@ -112,7 +114,9 @@ def main() -> int:
             cut = round(len(images) * 0.8)
             link(train_dir, folder.name, images[:cut])
             link(eval_dir, folder.name, images[cut:])
-    labelled = {p: c for i, (p, c) in enumerate(sorted(arriving.items())) if (i % 100) < args.labels * 100}
+    # Every image whose running share crosses a whole number is labelled: the share, spread evenly.
+    labelled = {p: c for i, (p, c) in enumerate(sorted(arriving.items()))
+                if int((i + 1) * args.labels) > int(i * args.labels)}
     unlabelled = {p: c for p, c in arriving.items() if p not in labelled}
     incoming_live = work / "watch"
     incoming_live.mkdir()
@@ -182,14 +186,14 @@ def main() -> int:
                             cwd=REPO).stdout.strip()
     result = {"bench": "lifecycle", "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": describe(), "machine_summary": summary(),
-              "note": "2-core machine shared with other engineers' work during the run: timings are noisy",
+              "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
               "left_out": args.left_out, "labelled_share": args.labels, "seed": args.seed,
               "arriving": len(arriving), "labelled": len(labelled), "timings": timings,
               "before": before, "after": after,
               "gate": {k: compared.get(k) for k in ("decision", "champion", "challenger")}, "work": str(work)}
     args.out.mkdir(parents=True, exist_ok=True)
     device = "gpu" if result["machine"]["gpu"] else "cpu"
-    path = args.out / f"{datetime.now(UTC).date()}-lifecycle-{device}.json"
+    path = args.out / f"{datetime.now(UTC).date()}-lifecycle-{args.left_out}-{device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"timings": timings, "before": before["all"], "after": after["all"]}))
     print(path)

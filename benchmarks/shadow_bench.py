@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sqlite3
 import statistics
@@ -175,7 +176,7 @@ def main() -> int:
                             cwd=REPO).stdout.strip()
     result = {"bench": "shadow", "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": describe(), "machine_summary": summary(),
-              "note": "2-core machine shared with other engineers' work during the run: figures are noisy",
+              "load_average_end": list(os.getloadavg()),
               "images_per_round": args.images, "rounds": rounds,
               "live_images_per_s_median": {"no_shadow": plain, "shadow": shadow},
               "live_throughput_ratio": round(shadow / plain, 3)}

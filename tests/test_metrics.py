@@ -180,3 +180,29 @@ def test_network_dropins(name: str, tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(_merged(DROPINS / name, tmp_path))],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def test_the_model_metrics_follow_a_switched_model(tmp_path: Path) -> None:
+    """After a promotion the daemon serves another model: `semwatch_model` names it and the outdated
+    count is taken against it (not the model the daemon started with)."""
+    from semwatch.service.metrics import start_metrics
+
+    rows: list[dict[str, object]] = [{"model_id": "old"}, {"model_id": "old", "path": "/export/s1/b.tif"},
+                                     {"model_id": "new", "path": "/export/s1/c.tif"}]
+    make_database(tmp_path / "semwatch.db", now=datetime.now(UTC), images=rows)
+    port = free_port()
+    settings = load_settings(None, environ={}, overrides={
+        "metrics": {"listen": f"127.0.0.1:{port}"}, "store": {"database": str(tmp_path / "semwatch.db")}})
+    metrics = start_metrics(settings, model_id="old", device="cpu", depths=lambda: {})
+    assert metrics is not None
+    try:
+        before = scrape(port)
+        assert value(before, "semwatch_model_info", model_id="old", device="cpu", site="") == 1
+        assert value(before, "semwatch_outdated_results") == 1
+        metrics.switched("new")
+        after = scrape(port)
+        assert value(after, "semwatch_model_info", model_id="new", device="cpu", site="") == 1
+        assert ("semwatch_model_info", (("device", "cpu"), ("model_id", "old"), ("site", ""))) not in after
+        assert value(after, "semwatch_outdated_results") == 2
+    finally:
+        metrics.stop()

@@ -186,6 +186,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
                             ExitStatus.USAGE)
         return m.models_promote(settings, args.model, force=args.force, reason=args.reason, by=args.by,
                                 folder=args.folder, out=out)
+    if action == "retrain":
+        from semwatch.lifecycle.retrain import retrain
+
+        return retrain(settings, min_labels=args.min_labels, promote=True if args.promote_if_better else None,
+                       by=args.by, epochs=args.epochs, max_images_per_class=args.max_images_per_class,
+                       out=out)
     return m.models_rollback(settings, reason=args.reason, by=args.by, out=out)
 
 
@@ -394,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_label)
 
     p = sub.add_parser("models", help="the model registry: list, show, register, compare, promote, "
-                       "rollback; export")
+                       "rollback, retrain; export")
     _common(p)
     msub = p.add_subparsers(dest="models_action", metavar="ACTION")
     msub.required = True
@@ -427,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("rollback", help="make the previous champion champion again")
     q.add_argument("--reason", metavar="TEXT", help="why (recorded)")
     q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    _after_action(q)
+    q = msub.add_parser("retrain", help="train a challenger from the labels when enough are new, gate it, "
+                        "register it (the daemon's nightly step when [lifecycle] retrain_after_labels > 0)")
+    q.add_argument("--min-labels", type=_count, metavar="N",
+                   help="new labels needed (default: [lifecycle] retrain_after_labels, at least 1)")
+    q.add_argument("--promote-if-better", action="store_true",
+                   help="promote it when the gate says better (default: [lifecycle] auto_promote)")
+    q.add_argument("--by", metavar="NAME", help="who (default: the login name)")
+    q.add_argument("--epochs", type=_count, help="override [train] epochs")
+    q.add_argument("--max-images-per-class", type=_count, metavar="N", help="subsample (for a quick check)")
     _after_action(q)
     q = msub.add_parser("export", help="add the ONNX export (faster runtimes) to an existing model")
     q.add_argument("model_dir", type=Path, metavar="MODEL_DIR")

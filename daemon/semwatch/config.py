@@ -244,11 +244,19 @@ class LifecycleSettings:
     eval_folder: Path | None = None  # the lab's frozen evaluation folder (class folders); None = none
     alpha: float = 0.05
     min_class_images: int = 10
+    # Automation, off by default (semwatch.lifecycle.retrain): a challenger trained after this many
+    # new labels, at the nightly report time; 0 = never by itself.
+    retrain_after_labels: int = 0
+    auto_promote: bool = False  # promote such a challenger when the gate says "better"
+    train_folder: Path | None = None  # class folders trained beside the labels; None = the champion's
+    retrain_timeout_minutes: float = 180.0
 
     def validate(self) -> None:
         if not 0.0 < self.alpha < 0.5:
             raise ConfigError(f"[lifecycle] alpha must be between 0 and 0.5, got {self.alpha}")
         _positive("[lifecycle] min_class_images", self.min_class_images)
+        _non_negative("[lifecycle] retrain_after_labels", self.retrain_after_labels)
+        _positive("[lifecycle] retrain_timeout_minutes", self.retrain_timeout_minutes)
 
 
 @dataclass(frozen=True)
@@ -331,7 +339,8 @@ class LoggingSettings:
         _positive("[logging] summary_seconds", self.summary_seconds)
 
 
-NotifyEvent = Literal["sample_fail", "sample_uncertain", "daemon_degraded", "unknown_spike", "report_ready"]
+NotifyEvent = Literal["sample_fail", "sample_uncertain", "daemon_degraded", "unknown_spike", "report_ready",
+                      "challenger_ready", "model_promoted"]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
@@ -35,6 +36,9 @@ from semwatch.safefs import Confinement, RefusedFile, path_from_text, path_text,
 from semwatch.store import labels as lab
 from semwatch.store.access import open_readonly
 from semwatch.values import ClassInfo, parse_class
+
+if TYPE_CHECKING:  # torch is imported only when a model is trained
+    from semwatch.model.train import TrainResult
 
 SIDECAR_MAX_BYTES = 1024 * 1024
 LEDGER_PREFIX = "ledger/"  # the `rel` of a labelled image: "ledger/<sha256><suffix>"
@@ -132,10 +136,20 @@ def merge_classes(folder_classes: list[ClassInfo], label_classes: list[str]) -> 
     return out
 
 
-def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Path, epochs: int | None,
-                      max_images_per_class: int | None, split_out: Path | None, out: Output) -> int:
-    """`semwatch train [DATA_DIR] --labels --out MODEL_DIR`: the ledger's labelled images (and the
-    folder's, when given) → a model. Skipped labels are counted on stderr (and in `--json`)."""
+@dataclass
+class LabelTraining:
+    """A model trained from labels: the trainer's result, what the ledger gave, images per class."""
+
+    result: TrainResult
+    found: LabelledSet
+    per_class: Counter[str]
+    folder_images: int
+
+
+def train_from_labels(settings: Settings, *, data_dir: Path | None, out_dir: Path, epochs: int | None,
+                      max_images_per_class: int | None, out: Output) -> LabelTraining:
+    """The ledger's labelled images (and the folder's, when given) → a model in `out_dir`. Skipped
+    labels are counted on `out`'s stderr."""
     from semwatch.model.train import LabelledImage, content_hashes, discover, train_images
 
     database = settings.store.database
@@ -181,18 +195,28 @@ def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Pat
         result = train_images(classes, images, out_dir, settings, source=source, data_dir=data_dir,
                               max_images_per_class=max_images_per_class, epochs=epochs, progress=True,
                               out=out)
+    per_class = Counter(classes[im.label].name for im in images)
+    return LabelTraining(result, found, per_class, len(folder_images))
+
+
+def train_with_labels(settings: Settings, *, data_dir: Path | None, out_dir: Path, epochs: int | None,
+                      max_images_per_class: int | None, split_out: Path | None, out: Output) -> int:
+    """`semwatch train [DATA_DIR] --labels --out MODEL_DIR`: `train_from_labels`, reported (one JSON
+    object with `--json`); images that could not be read are named on stderr (exit 1)."""
+    trained = train_from_labels(settings, data_dir=data_dir, out_dir=out_dir, epochs=epochs,
+                                max_images_per_class=max_images_per_class, out=out)
+    result, found = trained.result, trained.found
     if split_out is not None:
         split = {k: list(v) for k, v in result.manifest.split.items()}
         write_atomic(split_out, (json.dumps(split, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    per_class = Counter(classes[im.label].name for im in images)
     if out.json:
-        out.emit({**result.to_json(), "labels": found.counts(), "images_per_class": dict(per_class)})
+        out.emit({**result.to_json(), "labels": found.counts(), "images_per_class": dict(trained.per_class)})
     else:
         v = result.validation
         out.line(f"model {result.model_id} written to {path_text(result.model_dir)} in "
                  f"{result.wall_s:.0f} s: {len(result.classes)} classes, {len(found.images)} labelled "
                  "image(s) from the ledger"
-                 f"{f' + {len(folder_images)} from the folder' if data_dir is not None else ''}; "
+                 f"{f' + {trained.folder_images} from the folder' if data_dir is not None else ''}; "
                  f"{result.n_train}/{result.n_val}/{result.n_test} train/val/test; validation image "
                  f"accuracy {v.get('image_accuracy', 'n/a')}")
     for line in result.skipped:

@@ -53,6 +53,7 @@ from semwatch.service.metrics import Metrics, queue_depths, start_metrics
 from semwatch.service.modelswap import ModelWatch
 from semwatch.service.notify import Alerts, start_alerts
 from semwatch.service.pipeline import Pipeline
+from semwatch.service.retrainjob import NightlyRetrain
 from semwatch.service.scheduler import ReportScheduler
 from semwatch.service.sdnotify import Notifier
 from semwatch.service.watcher import Watcher, resolve_mode
@@ -269,8 +270,19 @@ class Service:
                                   page=max(2, 2 * self.settings.watch.reader_threads))
                 catchup.start()
 
+        def switched(model_id: str) -> None:
+            start_catchup(model_id)
+            if self.metrics is not None:
+                self.metrics.switched(model_id)
+            if self.alerts is not None:
+                self.alerts.model_moved("champion", model_id)
+
+        def challenger(model_id: str | None) -> None:
+            if self.alerts is not None and model_id is not None:
+                self.alerts.model_moved("challenger", model_id)
+
         start_catchup(pipeline.classifier.model_id)
-        models = ModelWatch(self.settings, pipeline, writer, on_switch=start_catchup)
+        models = ModelWatch(self.settings, pipeline, writer, on_switch=switched, on_challenger=challenger)
         models.hup = self.signals.hup
         models.start()
         while not self.signals.stop.wait(STATUS_SECONDS):
@@ -350,9 +362,11 @@ class Service:
         factories: list[tuple[ViewFactory, str]] = []
         if self.view is not None:
             factories.append((self.view, "live view failed to start: %s; plain log lines"))
-        if self.settings.report.enabled:
-            scheduler: ViewFactory = ReportScheduler if self.alerts is None else functools.partial(
-                ReportScheduler, on_written=self.alerts.report_ready)
+        retraining = self.settings.lifecycle.retrain_after_labels > 0
+        if self.settings.report.enabled or retraining:
+            scheduler: ViewFactory = functools.partial(
+                ReportScheduler, on_written=self.alerts.report_ready if self.alerts is not None else None,
+                after_nightly=NightlyRetrain(self.settings) if retraining else None)
             factories.append((scheduler, "report scheduler failed to start: %s"))
         if self.settings.fleet.export_folder is not None:  # snapshots for `semwatch fleet`
             factories.append((SnapshotScheduler, "snapshot scheduler failed to start: %s"))

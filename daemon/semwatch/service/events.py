@@ -25,6 +25,7 @@ from semwatch.config import NotifySettings
 from semwatch.liveness import Stuck
 from semwatch.safefs import printable, text_safe
 from semwatch.service.folderprobe import FolderState
+from semwatch.store.model_events import ModelEvent
 
 MAX_PATHS = 5  # image paths named in a sample message; the rest are counted
 DIGEST_OVER = 10  # more sample events than this in one poll round become one digest message
@@ -100,6 +101,29 @@ def digest_event(events: Sequence[Event]) -> Event:
 def report_event(day: str, path: Path) -> Event:
     return Event("report_ready", f"report_ready:{day}", f"semwatch: report for {day} is ready",
                  f"The report for {day} was written: {_clean(path)}")
+
+
+def model_event(alias: str, model_id: str, move: ModelEvent | None) -> Event:
+    """`challenger_ready` / `model_promoted`: the alias move the daemon saw, with who made it, why,
+    and the gate's decision where the move's evidence has one (`semwatch models show` has it all)."""
+    evidence = (move.evidence or {}) if move is not None else {}
+    gate = evidence.get("gate", evidence)
+    decision = gate.get("decision") if isinstance(gate, dict) else None
+    lines = [f"model: {_clean(model_id)}"]
+    if move is not None:
+        lines.append(f"{_clean(move.action)} by {_clean(move.by)} at {_clean(move.at)}"
+                     + (f", was {_clean(move.previous_model_id)}" if move.previous_model_id else ""))
+        if move.reason:
+            lines.append(f"reason: {_clean(move.reason)}")
+    if decision:
+        lines.append(f"gate: {_clean(decision)}")
+    lines.append(f"details: semwatch models show {_clean(model_id)}")
+    if alias == "champion":
+        return Event("model_promoted", f"model_promoted:{model_id}:{move.id if move else ''}",
+                     f"semwatch: now serving model {_clean(model_id)[:12]}", "\n".join(lines))
+    return Event("challenger_ready", f"challenger_ready:{model_id}",
+                 f"semwatch: challenger {_clean(model_id)[:12]} ready"
+                 + (f" (gate: {_clean(decision)})" if decision else ""), "\n".join(lines))
 
 
 class SamplePoller:

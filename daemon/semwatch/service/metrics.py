@@ -78,6 +78,12 @@ class _DatabaseCollector:
         self._heartbeat = 0.0
         self._outdated = 0
 
+    def follow(self, model_id: str) -> None:
+        """Count outdated results against `model_id` from the next scrape on."""
+        with self._lock:
+            self.model_id = model_id
+            self._read_at = -CACHE_SECONDS
+
     def _refresh(self) -> None:
         with self._lock:
             if time.monotonic() - self._read_at < CACHE_SECONDS:
@@ -168,9 +174,11 @@ class Metrics:
                                       buckets=BATCH_IMAGE_BUCKETS, registry=self.inner)
         self.batch_tiles = Histogram("semwatch_inference_batch_tiles", "Tiles per inference batch",
                                      buckets=BATCH_TILE_BUCKETS, registry=self.inner)
-        Info("semwatch_model", "The daemon's model and device", registry=self.inner).info(
-            {"model_id": model_id, "device": device, "site": settings.instrument.site})
-        self.inner.register(_DatabaseCollector(settings.store.database, model_id, depths))
+        self.device = device
+        self.model = Info("semwatch_model", "The daemon's model and device", registry=self.inner)
+        self.model.info({"model_id": model_id, "device": device, "site": settings.instrument.site})
+        self.database = _DatabaseCollector(settings.store.database, model_id, depths)
+        self.inner.register(self.database)
         if folder is not None:
             Gauge("semwatch_watch_folder_reachable", "1 while the watch folder answers a stat within "
                   "the limit, 0 while it does not (a frozen share) or is gone",
@@ -191,6 +199,11 @@ class Metrics:
         self.batch_images.observe(images)
         self.batch_tiles.observe(tiles)
         self.tiles.inc(tiles)
+
+    def switched(self, model_id: str) -> None:
+        """The daemon serves another model now: the info metric and the outdated count follow it."""
+        self.model.info({"model_id": model_id, "device": self.device, "site": self.settings.instrument.site})
+        self.database.follow(model_id)
 
     # --- the HTTP server ---------------------------------------------------------------------
 

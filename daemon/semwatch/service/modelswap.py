@@ -43,12 +43,15 @@ def load_classifier(settings: Settings, model_dir: object) -> Classifier:
 
 class ModelWatch:
     def __init__(self, settings: Settings, pipeline: Pipeline, writer: Writer, *,
-                 on_switch: Callable[[str], None] | None = None) -> None:
+                 on_switch: Callable[[str], None] | None = None,
+                 on_challenger: Callable[[str | None], None] | None = None) -> None:
         self.settings = settings
         self.registry: Registry | None = registry_of(settings.model)
         self.pipeline = pipeline
         self.writer = writer
-        self.on_switch = on_switch
+        self.on_switch = on_switch  # a new champion served (the daemon's catch-up, metrics, alerts)
+        self.on_challenger = on_challenger  # the challenger alias moved (alerts)
+        self.challenger: str | None = None
         self.hup = threading.Event()
         # Unknown at first: the first check compares the champion with the model loaded at start
         # (the aliases may have moved while it loaded).
@@ -57,8 +60,15 @@ class ModelWatch:
         self.switches = 0
 
     def start(self) -> None:
-        """Load the shadow model, if one is configured."""
+        """Load the shadow model, if one is configured; note the challenger (not news at start)."""
+        self.challenger = self._challenger()
         self._follow_shadow()
+
+    def _challenger(self) -> str | None:
+        try:
+            return self.registry.read_aliases().challenger if self.registry is not None else None
+        except UserError:
+            return self.challenger  # an unreadable file is logged by the champion's check
 
     def check(self) -> None:
         """About once a second, from the status loop."""
@@ -74,6 +84,11 @@ class ModelWatch:
         self.signature = signature
         self._follow_champion()
         self._follow_shadow()
+        challenger = self._challenger()
+        if challenger != self.challenger:
+            self.challenger = challenger
+            if self.on_challenger is not None:
+                self.on_challenger(challenger)
 
     def _follow_champion(self) -> None:
         try:

@@ -25,6 +25,7 @@ import json
 import logging
 import queue
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,9 +45,11 @@ from semwatch.service.events import (
     SamplePoller,
     digest_event,
     for_instrument,
+    model_event,
     report_event,
 )
 from semwatch.store import db
+from semwatch.store.model_events import ModelEvent, last_move_to
 from semwatch.urls import mask_url
 
 if TYPE_CHECKING:
@@ -208,6 +211,22 @@ class Alerts:
     def report_ready(self, day: date, path: Path) -> None:
         """From the report scheduler, once a report folder is written."""
         self.put(report_event(day.isoformat(), path))
+
+    def model_moved(self, alias: str, model_id: str) -> None:
+        """From the daemon's registry watch: `alias` now names `model_id` (the move as recorded)."""
+        self.put(model_event(alias, model_id, self._last_move(alias, model_id)))
+
+    def _last_move(self, alias: str, model_id: str) -> ModelEvent | None:
+        try:
+            conn = db.connect(self.settings.store.database, readonly=True)
+        except sqlite3.Error:
+            return None
+        try:
+            return last_move_to(conn, alias, model_id)
+        except sqlite3.Error:  # the record is extra: the alert goes without it
+            return None
+        finally:
+            conn.close()
 
     # --- lifecycle ---------------------------------------------------------------------------
 

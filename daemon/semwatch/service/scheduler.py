@@ -1,4 +1,5 @@
-"""Nightly reports inside the daemon: apscheduler 3.x cron job plus catch-up of missed nights.
+"""Nightly reports inside the daemon: apscheduler 3.x cron job plus catch-up of missed nights; the
+automatic retraining (`after_nightly`, `service.retrainjob`) runs after the night's report.
 
 apscheduler 3.x keeps jobs in memory, so a night missed while the daemon was down is simply lost
 to it; at start-up we work out ourselves which reports are due and missing. A report is due once
@@ -25,7 +26,7 @@ import time as clock_time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from semwatch.config import Settings
@@ -33,6 +34,14 @@ from semwatch.report.daily import ReportPaths, day_has_images, report_folder, wr
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
+
+
+class NightlyJob(Protocol):
+    """Work after the nightly report (`service.retrainjob.NightlyRetrain`)."""
+
+    def __call__(self) -> None: ...
+
+    def cancel(self) -> None: ...
 
 log = logging.getLogger("semwatch.scheduler")
 
@@ -44,9 +53,12 @@ class ReportScheduler:
 
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None,
                  stop_timeout: float | None = None,
-                 on_written: Callable[[date, Path], None] | None = None) -> None:
+                 on_written: Callable[[date, Path], None] | None = None,
+                 after_nightly: NightlyJob | None = None) -> None:
         self.settings = settings
         self.on_written = on_written  # told of each report written (the daemon's alerts)
+        self.reports = settings.report.enabled  # False: only `after_nightly` runs at the report time
+        self.after_nightly = after_nightly
         self.zone = ZoneInfo(settings.report.timezone)
         hour, minute = (int(p) for p in settings.report.time.split(":"))
         self.at = time(hour, minute)
@@ -79,7 +91,7 @@ class ReportScheduler:
         """Days whose report time passed within `catch_up_days`, with images but no report folder."""
         now = now or self.clock()
         days = self.settings.report.catch_up_days
-        if days == 0:
+        if days == 0 or not self.reports:
             return []
         newest = self.report_day(now) + timedelta(days=1)
         missed = []
@@ -108,8 +120,15 @@ class ReportScheduler:
         return written
 
     def nightly(self) -> ReportPaths | None:
-        """The scheduled job: the report for the day that has just ended (or is ending)."""
-        return self._write(self.report_day(self.clock()))
+        """The scheduled job: the report for the day that has just ended (or is ending), then the
+        automatic retraining (when configured), in this order: the report shows the day as served."""
+        paths = self._write(self.report_day(self.clock())) if self.reports else None
+        if self.after_nightly is not None and not self._stopping.is_set():
+            try:
+                self.after_nightly()
+            except Exception as exc:  # it must never take the scheduler down
+                log.error("after the nightly report: %s", exc)
+        return paths
 
     def _write(self, day: date) -> ReportPaths | None:
         with self._lock:
@@ -171,9 +190,12 @@ class ReportScheduler:
         scheduler.start()
         self._scheduler = scheduler
         job = scheduler.get_job(NIGHTLY_JOB)
-        log.info("nightly report at %s %s (next %s) into %s", self.settings.report.time,
-                 self.settings.report.timezone, job.next_run_time if job else "?",
-                 self.settings.report.folder)
+        log.info("nightly %s at %s %s (next %s)%s",
+                 " and ".join(n for n, on in (("report", self.reports),
+                                              ("retraining", self.after_nightly is not None)) if on),
+                 self.settings.report.time, self.settings.report.timezone,
+                 job.next_run_time if job else "?",
+                 f" into {self.settings.report.folder}" if self.reports else "")
 
     def next_run(self) -> datetime | None:
         job = self._scheduler.get_job(NIGHTLY_JOB) if self._scheduler is not None else None
@@ -187,6 +209,8 @@ class ReportScheduler:
         with the process: its folder is built under a temporary name, so no half report appears,
         and the next start's catch-up writes the day again."""
         self._stopping.set()
+        if self.after_nightly is not None:
+            self.after_nightly.cancel()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)  # its jobs only enqueue: returns at once
             self._scheduler = None

@@ -58,11 +58,16 @@ def events(conn: sqlite3.Connection, *, model_id: str | None = None, limit: int 
     return [_event(r) for r in rows]
 
 
+def last_move_to(conn: sqlite3.Connection, alias: str, model_id: str) -> ModelEvent | None:
+    """The newest move that gave `model_id` the alias `alias`."""
+    row = conn.execute("SELECT * FROM model_events WHERE alias = ? AND model_id = ? "
+                       "ORDER BY id DESC LIMIT 1", (alias, model_id)).fetchone()
+    return _event(row) if row is not None else None
+
+
 def last_champion_move_to(conn: sqlite3.Connection, model_id: str) -> ModelEvent | None:
     """The newest move that made `model_id` champion (a rollback undoes it)."""
-    row = conn.execute("SELECT * FROM model_events WHERE alias = 'champion' AND model_id = ? "
-                       "ORDER BY id DESC LIMIT 1", (model_id,)).fetchone()
-    return _event(row) if row is not None else None
+    return last_move_to(conn, "champion", model_id)
 
 
 def champion_at(conn: sqlite3.Connection, when: str) -> str | None:
