@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -491,13 +492,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="another seed draws other images of every family (a check on tuning to a draw)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--unknown-threshold", type=float, default=None,
+                        help="[model] unknown_threshold (default: the model's own, from its manifest)")
     args = parser.parse_args(argv)
+    overrides: dict[str, dict[str, object]] = {}
+    if args.unknown_threshold is not None:
+        overrides["model"] = {"unknown_threshold": args.unknown_threshold}
     with tempfile.TemporaryDirectory(prefix="semwatch-ood-") as tmp:
         items = generate(Path(tmp), held_out(args.model), seed=args.seed, per_family=args.per_family)
-        table, model_id, wall = run(args.model, items, device=args.device)
+        table, model_id, wall = run(args.model, items, overrides, device=args.device)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     record = {"label": args.label, "model_id": model_id, "seed": args.seed,
-              "machine": host.summary(),
+              "unknown_threshold": args.unknown_threshold,
+              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=ROOT).stdout.strip(),
+              "machine": host.summary(), "machine_detail": host.describe(),
               "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "classify_wall_s": round(wall, 1), "families": table}
     args.results.mkdir(parents=True, exist_ok=True)
