@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from semwatch.config import load_settings
+from semwatch.errors import ConfigError
 from semwatch.model.artifact import load_artifact, read_manifest, save_artifact
 from semwatch.model.classify import Classifier, outcomes
 from semwatch.model.runtimes import TorchRunner
@@ -225,3 +226,26 @@ def test_blockiness_limit_is_validated() -> None:
 
     with pytest.raises(ConfigError, match="blockiness_max"):
         load_settings(None, environ={}, overrides={"quality": {"blockiness_max": 0.9}})
+
+
+def test_the_robust_threshold_is_set_by_the_bulk_not_the_odd_few() -> None:
+    """The validation scores of the full model (2026-12-04): a bulk around 1.3 and a few odd images
+    of known classes at 12-21. The robust rule puts the threshold above the bulk and below the odd
+    ones (and a left-out composition's cycled images at 11-14); the old quantile rule sat on them."""
+    from semwatch.model.train.detector import calibrate_threshold
+
+    rng = np.random.default_rng(0)
+    bulk = np.exp(rng.normal(np.log(1.3), 0.25, 100))
+    scores = np.concatenate([bulk, [13.5, 16.7, 19.4]])
+    robust = load_settings(None, environ={})
+    assert robust.train.unknown_calibration == "robust"
+    threshold = calibrate_threshold(scores, robust)
+    assert bulk.max() < threshold < 11.0
+    assert abs(calibrate_threshold(np.concatenate([bulk, [90.0] * 3]), robust) - threshold) < 0.05
+    old = load_settings(None, environ={}, overrides={"train": {"unknown_calibration": "quantile"}})
+    assert calibrate_threshold(scores, old) == pytest.approx(float(np.quantile(scores, 0.99)) * 1.2)
+    assert calibrate_threshold(scores, old) > 16.0
+    # Nearly equal scores (a tiny model's few validation images): not a threshold on top of them.
+    assert calibrate_threshold(np.full(12, 2.0), robust) == pytest.approx(2.0 * np.exp(0.6))
+    with pytest.raises(ConfigError, match="unknown_calibration"):
+        load_settings(None, environ={}, overrides={"train": {"unknown_calibration": "max"}})

@@ -210,7 +210,11 @@ class TrainSettings:
     tiles_per_image: int = 16
     class_map: dict[str, str] = field(default_factory=dict)
     labels: bool = False  # `semwatch train` also takes the ledger's labelled images (as --labels)
-    unknown_quantile: float = 0.95  # see config.toml: 0.99 lands on the odd 3 % of known images
+    # How the unknown threshold is calibrated on the validation images (model.train.detector):
+    # "robust" (median and MAD of their log novelty: the odd few do not move it) or "quantile".
+    unknown_calibration: Literal["robust", "quantile"] = "robust"
+    unknown_spread: float = 6.0  # robust: MADs above the median
+    unknown_quantile: float = 0.99  # quantile: this quantile times unknown_margin
     unknown_margin: float = 1.2
     # "frozen": a head on cached features; "finetune": then the whole backbone end to end; "auto":
     # fine-tune on CUDA, frozen on a CPU (two cores cannot fine-tune within the training budget).
@@ -223,6 +227,7 @@ class TrainSettings:
         _positive("[train] finetune_epochs", self.finetune_epochs)
         _positive("[train] finetune_learning_rate", self.finetune_learning_rate)
         _fraction("[train] unknown_quantile", self.unknown_quantile)
+        _positive("[train] unknown_spread", self.unknown_spread)
         if self.unknown_margin < 1.0:
             raise ConfigError(f"[train] unknown_margin must be >= 1, got {self.unknown_margin}")
         _fraction("[train] test_fraction", self.test_fraction)

@@ -40,7 +40,7 @@ from semwatch.model.train.data import (
     split_images,
     subsample,
 )
-from semwatch.model.train.detector import DETECTOR_STATISTIC, detector_record, fit_detector
+from semwatch.model.train.detector import calibration_record, detector_record, fit_detector
 from semwatch.model.train.features import Features, grid_features, training_features
 from semwatch.model.train.finetune import backbone_mode, finetune
 from semwatch.model.train.head import HEAD_HIDDEN, Fit, fit_head_and_novelty, train_head, validation_metrics
@@ -163,11 +163,7 @@ def describe_model(
         head_hidden=HEAD_HIDDEN,
         novelty_k=NOVELTY_K,
         unknown_threshold=round(fit.unknown_threshold, 5),
-        unknown_calibration={
-            "quantile": t.unknown_quantile,
-            "margin": t.unknown_margin,
-            "statistic": DETECTOR_STATISTIC,
-        },
+        unknown_calibration=calibration_record(settings),
         novelty=detector_record(),
         temperature=round(fit.temperature, 5),
         training={
@@ -339,13 +335,11 @@ def refit_novelty(model_dir: Path, data_dir: Path, out_dir: Path, settings: Sett
     threshold = fit_detector(net, fs.train, fs.val, len(classes), settings)
     validation = {**manifest.validation,
                   **validation_metrics(net, fs.val, threshold, settings.model.min_confidence)}
-    t = settings.train
     new = dataclasses.replace(
         manifest,
         name=out_dir.name,
         unknown_threshold=round(threshold, 5),
-        unknown_calibration={"quantile": t.unknown_quantile, "margin": t.unknown_margin,
-                             "statistic": DETECTOR_STATISTIC},
+        unknown_calibration=calibration_record(settings),
         novelty={**detector_record(), "fitted_on": "grid tiles of the training images (refit)",
                  "refit_of": manifest.model_id},
         validation=validation,
