@@ -29,7 +29,7 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import Manifest
 from semwatch.model.evaluate import expected_calibration_error  # the same binning as `evaluate`
-from semwatch.safefs import path_text
+from semwatch.safefs import UNCONFINED, Confinement, path_text
 
 Decision = Literal["better", "not significantly worse", "worse"]
 FOREIGN = "foreign"  # the truth of an image an operator marked foreign: not a class to know
@@ -149,7 +149,15 @@ def score(model_dir: Path, images: Sequence[GateImage], settings: Settings) -> M
 
     classifier = Classifier.load(model_dir, settings)
     result = ModelScore(classifier.model_id)
-    for im, o in zip(images, outcomes(classifier, [im.path for im in images]), strict=True):
+    # Ledger images come from the watch folder (untrusted): read confined to it, as the daemon reads
+    # them; the evaluation folder is the lab's own (configured).
+    watched = Confinement(Path(settings.watch.folder).absolute(), settings.watch.follow_symlinks)
+    ledger = {im.path for im in images if im.source == "labels"}
+
+    def confine(path: Path) -> Confinement:
+        return watched if path in ledger else UNCONFINED
+
+    for im, o in zip(images, outcomes(classifier, [im.path for im in images], confine=confine), strict=True):
         if isinstance(o.result, MicrographError):
             result.right.append(im.truth == FOREIGN)
             result.status.append("failed")

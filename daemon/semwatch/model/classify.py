@@ -378,15 +378,18 @@ def outcomes(
     workers: int | None = None,
     prefetch: int = 8,
     transform: Transform | None = None,
+    confine: Callable[[Path], Confinement] | None = None,
 ) -> Iterator[Outcome]:
     """Each image's verdict (or error) and tile outputs, in input order. Images are read and tiled
     on `workers` threads while the network runs; taken in order until their tiles fill a batch,
-    they go through `predict_images` together. `transform` alters each micrograph first."""
+    they go through `predict_images` together. `transform` alters each micrograph first; `confine`
+    says where each path may be read from (an untrusted one: the watch folder), unconfined if None."""
     settings = classifier.settings
     workers = workers or max(1, settings.watch.reader_threads)
 
     def prepare(path: Path) -> PreparedImage | MicrographError:
-        return read_and_prepare(classifier, path, transform=transform)
+        return read_and_prepare(classifier, path, transform=transform,
+                                confine=confine(path) if confine is not None else UNCONFINED)
 
     stream = prefetched(prepare, (Path(p) for p in paths), workers=workers, prefetch=prefetch)
     for group in batch_groups(stream, _tiles_of, classifier.batch_size):
