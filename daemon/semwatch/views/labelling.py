@@ -178,6 +178,7 @@ class LabelKeys(App[int]):
     settings: Settings
     conn: TrackedConnection | None
     review_stale: bool
+    label_in_flight: bool = False  # a label being written on a worker thread
 
     def labelling_target(self) -> int | None:
         raise NotImplementedError
@@ -206,7 +207,25 @@ class LabelKeys(App[int]):
         self.push_screen(ClassChooser(label_classes(self.conn), printable(about)), chosen)
 
     def _write_label(self, image_id: int, action: Action, class_name: str | None) -> None:
-        ok, message = try_write(self.settings, image_id, action, class_name)
+        """Write on a worker thread: the write waits for the database's write lock (a daemon's batch,
+        up to `[store] busy_timeout_ms`), and the screen must not freeze meanwhile. One at a time,
+        so labels land in the order the keys were pressed."""
+        if self.label_in_flight:
+            self.notify("still writing the last label: press the key again in a moment", severity="warning")
+            return
+        self.label_in_flight = True
+
+        def write() -> None:
+            try:
+                ok, message = try_write(self.settings, image_id, action, class_name)
+            except Exception as exc:  # e.g. a database error: said, and the keys work again
+                ok, message = False, printable(f"label not written: {exc}")
+            self.call_from_thread(self._label_written, ok, message)
+
+        self.run_worker(write, thread=True, group="labels", name="label", exit_on_error=False)
+
+    def _label_written(self, ok: bool, message: str) -> None:
+        self.label_in_flight = False
         self.notify(message, severity="information" if ok else "error", timeout=6)
         self.review_stale = True
         self.poll(force=True)
