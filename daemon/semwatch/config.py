@@ -210,6 +210,7 @@ class TrainSettings:
     tiles_per_image: int = 16
     class_map: dict[str, str] = field(default_factory=dict)
     labels: bool = False  # `semwatch train` also takes the ledger's labelled images (as --labels)
+    cache_features: bool = True  # backbone features kept by content (model.train.featurecache)
     # How the unknown threshold is calibrated on the validation images (model.train.detector):
     # "robust" (median and MAD of their log novelty: the odd few do not move it) or "quantile".
     unknown_calibration: Literal["robust", "quantile"] = "robust"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,6 +17,7 @@ from semwatch.config import Settings
 from semwatch.model.backbone import TileNet
 from semwatch.model.runtimes import Runner, TorchRunner
 from semwatch.model.train.data import LabelledImage, Recipe, grid_tiles, read_image, training_tiles
+from semwatch.model.train.featurecache import CachedFeatures, FeatureCache, content_seed
 from semwatch.output import Output
 from semwatch.values import Micrograph, MicrographError
 
@@ -98,35 +99,65 @@ def extract_features(
     *,
     n_grid: dict[int, int] | None = None,
     runner: Runner | None = None,
+    cache: FeatureCache | None = None,
+    shas: Sequence[str] | None = None,
+    role: str = "",
+    counts: dict[str, int] | None = None,
 ) -> FeatureSet:
     """Decode and tile on worker threads while the backbone runs; pooled and novelty features per
     tile. Every tile is plain (a grid tile as cut) unless `n_grid` says how many of an image's tiles
     lead as such (`grid_then`). `runner` runs the backbone (`model.runtimes`; eager torch with the
-    device's autocast when None): the same forward pass inference runs."""
+    device's autocast when None): the same forward pass inference runs. With a `cache` (and each
+    item's content sha256 in `shas`), an image's features under `role` are read from it when there,
+    else computed and kept; `counts` gets "cached" and "computed"."""
     runner = runner or TorchRunner(net.backbone, device, settings)
-    feats: list[torch.Tensor] = []
-    stats: list[torch.Tensor] = []
+    use_cache = cache is not None and shas is not None
+    per_image: dict[int, CachedFeatures] = {}
+    missing: list[int] = []
+    for i in range(len(items)):
+        hit = cache.load(role, shas[i]) if cache is not None and shas is not None else None
+        if hit is None:
+            missing.append(i)
+        else:
+            per_image[i] = hit
+            tick(1)
+    todo = [items[i] for i in missing]
+    for j, tiles in stream_tiles(todo, lambda j, m: make_tiles(missing[j], m), settings, skipped):
+        i = missing[j]
+        feats: list[np.ndarray] = []
+        stats: list[np.ndarray] = []
+        for s in range(0, len(tiles), FEATURE_BATCH):
+            f, st = runner.features(torch.from_numpy(tiles[s : s + FEATURE_BATCH]))
+            feats.append(f.float().cpu().numpy())
+            stats.append(st.float().cpu().numpy())
+        entry = CachedFeatures(
+            np.concatenate(feats) if feats else np.zeros((0, net.backbone.dim), np.float32),
+            np.concatenate(stats) if stats else np.zeros((0, net.backbone.stats_dim), np.float32),
+            len(tiles) if n_grid is None else n_grid.get(i, 0))
+        per_image[i] = entry
+        if use_cache and tiles.ndim == 4:  # not an unreadable image (`stream_tiles` gives it no tiles)
+            assert cache is not None and shas is not None
+            cache.save(role, shas[i], entry)
+        tick(1)
+    if counts is not None:
+        counts["cached"] = counts.get("cached", 0) + len(items) - len(missing)
+        counts["computed"] = counts.get("computed", 0) + len(missing)
     labels: list[int] = []
     image_of: list[int] = []
     plain: list[bool] = []
-    for i, tiles in stream_tiles(items, make_tiles, settings, skipped):
-        lead = len(tiles) if n_grid is None else n_grid.get(i, 0)
-        plain += [j < lead for j in range(len(tiles))]
-        if len(tiles):
-            for s in range(0, len(tiles), FEATURE_BATCH):
-                f, st = runner.features(torch.from_numpy(tiles[s : s + FEATURE_BATCH]))
-                feats.append(f.float().cpu())
-                stats.append(st.float().cpu())
-            labels += [items[i].label] * len(tiles)
-            image_of += [i] * len(tiles)
-        tick(1)
+    for i in range(len(items)):
+        n = len(per_image[i].feats)
+        plain += [k < per_image[i].n_plain for k in range(n)]
+        labels += [items[i].label] * n
+        image_of += [i] * n
     dim, sdim = net.backbone.dim, net.backbone.stats_dim
+    parts = [per_image[i] for i in range(len(items)) if len(per_image[i].feats)]
     return FeatureSet(
-        torch.cat(feats) if feats else torch.zeros((0, dim)),
+        torch.from_numpy(np.concatenate([e.feats for e in parts])) if parts else torch.zeros((0, dim)),
         torch.tensor(labels, dtype=torch.long),
         torch.tensor(image_of, dtype=torch.long),
         torch.tensor([im.label for im in items], dtype=torch.long),
-        torch.cat(stats) if stats else torch.zeros((0, sdim)),
+        torch.from_numpy(np.concatenate([e.stats for e in parts])) if parts else torch.zeros((0, sdim)),
         torch.tensor(plain, dtype=torch.bool),
     )
 
@@ -190,6 +221,7 @@ class Features:
     train: FeatureSet
     val: FeatureSet
     skipped: list[str]  # "<folder>/<file>: why" for images that could not be read
+    cached: int | None = None  # images whose features came from the feature cache (None: no cache)
 
 
 def training_features(
@@ -200,25 +232,33 @@ def training_features(
     device: torch.device,
     out: Output | None,
     runner: Runner | None = None,
+    *,
+    hashes: Mapping[str, str],
+    cache: FeatureCache | None = None,
 ) -> Features:
     """Training images as the grid inference cuts (what the novelty detector is fitted on: random
     rotated crops widen its notion of NCM enough to let JPEG-blocked noise through) followed by
-    random augmented crops; validation images as the grid."""
+    random augmented crops, drawn from each image's content seed (`hashes`: `rel` → sha256);
+    validation images as the grid. Features come from `cache` where it has them."""
     t = settings.train
     skipped: list[str] = []
+    train_items, val_items = split["train"], split["val"]
 
     def crops(i: int, m: Micrograph) -> np.ndarray:
-        rng = np.random.default_rng([t.seed, i])
+        rng = np.random.default_rng(content_seed(t.seed, hashes[train_items[i].rel]))
         return training_tiles(m, recipe, t.tiles_per_image, t.augment_copies, rng)
 
     n_grid: dict[int, int] = {}
-    with Progress(out, len(split["train"]) + len(split["val"]), "features (train)") as bar:
-        train = extract_features(net, split["train"], grid_then(crops, recipe, n_grid), settings, device,
-                                 bar.tick, skipped, n_grid=n_grid, runner=runner)
+    counts: dict[str, int] = {}
+    with Progress(out, len(train_items) + len(val_items), "features (train)") as bar:
+        train = extract_features(net, train_items, grid_then(crops, recipe, n_grid), settings, device,
+                                 bar.tick, skipped, n_grid=n_grid, runner=runner, cache=cache,
+                                 shas=[hashes[im.rel] for im in train_items], role="train", counts=counts)
         bar.describe("features (val)")
-        val = extract_features(net, split["val"], _as_cut(recipe), settings, device, bar.tick, skipped,
-                               runner=runner)
-    return Features(train, val, skipped)
+        val = extract_features(net, val_items, _as_cut(recipe), settings, device, bar.tick, skipped,
+                               runner=runner, cache=cache, shas=[hashes[im.rel] for im in val_items],
+                               role="val", counts=counts)
+    return Features(train, val, skipped, counts.get("cached", 0) if cache is not None else None)
 
 
 def _as_cut(recipe: Recipe) -> Callable[[int, Micrograph], np.ndarray]:

@@ -41,6 +41,7 @@ from semwatch.model.train.data import (
     subsample,
 )
 from semwatch.model.train.detector import calibration_record, detector_record, fit_detector
+from semwatch.model.train.featurecache import open_cache
 from semwatch.model.train.features import Features, grid_features, training_features
 from semwatch.model.train.finetune import backbone_mode, finetune
 from semwatch.model.train.head import HEAD_HIDDEN, Fit, fit_head_and_novelty, train_head, validation_metrics
@@ -254,7 +255,12 @@ def train_images(
     if shown is not None:
         shown.say(f"train: backbone passes in {choice.runtime} ({choice.reason}"
                   + (f": {_rates(choice.rates)})" if choice.rates else ")"))
-    features = training_features(net, split, recipe, settings, device, shown, runner)
+    cache = open_cache(settings, recipe, _sha(export), runner.name)
+    features = training_features(net, split, recipe, settings, device, shown, runner, hashes=hashes,
+                                 cache=cache)
+    if shown is not None and features.cached is not None:
+        shown.say(f"train: features of {features.cached} of {len(split['train']) + len(split['val'])} "
+                  f"images from the feature cache ({path_text(cache.folder) if cache else '-'})")
     if not len(features.train.feats):
         raise UserError(
             f"{source}: no usable training tiles (all images unreadable or blank)", ExitStatus.INPUT_FAILED
@@ -287,6 +293,7 @@ def train_images(
         manifest, export=export,
         training={**manifest.training, "backbone": mode, **({"finetune": tuned} if tuned else {}),
                   "runtime": runner.name, "precision": _precision(device, settings, runner.name),
+                  **({"features_cached": features.cached} if features.cached is not None else {}),
                   **({"runtime_tiles_per_s": dict(choice.rates)} if choice.rates else {})})
     saved = save_artifact(out_dir, dict(net.state_dict()), manifest)
     if choice.rates and graph is not None:  # the first load need not measure again
