@@ -225,6 +225,32 @@ def test_promote_refuses_a_worse_model_force_records_why_and_rollback(
     assert schema.SCHEMA_VERSION >= 5
 
 
+def test_the_gate_keeps_each_models_verdicts_by_content(cli: Cli, tmp_path: Path, champion_model: Path,
+                                                       worse_model: Path, ncm_dir: Path) -> None:
+    """`promote` after `compare` (and the champion against the next challenger) scores nothing
+    again: the verdicts are kept per model, content and settings, and give the same decision. Other
+    settings are another key; an entry that is not ours is scored again."""
+    from semwatch.lifecycle.gate import SCORES_FOLDER
+
+    config = write_config(tmp_path, champion_model,
+                          eval_folder=eval_folder_of(champion_model, ncm_dir, tmp_path))
+    assert cli("models", "register", worse_model, "--by", "ana").code == 0
+    first = cli("models", "compare", "--json")
+    kept = sorted((tmp_path / "registry" / SCORES_FOLDER).iterdir())
+    assert len(kept) == 2  # one file per model
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    again = cli("models", "compare", "--json")
+    assert json.loads(again.out.splitlines()[-1]) == json.loads(first.out.splitlines()[-1])
+    assert [p.stat().st_mtime_ns for p in kept] == stamps  # nothing new to keep: nothing scored
+    kept[0].write_text("not json", encoding="utf-8")
+    assert json.loads(cli("models", "compare", "--json").out.splitlines()[-1]) == json.loads(
+        first.out.splitlines()[-1])
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("min_confidence = 0.0", "min_confidence = 0.5"), encoding="utf-8")
+    assert cli("models", "compare", "--json").code in (0, 1)
+    assert len(list((tmp_path / "registry" / SCORES_FOLDER).iterdir())) == 4
+
+
 # --- kill -9 half-way through a move ------------------------------------------------------------
 
 

@@ -16,7 +16,9 @@ image is a fair coin. `worse`: P(X >= c) < alpha overall or on a class with at l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import Manifest
 from semwatch.model.evaluate import expected_calibration_error  # the same binning as `evaluate`
-from semwatch.safefs import UNCONFINED, Confinement, path_text
+from semwatch.safefs import UNCONFINED, Confinement, path_text, write_atomic
+from semwatch.values import ImageVerdict, MicrographError
 
 Decision = Literal["better", "not significantly worse", "worse"]
 FOREIGN = "foreign"  # the truth of an image an operator marked foreign: not a class to know
@@ -125,52 +128,117 @@ def trained_on(manifest: Manifest) -> set[str]:
 
 
 def unseen(images: Iterable[GateImage], *manifests: Manifest) -> tuple[list[GateImage], int]:
-    """The images neither model trained on (by content), and how many were left out."""
+    """The images neither model trained on (by content), with their sha256, and how many were left
+    out. (Evaluation-folder images are the lab's own, read as they are; ledger images come hashed
+    through the one safe open, `lifecycle.labelled`.)"""
     seen: set[str] = set()
     for m in manifests:
         seen |= trained_on(m)
     kept: list[GateImage] = []
     dropped = 0
     for im in images:
-        sha = im.sha256
-        if sha is None and seen:
-            sha = hashlib.sha256(im.path.read_bytes()).hexdigest()
+        sha = im.sha256 or _sha256(im.path)
         if sha is not None and sha in seen:
             dropped += 1
         else:
-            kept.append(im)
+            kept.append(dataclasses.replace(im, sha256=sha))
     return kept, dropped
 
 
+def _sha256(path: Path) -> str | None:
+    try:
+        with path.open("rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:  # unreadable: scored (as failed) without a cache entry
+        return None
+
+
+# --- each model's verdicts, kept by content ---------------------------------------------------------
+# A model (its id) gives the same verdict on the same bytes under the same settings, so the gate
+# keeps them in `<registry>/.gate-scores/<model id>-<settings key>.json`: `promote` right after
+# `compare`, and the champion against the next challenger, score only what is new.
+
+SCORES_FOLDER = ".gate-scores"
+
+
+def _scores_path(settings: Settings, model_id: str, runtime: str) -> Path | None:
+    registry = settings.model.registry
+    if registry is None:
+        return None
+    from semwatch import __version__
+
+    described = {"model": dataclasses.asdict(settings.model), "tiling": dataclasses.asdict(settings.tiling),
+                 "reading": dataclasses.asdict(settings.reading), "runtime": runtime, "semwatch": __version__}
+    key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return registry / SCORES_FOLDER / f"{model_id}-{key}.json"
+
+
+def _read_scores(path: Path | None) -> dict[str, dict[str, object]]:
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, dict)} if isinstance(raw, dict) else {}
+
+
+def _write_scores(path: Path | None, scores: dict[str, dict[str, object]]) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(scores, sort_keys=True).encode("utf-8"))
+    except OSError:  # the cache is a saving, not a duty
+        pass
+
+
+def _verdict_record(result: ImageVerdict | MicrographError) -> dict[str, object]:
+    if isinstance(result, MicrographError):
+        return {"status": "failed"}
+    best = max(result.probabilities, key=result.probabilities.__getitem__) if result.probabilities else None
+    return {"status": result.status, "predicted": result.predicted_class,
+            "best": best if result.n_tiles else None,
+            "p": float(result.probabilities[best]) if best is not None and result.n_tiles else None}
+
+
 def score(model_dir: Path, images: Sequence[GateImage], settings: Settings) -> ModelScore:
-    """One model's verdicts on the images, through the one engine."""
+    """One model's verdicts on the images, through the one engine (those it gave before on the same
+    content and settings from the registry's score cache)."""
     from semwatch.model.classify import Classifier, outcomes
-    from semwatch.values import MicrographError
 
     classifier = Classifier.load(model_dir, settings)
-    result = ModelScore(classifier.model_id)
+    cache_path = _scores_path(settings, classifier.model_id, classifier.runtime)
+    known = _read_scores(cache_path)
+    todo = [im for im in images if im.sha256 is None or im.sha256 not in known]
     # Ledger images come from the watch folder (untrusted): read confined to it, as the daemon reads
     # them; the evaluation folder is the lab's own (configured).
     watched = Confinement(Path(settings.watch.folder).absolute(), settings.watch.follow_symlinks)
-    ledger = {im.path for im in images if im.source == "labels"}
+    ledger = {im.path for im in todo if im.source == "labels"}
 
     def confine(path: Path) -> Confinement:
         return watched if path in ledger else UNCONFINED
 
-    for im, o in zip(images, outcomes(classifier, [im.path for im in images], confine=confine), strict=True):
-        if isinstance(o.result, MicrographError):
-            result.right.append(im.truth == FOREIGN)
-            result.status.append("failed")
-            continue
-        v = o.result
-        result.status.append(v.status)
+    fresh: dict[Path, dict[str, object]] = {}
+    for im, o in zip(todo, outcomes(classifier, [im.path for im in todo], confine=confine), strict=True):
+        fresh[im.path] = _verdict_record(o.result)
+        if im.sha256 is not None and fresh[im.path]["status"] != "failed":  # a failed read is tried again
+            known[im.sha256] = fresh[im.path]
+    if todo:
+        _write_scores(cache_path, known)
+    result = ModelScore(classifier.model_id)
+    for im in images:
+        v = fresh.get(im.path) if im.sha256 is None or im.path in fresh else known[im.sha256]
+        v = v or {"status": "failed"}
+        status = str(v["status"])
+        result.status.append(status)
         if im.truth == FOREIGN:
-            result.right.append(v.status != "ok")
+            result.right.append(status != "ok")
             continue
-        result.right.append(v.status == "ok" and v.predicted_class == im.truth)
-        if v.n_tiles and v.probabilities:
-            best = max(v.probabilities, key=v.probabilities.__getitem__)
-            result.confidence.append(float(v.probabilities[best]))
+        result.right.append(status == "ok" and v.get("predicted") == im.truth)
+        best, p = v.get("best"), v.get("p")
+        if isinstance(best, str) and isinstance(p, int | float):
+            result.confidence.append(float(p))
             result.closed_right.append(best == im.truth)
     return result
 
