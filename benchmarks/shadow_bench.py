@@ -7,6 +7,8 @@ the shadow costs exactly one more network pass per image), alternating rounds on
 (unique copies: the daemon reuses results for identical contents). The clock starts when a round's
 files are dropped and stops when the last live result is in the database (what an operator waits
 for); the shadow's verdicts are counted separately (how many it got to, and when the last one came).
+Then `--paced` images one at a time, `--pace` seconds apart (as an instrument exports them): the
+latency from each drop to its live verdict, and the shadow's coverage there.
 Writes benchmarks/results/<date>-shadow-<device>.json with the commit, date and machine.
 """
 
@@ -109,6 +111,20 @@ def shadow_copy(model: Path, out: Path) -> Path:
     return out
 
 
+def shadow_count(d: Daemon, sub: Path, quiet: float = 5.0) -> int:
+    """Shadow verdicts for the files under `sub`, once their count has not grown for `quiet` s (the
+    shadow runs only while no live work waits, and keeps a small backlog: in a burst it may not get
+    to every image, by design)."""
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < quiet:
+        rows = d.query(f"SELECT count(*) FROM shadow_results WHERE path LIKE '{sub}/%'")
+        n = int(rows[0][0]) if rows else 0
+        if n != last:
+            last, since = n, time.monotonic()
+        time.sleep(0.1)
+    return last
+
+
 def configure(d: Daemon, registry: Path, shadow: bool) -> None:
     text = d.config.read_text(encoding="utf-8")
     extra = [f"registry = {json.dumps(str(registry))}", 'device = "cpu"']
@@ -123,6 +139,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ncm-sem")
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paced", type=int, default=10, help="images dropped one at a time per round")
+    parser.add_argument("--pace", type=float, default=3.0, help="seconds between two paced images")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     from host import describe, summary
@@ -155,23 +173,37 @@ def main() -> int:
                     unique_copy(sources[(tag * 37) % len(sources)], sub / f"{i:04d}.jpg", tag)
                 d.wait_count(f"path LIKE '{sub}/%' AND status != 'pending'", args.images, 3600)
                 live = time.monotonic() - t0
-                shadow_n = 0
-                if mode == "shadow":
-                    deadline = time.monotonic() + 600
-                    while shadow_n < args.images and time.monotonic() < deadline:
-                        rows = d.query(f"SELECT count(*) FROM shadow_results WHERE path LIKE '{sub}/%'")
-                        shadow_n = int(rows[0][0]) if rows else 0
-                        time.sleep(0.05)
-                rounds.append({"round": r, "mode": mode, "images": args.images,
+                shadow_n = shadow_count(d, sub) if mode == "shadow" else 0
+                rounds.append({"round": r, "mode": mode, "kind": "burst", "images": args.images,
                                "live_images_per_s": round(args.images / live, 4),
                                "shadow_verdicts": shadow_n,
                                "shadow_done_s": round(time.monotonic() - t0, 2)})
                 print(json.dumps(rounds[-1]), flush=True)
+                # Paced: one image every `--pace` seconds, as an instrument exports them; the
+                # latency from the drop to the live verdict is what an operator waits for.
+                sub = work / f"in-{mode}" / f"paced{r}"
+                latencies: list[float] = []
+                for i in range(args.paced):
+                    tag += 1
+                    t1 = time.monotonic()
+                    unique_copy(sources[(tag * 37) % len(sources)], sub / f"{i:04d}.jpg", tag)
+                    d.wait_count(f"path LIKE '{sub}/%' AND status != 'pending'", i + 1, 600)
+                    latencies.append(time.monotonic() - t1)
+                    time.sleep(max(0.0, args.pace - (time.monotonic() - t1)))
+                shadow_n = shadow_count(d, sub) if mode == "shadow" else 0
+                rounds.append({"round": r, "mode": mode, "kind": "paced", "images": args.paced,
+                               "pace_s": args.pace,
+                               "latency_median_s": round(statistics.median(latencies), 3),
+                               "latency_max_s": round(max(latencies), 3), "shadow_verdicts": shadow_n})
+                print(json.dumps(rounds[-1]), flush=True)
     finally:
         for d in daemons.values():
             d.stop()
-    plain = statistics.median(x["live_images_per_s"] for x in rounds if x["mode"] == "plain")
-    shadow = statistics.median(x["live_images_per_s"] for x in rounds if x["mode"] == "shadow")
+    def median(mode: str, kind: str, key: str) -> float:
+        return statistics.median(x[key] for x in rounds if x["mode"] == mode and x["kind"] == kind)
+
+    plain = median("plain", "burst", "live_images_per_s")
+    shadow = median("shadow", "burst", "live_images_per_s")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
     result = {"bench": "shadow", "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -179,7 +211,17 @@ def main() -> int:
               "load_average_end": list(os.getloadavg()),
               "images_per_round": args.images, "rounds": rounds,
               "live_images_per_s_median": {"no_shadow": plain, "shadow": shadow},
-              "live_throughput_ratio": round(shadow / plain, 3)}
+              "live_throughput_ratio": round(shadow / plain, 3),
+              "burst_shadow_coverage": round(sum(x["shadow_verdicts"] for x in rounds if x["mode"] == "shadow"
+                                                 and x["kind"] == "burst")
+                                             / max(1, sum(x["images"] for x in rounds if x["mode"] == "shadow"
+                                                          and x["kind"] == "burst")), 3),
+              "paced_latency_median_s": {"no_shadow": median("plain", "paced", "latency_median_s"),
+                                         "shadow": median("shadow", "paced", "latency_median_s")},
+              "paced_shadow_coverage": round(sum(x["shadow_verdicts"] for x in rounds if x["mode"] == "shadow"
+                                                 and x["kind"] == "paced")
+                                             / max(1, sum(x["images"] for x in rounds if x["mode"] == "shadow"
+                                                          and x["kind"] == "paced")), 3)}
     args.out.mkdir(parents=True, exist_ok=True)
     device = "gpu" if result["machine"]["gpu"] else "cpu"
     path = args.out / f"{datetime.now(UTC).date()}-shadow-{device}.json"
