@@ -18,8 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -33,73 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "daemon"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-
-def ncm_images(data: Path) -> list[Path]:
-    return sorted(p for p in data.rglob("*.jpg"))
-
-
-def unique_copy(src: Path, dst: Path, tag: int) -> None:
-    """A copy whose bytes differ (8 bytes after the JPEG end marker, ignored by decoders)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(src.read_bytes() + tag.to_bytes(8, "little"))
-
-
-class Daemon:
-    """`semwatch watch` as a subprocess (daemon_bench.py's, without psutil: no memory figures here)."""
-
-    def __init__(self, root: Path, model: Path, folder: Path, settle: float = 0.5) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root, self.db = root, root / "semwatch.db"
-        self.log, self.config = root / "daemon.log", root / "config.toml"
-        self.config.write_text(
-            f"[watch]\nfolder = {json.dumps(str(folder))}\nsettle_seconds = {settle}\n"
-            f"[store]\ndatabase = {json.dumps(str(self.db))}\n"
-            f"results_csv = {json.dumps(str(root / 'results.csv'))}\n"
-            f"[model]\npath = {json.dumps(str(model))}\n[report]\nenabled = false\n", encoding="utf-8")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "semwatch", "watch", "--config",
-                                          str(self.config), "--plain"], stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.root)
-        while not (rows := self.query("SELECT state FROM daemon")) or rows[0][0] != "running":
-            self.check()
-            time.sleep(0.05)
-
-    def check(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise SystemExit(f"daemon exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-
-    def query(self, sql: str) -> list[Any]:
-        if not self.db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-
-    def count(self, where: str) -> int:
-        rows = self.query(f"SELECT count(*) FROM images WHERE {where}")
-        return int(rows[0][0]) if rows else 0
-
-    def wait_count(self, where: str, n: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(where) < n:
-            self.check()
-            if time.monotonic() > deadline:
-                raise SystemExit(f"timed out waiting for {n} rows where {where}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
+from daemonproc import Daemon, ncm_images, unique_copy  # noqa: E402 (benchmarks/ on the path above)
 
 
 def shadow_copy(model: Path, out: Path) -> Path:
@@ -160,7 +92,7 @@ def main() -> int:
         for mode in ("plain", "shadow"):
             folder = work / f"in-{mode}"
             folder.mkdir()
-            d = Daemon(work / mode, args.model, folder)
+            d = Daemon(work / mode, args.model, folder, settle=0.5)
             configure(d, registry, mode == "shadow")
             d.start()
             daemons[mode] = d
