@@ -17,7 +17,6 @@ image is a fair coin. `worse`: P(X >= c) < alpha overall or on a class with at l
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -29,9 +28,9 @@ import numpy as np
 
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
-from semwatch.model.artifact import Manifest
+from semwatch.model.artifact import Manifest, canonical_sha256
 from semwatch.model.evaluate import expected_calibration_error  # the same binning as `evaluate`
-from semwatch.safefs import UNCONFINED, Confinement, path_text, write_atomic
+from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, path_text, sha256_bounded, write_atomic
 from semwatch.values import ImageVerdict, MicrographError
 
 Decision = Literal["better", "not significantly worse", "worse"]
@@ -111,8 +110,19 @@ def folder_images(folder: Path, settings: Settings) -> list[GateImage]:
         truth = settings.train.class_map.get(sub.name, sub.name)
         for p in sorted(sub.iterdir()):
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                out.append(GateImage(p, truth, "folder"))
+                out.append(GateImage(p, truth, "folder", _sha256(p, settings)))
     return out
+
+
+def _sha256(path: Path, settings: Settings) -> str | None:
+    """By content, as every image is known (bounded like every read); None when it cannot be read
+    (it is scored, as failed, and kept nowhere)."""
+    mb = settings.reading.max_file_mb
+    try:
+        return sha256_bounded(path, confine=UNCONFINED, max_bytes=int(mb * 1024 * 1024),
+                              limit=f"[reading] max_file_mb {mb:g}")
+    except (OSError, RefusedFile):
+        return None
 
 
 def trained_on(manifest: Manifest) -> set[str]:
@@ -128,29 +138,18 @@ def trained_on(manifest: Manifest) -> set[str]:
 
 
 def unseen(images: Iterable[GateImage], *manifests: Manifest) -> tuple[list[GateImage], int]:
-    """The images neither model trained on (by content), with their sha256, and how many were left
-    out. (Evaluation-folder images are the lab's own, read as they are; ledger images come hashed
-    through the one safe open, `lifecycle.labelled`.)"""
+    """The images neither model trained on (by content), and how many were left out."""
     seen: set[str] = set()
     for m in manifests:
         seen |= trained_on(m)
     kept: list[GateImage] = []
     dropped = 0
     for im in images:
-        sha = im.sha256 or _sha256(im.path)
-        if sha is not None and sha in seen:
+        if im.sha256 is not None and im.sha256 in seen:
             dropped += 1
         else:
-            kept.append(dataclasses.replace(im, sha256=sha))
+            kept.append(im)
     return kept, dropped
-
-
-def _sha256(path: Path) -> str | None:
-    try:
-        with path.open("rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:  # unreadable: scored (as failed) without a cache entry
-        return None
 
 
 # --- each model's verdicts, kept by content ---------------------------------------------------------
@@ -167,9 +166,10 @@ def _scores_path(settings: Settings, model_id: str, runtime: str) -> Path | None
         return None
     from semwatch import __version__
 
-    described = {"model": dataclasses.asdict(settings.model), "tiling": dataclasses.asdict(settings.tiling),
-                 "reading": dataclasses.asdict(settings.reading), "runtime": runtime, "semwatch": __version__}
-    key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = canonical_sha256({"model": dataclasses.asdict(settings.model),
+                            "tiling": dataclasses.asdict(settings.tiling),
+                            "reading": dataclasses.asdict(settings.reading), "runtime": runtime,
+                            "semwatch": __version__})[:16]
     return registry / SCORES_FOLDER / f"{model_id}-{key}.json"
 
 
@@ -228,8 +228,8 @@ def score(model_dir: Path, images: Sequence[GateImage], settings: Settings) -> M
         _write_scores(cache_path, known)
     result = ModelScore(classifier.model_id)
     for im in images:
-        v = fresh.get(im.path) if im.sha256 is None or im.path in fresh else known[im.sha256]
-        v = v or {"status": "failed"}
+        # Scored now (every image without a sha256 is), else kept from before.
+        v = fresh[im.path] if im.path in fresh else known[str(im.sha256)]
         status = str(v["status"])
         result.status.append(status)
         if im.truth == FOREIGN:

@@ -255,7 +255,7 @@ def models_rollback(settings: Settings, *, reason: str | None, by: str | None, o
         champion = registry.read_aliases().champion
         if champion is None:
             raise UserError("no champion to roll back")
-        last = ev.last_champion_move_to(store.conn, champion)
+        last = ev.last_move_to(store.conn, "champion", champion)  # the move a rollback undoes
         if last is None or last.previous_model_id is None:
             raise UserError(f"{champion} has no earlier champion recorded to roll back to")
         event = move_alias(store, registry, "champion", last.previous_model_id, action="rollback", by=who,

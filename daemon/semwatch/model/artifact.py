@@ -102,9 +102,7 @@ class Manifest:
     @property
     def model_id(self) -> str:
         """Short content hash of the manifest (which holds the weights' hash), without the export."""
-        body = {k: v for k, v in self.to_json().items() if k not in EXPORT_KEYS}
-        text = json.dumps(body, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return canonical_sha256({k: v for k, v in self.to_json().items() if k not in EXPORT_KEYS})[:16]
 
     def to_json(self) -> dict[str, Json]:
         out: dict[str, Json] = dict(self.extra)
@@ -254,17 +252,22 @@ class _Reader:
         return out
 
 
+def canonical_sha256(value: object) -> str:
+    """sha256 of `value`'s canonical JSON (sorted keys; what JSON cannot hold, as text): one
+    identity for a manifest, and for what a cache entry was made from."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 def _digest(body: Mapping[str, Json]) -> str:
     """sha256 of a manifest's canonical JSON without its own checksum and the export (edits are
     detected)."""
     rest = {k: v for k, v in body.items() if k != "manifest_sha256" and k not in EXPORT_KEYS}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return canonical_sha256(rest)
 
 
 def _export_digest(body: Mapping[str, Json]) -> str:
     """sha256 of the export record bound to the manifest it belongs to."""
-    signed = {"export": body.get("export"), "manifest_sha256": body.get("manifest_sha256")}
-    return hashlib.sha256(json.dumps(signed, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return canonical_sha256({"export": body.get("export"), "manifest_sha256": body.get("manifest_sha256")})
 
 
 def _signed(manifest: Manifest) -> Manifest:

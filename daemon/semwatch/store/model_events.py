@@ -65,11 +65,6 @@ def last_move_to(conn: sqlite3.Connection, alias: str, model_id: str) -> ModelEv
     return _event(row) if row is not None else None
 
 
-def last_champion_move_to(conn: sqlite3.Connection, model_id: str) -> ModelEvent | None:
-    """The newest move that made `model_id` champion (a rollback undoes it)."""
-    return last_move_to(conn, "champion", model_id)
-
-
 def champion_at(conn: sqlite3.Connection, when: str) -> str | None:
     """The champion recorded as live at UTC time `when` (which model made a result then)."""
     row = conn.execute("SELECT model_id FROM model_events WHERE alias = 'champion' AND at <= ? "

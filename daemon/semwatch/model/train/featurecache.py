@@ -19,9 +19,7 @@ i.e. whole micrographs, on every call), so this small module does.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 
 from semwatch import __version__
 from semwatch.config import Settings
+from semwatch.model.artifact import canonical_sha256
 from semwatch.model.train.data import Recipe
 from semwatch.safefs import write_atomic
 
@@ -74,17 +73,12 @@ class FeatureCache:
 
 def cache_key(settings: Settings, recipe: Recipe, export_sha256: str, runtime: str) -> str:
     t = settings.train
-    described = {
+    return canonical_sha256({
         "export": export_sha256, "runtime": runtime, "recipe": dataclasses.asdict(recipe),
         "seed": t.seed, "tiles_per_image": t.tiles_per_image, "augment_copies": t.augment_copies,
-        "reading": _plain(dataclasses.asdict(settings.reading)),
-        "tiling": _plain(dataclasses.asdict(settings.tiling)), "semwatch": __version__,
-    }
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _plain(record: dict[str, object]) -> dict[str, object]:
-    return {k: str(v) for k, v in record.items()}
+        "reading": dataclasses.asdict(settings.reading), "tiling": dataclasses.asdict(settings.tiling),
+        "semwatch": __version__,
+    })[:32]
 
 
 def open_cache(settings: Settings, recipe: Recipe, export_sha256: str | None,

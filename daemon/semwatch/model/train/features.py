@@ -111,7 +111,6 @@ def extract_features(
     item's content sha256 in `shas`), an image's features under `role` are read from it when there,
     else computed and kept; `counts` gets "cached" and "computed"."""
     runner = runner or TorchRunner(net.backbone, device, settings)
-    use_cache = cache is not None and shas is not None
     per_image: dict[int, CachedFeatures] = {}
     missing: list[int] = []
     for i in range(len(items)):
@@ -135,8 +134,7 @@ def extract_features(
             np.concatenate(stats) if stats else np.zeros((0, net.backbone.stats_dim), np.float32),
             len(tiles) if n_grid is None else n_grid.get(i, 0))
         per_image[i] = entry
-        if use_cache and tiles.ndim == 4:  # not an unreadable image (`stream_tiles` gives it no tiles)
-            assert cache is not None and shas is not None
+        if cache is not None and shas is not None and tiles.ndim == 4:  # not an unreadable image
             cache.save(role, shas[i], entry)
         tick(1)
     if counts is not None:
