@@ -14,6 +14,12 @@ def iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
+def settled(now: datetime) -> datetime:
+    """Ten minutes before `now`, never before its UTC midnight: today's rows stay today's just after 00:00."""
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(now - timedelta(minutes=10), midnight)
+
+
 def make_database(path: Path, *, now: datetime, images: list[dict[str, object]],
                   samples: list[dict[str, object]] | None = None, heartbeat_age_s: float = 1.0,
                   daemon_state: str = "running", message: str | None = None) -> None:
@@ -27,8 +33,8 @@ def make_database(path: Path, *, now: datetime, images: list[dict[str, object]],
                 "mtime_ns": i, "status": "ok", "sample_id": "s1", "predicted_class": "622_pristine",
                 "composition": "622", "state": "pristine", "confidence": 0.9, "tile_agreement": 0.9,
                 "n_tiles": 12, "error": None, "model_id": "m1",
-                "detected_at": iso(now - timedelta(minutes=10)),
-                "processed_at": iso(now - timedelta(minutes=10) + timedelta(seconds=i)),
+                "detected_at": iso(settled(now)),
+                "processed_at": iso(settled(now) + timedelta(seconds=i)),
                 "probabilities": json.dumps({"622_pristine": 0.9, "811_cycled": 0.1}), "reasons": "[]",
                 "attempts": 1, "current": 1,
             }

@@ -16,7 +16,7 @@ from textual.pilot import Pilot
 from textual.widgets import Footer, Input, Select, Static, TabbedContent
 
 from conftest import Cli
-from dbfixture import iso, make_database
+from dbfixture import iso, make_database, settled
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus
 from semwatch.store import browse, db
@@ -63,7 +63,7 @@ async def _settle(pilot: Pilot[int], app: ConsoleApp, ticks: int = 3) -> None:
 
 
 def _fixture(settings: Settings) -> datetime:
-    now = datetime.now(UTC)
+    now = settled(datetime.now(UTC)) + timedelta(minutes=10)  # its rows all fall today, even at 00:03
     earlier = iso(now - timedelta(days=3))
     make_database(
         settings.store.database, now=now,

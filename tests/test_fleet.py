@@ -30,8 +30,6 @@ from semwatch.store.instrument import read as read_instrument
 from semwatch.store.ledger import Store
 from semwatch.store.schema import SCHEMA_VERSION
 
-NOW = datetime.now(UTC)
-
 
 def raw(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -92,7 +90,7 @@ def with_instrument(settings: Settings, name: str, **fleet: object) -> Settings:
 def test_a_database_takes_its_instrument_and_refuses_another(settings: Settings) -> None:
     database = settings.store.database
     # Rows written before the name was known (a database of an older schema, migrated).
-    make_database(database, now=NOW, images=[{}, {"status": "failed"}], samples=[{}])
+    make_database(database, now=datetime.now(UTC), images=[{}, {"status": "failed"}], samples=[{}])
     store = Store(database, None, instrument=Instrument("sem-1", "lab B"))
     try:
         assert read_instrument(store.conn) == Instrument("sem-1", "lab B")
@@ -121,7 +119,7 @@ def test_a_database_takes_its_instrument_and_refuses_another(settings: Settings)
 
 
 def test_top_and_the_report_name_the_instrument(cli: Cli, settings: Settings, tmp_path: Path) -> None:
-    make_database(settings.store.database, now=NOW, images=[{}], samples=[{}])
+    make_database(settings.store.database, now=datetime.now(UTC), images=[{}], samples=[{}])
     Store(settings.store.database, None, instrument=Instrument("sem-7", "line 3")).close()
     (tmp_path / "config.toml").write_text(
         f'[store]\ndatabase = "{settings.store.database}"\n[report]\nfolder = "{tmp_path / "reports"}"\n'
@@ -155,8 +153,9 @@ def test_the_report_as_a_reader_needs_it(settings: Settings) -> None:
     reason = thumbnail(path_text(broken), settings, None)[1].removeprefix("not readable now: ")
     novelty = ("unlike the training images: the specimen does not look like the NCM cathodes the model "
                "knows (novelty 3.41 > 1.52, 6 of 6 tiles)")
-    old = NOW - timedelta(days=3)
-    make_database(settings.store.database, now=NOW, images=[
+    now = datetime.now(UTC)
+    old = now - timedelta(days=3)
+    make_database(settings.store.database, now=now, images=[
         {"path": str(folder / "lot1" / "a.tif"), "sample_id": "a-lot"},
         {"path": str(folder / "s1" / "b.tif"), "sample_id": "s1"},
         {"path": str(folder / "lot2" / "u.tif"), "status": "unknown", "confidence": 1.0, "sample_id": "lot2",
@@ -172,7 +171,7 @@ def test_the_report_as_a_reader_needs_it(settings: Settings) -> None:
     ])
     Store(settings.store.database, None, instrument=Instrument("sem-1")).close()
     settings = settings.replace(report=dataclasses.replace(settings.report, thumbnails=5))
-    page = _parse(write_report(settings, NOW.date(), now=NOW).html)
+    page = _parse(write_report(settings, now.date(), now=now).html)
     text = "".join(page.text)
     assert "novelty 3.41 > threshold 1.52" in text
     caption = text[text.index("u.tif (sample"):][:120]
@@ -182,7 +181,7 @@ def test_the_report_as_a_reader_needs_it(settings: Settings) -> None:
     assert [r[0] for r in samples[1:]] == ["s1", "lot2", "lot3", "a-lot"]  # fail, unknown, pass
     assert samples[2][4:6] == ["–", "–"] and samples[4][4:6] == ["0.90", "0.95"]
     trend = page.tables["trend"]
-    assert len(trend) == 31 and trend[1][:4] == [str(NOW.date()), "4", "1", "25 %"]
+    assert len(trend) == 31 and trend[1][:4] == [str(now.date()), "4", "1", "25 %"]
     assert trend[4][:4] == [str(old.date()), "2", "0", "50 %"]
 
 
@@ -207,7 +206,7 @@ def test_results_csv_names_the_instrument_and_an_old_file_keeps_its_columns(sett
 
 def test_export_writes_whole_snapshots_and_prunes(cli: Cli, settings: Settings, tmp_path: Path) -> None:
     database = settings.store.database
-    make_database(database, now=NOW, images=[{}, {"status": "unknown"}], samples=[{}])
+    make_database(database, now=datetime.now(UTC), images=[{}, {"status": "unknown"}], samples=[{}])
     Store(database, None, instrument=Instrument("SEM 1/ä")).close()
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\ndatabase = "{database}"\n[instrument]\nname = "SEM 1/ä"\n'
@@ -230,7 +229,7 @@ def test_export_writes_whole_snapshots_and_prunes(cli: Cli, settings: Settings, 
 def test_a_share_that_blocks_or_is_full_costs_only_that_snapshot(settings: Settings, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     database = settings.store.database
-    make_database(database, now=NOW, images=[{}], samples=[{}])
+    make_database(database, now=datetime.now(UTC), images=[{}], samples=[{}])
     Store(database, None, instrument=Instrument("sem-1")).close()
     share = tmp_path / "share"
     share.mkdir()
@@ -265,7 +264,8 @@ def fleet_folder(tmp_path: Path) -> Iterator[Path]:
     share.mkdir()
     for i, name in enumerate(("alpha", "bravo", "charlie", "delta")):
         database = tmp_path / f"{name}.db"
-        make_database(database, now=NOW, images=[{}, {"status": "failed"}] + [{"status": "unknown"}] * i,
+        make_database(database, now=datetime.now(UTC),
+                      images=[{}, {"status": "failed"}] + [{"status": "unknown"}] * i,
                       samples=[{"verdict": "fail"}])
         Store(database, None, instrument=Instrument(name)).close()
         src = sqlite3.connect(database)
