@@ -30,9 +30,15 @@ def describe() -> dict[str, Any]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    hardware = sorted(flags & SPEED_FLAGS)
+    # Under benchmarks/avx2only/run (CPUID masked) the libraries see AVX2 only; /proc/cpuinfo does not
+    # know, torch's dispatch does. The flags recorded are the ones the kernels could use.
+    kernel_isa = torch.backends.cpu.get_cpu_capability()
+    seen = [f for f in hardware if not f.startswith(("avx512", "amx"))] if kernel_isa == "AVX2" else hardware
     return {"cpu": name, "cores": os.cpu_count(), "cpu_bfloat16": native_bfloat16(), "gpu": gpu,
-            "cpu_flags": sorted(flags & SPEED_FLAGS), "load_average": list(os.getloadavg()),
-            "torch": torch.__version__}
+            "cpu_flags": seen, "cpu_flags_hardware": hardware, "kernel_isa": kernel_isa,
+            "cpuid_mask": os.environ.get("SEMWATCH_CPUID_MASK", ""),
+            "load_average": list(os.getloadavg()), "torch": torch.__version__}
 
 
 def summary() -> str:
@@ -40,4 +46,6 @@ def summary() -> str:
     d = describe()
     bf16 = "native bfloat16" if d["cpu_bfloat16"] else "no native bfloat16"
     flags = "/".join(d["cpu_flags"]) or "flags unknown"
+    if d["cpu_flags"] != d["cpu_flags_hardware"]:
+        flags += f" (CPUID masked to {d['kernel_isa']}; the hardware has {'/'.join(d['cpu_flags_hardware'])})"
     return f"{d['cpu']}, {d['cores']} cores, {flags}, {bf16}" + (f", GPU {d['gpu']}" if d["gpu"] else "")

@@ -1,6 +1,7 @@
 """The lifecycle scenario on the full shared data (issue 20), with `semwatch train`'s defaults:
 
-    nice -n 10 .venv/bin/python benchmarks/lifecycle_bench.py [--left-out 523] [--labels 0.5]
+    nice -n 10 .venv/bin/python benchmarks/lifecycle_bench.py [--left-out 523] [--labels 0.5] [--cold]
+    benchmarks/avx2only/run .venv/bin/python benchmarks/lifecycle_bench.py --tag avx2   # AVX2 only
 
 A champion trained on the class folders without one composition (all of its classes) serves a real
 daemon; the composition's arriving images are classified (before: how many unknown, how many right);
@@ -87,6 +88,10 @@ def main() -> int:
     parser.add_argument("--left-out", default="523", help="the composition the champion never sees")
     parser.add_argument("--labels", type=float, default=0.5, help="share of the arriving images labelled")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the registry's feature and score caches before the challenger (the "
+                             "worst case: a champion trained elsewhere, or a first retraining)")
+    parser.add_argument("--tag", default="", help="suffix of the results file (e.g. avx2)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     from host import describe, summary
@@ -158,6 +163,9 @@ def main() -> int:
         for cls in sorted(set(labelled.values())):
             semwatch("label", *[p for p, c in labelled.items() if c == cls], "--class", cls, "--by", "bench",
                      config=config, cwd=work)
+        if args.cold:
+            for cache in (".feature-cache", ".gate-scores"):
+                shutil.rmtree(work / "registry" / cache, ignore_errors=True)
         t0 = time.monotonic()
         semwatch("train", train_dir, "--labels", "--out", work / "model-b", config=config, cwd=work)
         timings["train_challenger_s"] = round(time.monotonic() - t0, 1)
@@ -188,12 +196,14 @@ def main() -> int:
               "machine": describe(), "machine_summary": summary(),
               "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
               "left_out": args.left_out, "labelled_share": args.labels, "seed": args.seed,
+              "caches": "emptied before the challenger" if args.cold else "as the champion left them",
               "arriving": len(arriving), "labelled": len(labelled), "timings": timings,
               "before": before, "after": after,
               "gate": {k: compared.get(k) for k in ("decision", "champion", "challenger")}, "work": str(work)}
     args.out.mkdir(parents=True, exist_ok=True)
     device = "gpu" if result["machine"]["gpu"] else "cpu"
-    path = args.out / f"{datetime.now(UTC).date()}-lifecycle-{args.left_out}-{device}.json"
+    tag = "".join(f"-{t}" for t in (args.tag, "cold" if args.cold else "") if t)
+    path = args.out / f"{datetime.now(UTC).date()}-lifecycle-{args.left_out}-{device}{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"timings": timings, "before": before["all"], "after": after["all"]}))
     print(path)

@@ -1,7 +1,7 @@
 """The backbone's speed per runtime on this machine (not a test; a minute or two on a CPU).
 
     nice -n 10 .venv/bin/python benchmarks/runtime_bench.py [--model MODEL_DIR] [--rounds 4]
-    ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/runtime_bench.py --tag avx2   # torch as on AVX2
+    benchmarks/avx2only/run .venv/bin/python benchmarks/runtime_bench.py --tag avx2   # as on AVX2 only
 
 One batch of 32 real 288-px grid tiles (shared NCM images, cut as inference cuts them) through the
 backbone in each runtime semwatch has (`model.runtimes`: eager torch with the CPU's autocast, eager
@@ -9,7 +9,7 @@ torch float32, ONNX Runtime, OpenVINO float32), in interleaved rounds after one 
 tiles/s best and median of the rounds, and the largest difference of each output (pooled features,
 novelty statistics) against torch float32. The graph is the model's export (`--model`) or, without
 a model, the pretrained backbone's (what every frozen model has). `ONEDNN_MAX_CPU_ISA` caps torch's
-oneDNN kernels only; ONNX Runtime and OpenVINO still use every instruction set the CPU has.
+oneDNN kernels only; `benchmarks/avx2only/run` (CPUID masked) caps every runtime at AVX2.
 Writes benchmarks/results/<date>-runtime-cpu[-TAG].json and .md.
 """
 
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         "graph": source, "batch": args.batch, "tile_px": tile_px, "rounds": args.rounds,
         "tiles": "real grid tiles of shared NCM images", "device": args.device, "runtimes": rows,
-        "note": "the machine was shared with other engineers' work (load changes within seconds); rounds "
-                "are interleaved so that load hits every runtime alike",
+        "note": "rounds are interleaved so that load from other work hits every runtime alike; the load "
+                "average at the start is in host",
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now(UTC).date()}-runtime-{args.device}" + (f"-{args.tag}" if args.tag else "")
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
              f"commit {commit}, {record['date']}; {source}; batch {args.batch} x {tile_px} px real tiles; "
              f"best of {args.rounds} interleaved rounds; ONEDNN_MAX_CPU_ISA="
              f"{record['onednn_max_cpu_isa'] or '(unset)'} (torch only). CPU flags: "
-             f"{', '.join(runtimes.cpu_signature()['flags'])}. Machine shared with other work.", "",
+             f"{', '.join(record['host']['cpu_flags'])} (torch dispatches {record['host']['kernel_isa']}). "
+             f"Load average at the start {record['host']['load_average'][0]:.1f}.", "",
              "| runtime | tiles/s best | median | x torch float32 | largest difference (pooled / stats) |",
              "|---|---|---|---|---|"]
     for name, r in rows.items():
