@@ -24,7 +24,8 @@ from semwatch.store.ledger import Store
 from semwatch.store.messages import DaemonStatus, Failed, Pending, Result
 from semwatch.store.snapshot import take_snapshot
 from semwatch.values import FileKey, ImageVerdict
-from semwatch.views.console import ConsoleApp, ImageScreen, Rows, SampleScreen, parse_day
+from semwatch.views.console import ConsoleApp, ImageScreen, Rows, SampleScreen
+from semwatch.views.console_views import parse_day
 from semwatch.views.live import render
 
 Script = Callable[[ConsoleApp, Pilot[int]], Awaitable[None]]

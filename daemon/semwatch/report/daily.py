@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
 import sqlite3
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -30,7 +28,8 @@ from zoneinfo import ZoneInfo
 from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
-from semwatch.safefs import path_text, printable, text_safe, write_atomic
+from semwatch.report.pages import environment, publish
+from semwatch.safefs import path_text, printable
 from semwatch.store.access import ReadRefused, open_readonly
 from semwatch.store.browse import Outdated, count_outdated, day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes, reasons_text
@@ -350,13 +349,7 @@ def flagged_thumbnails(settings: Settings, images: list[DayImage],
 
 def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumbnail],
                 plots: Plots | None, generated_at: datetime, *, trend_png: str = "") -> str:
-    from jinja2 import Environment, PackageLoader, StrictUndefined
-
-    env = Environment(loader=PackageLoader("semwatch.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["conf"] = lambda v: "–" if v is None else f"{v:.2f}"
-    env.filters["show"] = _show
-    template = env.get_template("report.html.j2")
+    template = environment().get_template("report.html.j2")
     return template.render(
         day=day.isoformat(), timezone=settings.report.timezone,
         generated_at=generated_at.isoformat(timespec="seconds"), summary=summarise(data),
@@ -367,13 +360,6 @@ def render_html(settings: Settings, day: date, data: DayData, thumbs: list[Thumb
         instrument=data.instrument.label if data.instrument is not None else None, trend=data.trend,
         trend_png=trend_png,
     )
-
-
-def _show(value: object) -> str:
-    """User data (file names, sample ids, errors) for the page: valid UTF-8 with control and bidi
-    characters made visible (a name must not reorder or hide the text around it); autoescaping
-    then makes it text, never markup."""
-    return printable(text_safe(str(value)))
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -396,30 +382,10 @@ def write_report(settings: Settings, day: date, *, classifier: Classifier | None
         "samples.csv": csv_bytes(REPORT_SAMPLE_COLUMNS, [dataclasses.asdict(s) for s in data.samples]),
     }
     target = report_folder(settings, day)
-    _publish(target, files)
+    publish(target, files)
     log.info("report for %s: %s (%d images, %d samples)", day, target, len(data.images), len(data.samples))
     return ReportPaths(day, target, target / "report.html", target / "images.csv", target / "samples.csv",
                        len(data.images), len(data.samples))
-
-
-def _publish(target: Path, files: dict[str, bytes]) -> None:
-    """A new folder appears complete (built under a temporary name, then renamed); an existing one has
-    each file replaced atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            for name, data in files.items():
-                (tmp / name).write_bytes(data)
-            tmp.chmod(0o755)
-            tmp.rename(target)
-            return
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not target.is_dir():
-                raise
-    for name, data in files.items():
-        write_atomic(target / name, data)
 
 
 # --- command ----------------------------------------------------------------------------------

@@ -26,13 +26,12 @@ from semwatch.errors import ExitStatus, UserError
 from semwatch.output import Output
 from semwatch.report.daily import (
     DayData,
-    _publish,
-    _show,
     parse_day,
     sample_order,
     summarise,
 )
 from semwatch.report.daily import load_day as load_one_day
+from semwatch.report.pages import environment, publish
 from semwatch.safefs import path_text
 from semwatch.store.browse import day_bounds
 from semwatch.store.csvfile import REPORT_IMAGE_COLUMNS, REPORT_SAMPLE_COLUMNS, csv_bytes
@@ -152,12 +151,7 @@ def disagreements(instruments: list[InstrumentDay], day: tuple[str, str]) -> lis
 
 def render_fleet_html(settings: Settings, day: date, instruments: list[InstrumentDay],
                       compared: list[Disagreement], generated_at: datetime) -> str:
-    from jinja2 import Environment, PackageLoader, StrictUndefined
-
-    env = Environment(loader=PackageLoader("semwatch.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["conf"] = lambda v: "–" if v is None else f"{v:.2f}"
-    env.filters["show"] = _show
+    env = environment()
     env.filters["age"] = _age
     rows = [(one, summarise(one.data) if one.data is not None else None) for one in instruments]
     samples = sorted(((one.card.name, s) for one in instruments if one.data is not None
@@ -194,7 +188,7 @@ def write_fleet_report(settings: Settings, sources: Sequence[Path], day: date, *
         "samples.csv": csv_bytes(("instrument", *REPORT_SAMPLE_COLUMNS), samples),
     }
     target = settings.report.folder / f"fleet-{day.isoformat()}"
-    _publish(target, files)
+    publish(target, files)
     broken = sum(1 for one in instruments if one.data is None)
     log.info("fleet report for %s: %s (%d instruments, %d unreadable)", day, target, len(instruments), broken)
     return FleetPaths(day, target, target / "report.html", target / "images.csv", target / "samples.csv",
