@@ -88,3 +88,21 @@ def test_replication_is_not_found_where_there_is_none(sample: list[np.ndarray]) 
     flat = np.full((64, 64), 0.5, np.float32)
     assert quality.replication(quality.step_profiles(flat)) == (1, 0, 0)
     assert quality.blockiness(flat) == 1.0
+
+
+def test_tears_are_counted_where_rows_jump_sideways_and_nowhere_else(sample: list[np.ndarray],
+                                                                       cfg: Settings) -> None:
+    """Stage drift: bands of rows shifted sideways are the torn boundaries, and only they (an untouched
+    real image has none); past `[quality] tear_rows_max` the image is refused as stage drift."""
+    rng = np.random.default_rng(0)
+    for pixels in sample[:8]:
+        assert quality.tear_share(pixels) == 0.0
+        torn = pixels.copy()
+        h = len(torn)
+        bands = range(h // 10, h - 60, h // 16)  # about 14 bands: 3 % of the boundaries torn
+        for start in bands:
+            torn[start:start + 30] = np.roll(torn[start:start + 30], int(rng.integers(5, 25)), axis=1)
+        boundaries = 2 * len(bands) / (h - 1)  # each band: the boundary into it and out of it
+        assert quality.tear_share(torn) == pytest.approx(boundaries, abs=1.5 / (h - 1))
+        verdict = quality.assess(torn, cfg.quality)
+        assert not verdict.ok and any("stage drift" in r for r in verdict.reasons), verdict.reasons
