@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from semwatch.safefs import (
     path_text,
     printable,
     read_bounded,
+    write_atomic,
 )
 
 
@@ -226,3 +228,21 @@ def test_csv_cell() -> None:
         assert csv_cell(value) == value
     assert csv_cell(os.fsdecode(b"bad_\xff")) == "bad_\\xff"
     assert csv_cell(os.fsdecode(b"=\xff")) == "'=\\xff"
+
+
+def test_an_atomic_write_gives_the_mode_of_a_plain_write_not_mkstemps(tmp_path: Path) -> None:
+    """Reports and models written atomically are readable as a plainly created file would be (the
+    umask decides), and a replaced file keeps its mode."""
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "report.csv", b"a,b\n")
+        plain = tmp_path / "plain.csv"
+        plain.write_bytes(b"a,b\n")
+    finally:
+        os.umask(old)
+    written = stat.S_IMODE((tmp_path / "report.csv").stat().st_mode)
+    assert written == stat.S_IMODE(plain.stat().st_mode) == 0o640
+    (tmp_path / "report.csv").chmod(0o604)
+    write_atomic(tmp_path / "report.csv", b"c,d\n")
+    assert stat.S_IMODE((tmp_path / "report.csv").stat().st_mode) == 0o604
+    assert (tmp_path / "report.csv").read_bytes() == b"c,d\n"

@@ -257,12 +257,32 @@ def csv_cell(value: object) -> object:
     return value
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (`os.umask` sets it to read it, which races
+    with other threads creating files); 0o022 where /proc does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `path` so that a reader sees the old file or the whole new one, never half: a temporary
-    file beside it, flushed to disk, then renamed over it."""
+    file beside it, flushed to disk, then renamed over it. The file gets the mode it had, or a new
+    file's (0666 less the umask): `mkstemp`'s 0600 would hide reports and models from the group
+    (a daemon running as its own user, a lab's web server)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
