@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from semwatch.model.engine import predict_images
 from semwatch.safefs import path_text
-from semwatch.service.pipeline import ClassifierLike, Prepared
+from semwatch.service.jobs import ClassifierLike, Prepared
 from semwatch.store.messages import ShadowResult
 from semwatch.store.writer import Writer
 from semwatch.values import ImageVerdict
