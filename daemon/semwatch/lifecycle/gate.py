@@ -30,7 +30,8 @@ from semwatch.config import Settings
 from semwatch.errors import ExitStatus, UserError
 from semwatch.model.artifact import Manifest, canonical_sha256
 from semwatch.model.evaluate import expected_calibration_error  # the same binning as `evaluate`
-from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, path_text, sha256_bounded, write_atomic
+from semwatch.reading.micrograph import content_sha256
+from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, path_text, write_atomic
 from semwatch.values import ImageVerdict, MicrographError
 
 Decision = Literal["better", "not significantly worse", "worse"]
@@ -117,10 +118,8 @@ def folder_images(folder: Path, settings: Settings) -> list[GateImage]:
 def _sha256(path: Path, settings: Settings) -> str | None:
     """By content, as every image is known (bounded like every read); None when it cannot be read
     (it is scored, as failed, and kept nowhere)."""
-    mb = settings.reading.max_file_mb
     try:
-        return sha256_bounded(path, confine=UNCONFINED, max_bytes=int(mb * 1024 * 1024),
-                              limit=f"[reading] max_file_mb {mb:g}")
+        return content_sha256(path, settings, confine=UNCONFINED)
     except (OSError, RefusedFile):
         return None
 

@@ -3,7 +3,7 @@ with a file that still holds that content.
 
 The file is the newest current `images` row with the label's sha256 (else the path the label was
 made on); it is untrusted like everything from the watch folder, so it is hashed through the one
-safe open (`safefs.sha256_bounded`, confined to `[watch] folder`, bounded in bytes). A label whose
+safe open (`reading.micrograph.content_sha256`, confined to `[watch] folder`, bounded in bytes). A label whose
 file is gone, refused or changed (another sha256) is skipped and counted, never scored.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from semwatch.config import Settings
 from semwatch.lifecycle.gate import FOREIGN, GateImage
-from semwatch.safefs import Confinement, RefusedFile, path_from_text, sha256_bounded
+from semwatch.reading.micrograph import content_sha256
+from semwatch.safefs import Confinement, RefusedFile, path_from_text
 from semwatch.store.access import open_readonly
 from semwatch.store.labels import current_labels, has_labels_table
 
@@ -39,7 +40,6 @@ def ledger_images(settings: Settings) -> tuple[list[GateImage], dict[str, int]]:
     finally:
         conn.close()
     confine = Confinement(Path(settings.watch.folder).absolute(), settings.watch.follow_symlinks)
-    max_bytes = int(settings.reading.max_file_mb * 1024 * 1024)
     out: list[GateImage] = []
     for label in labels:
         text = where.get(label.sha256)
@@ -48,8 +48,7 @@ def ledger_images(settings: Settings) -> tuple[list[GateImage], dict[str, int]]:
             continue
         path = Path(path_from_text(text))
         try:
-            sha = sha256_bounded(path, confine=confine, max_bytes=max_bytes,
-                                 limit=f"[reading] max_file_mb {settings.reading.max_file_mb:g}")
+            sha = content_sha256(path, settings, confine=confine)
         except (OSError, RefusedFile):
             skipped["missing"] += 1
             continue

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,7 +30,7 @@ from semwatch.reading import quality as quality_mod
 from semwatch.reading.databar import detect_databar
 from semwatch.reading.sidecar import read_sidecar, sidecar_path
 from semwatch.reading.vendor import VendorInfo, from_fei, from_imagej, from_zeiss
-from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, open_regular
+from semwatch.safefs import UNCONFINED, Confinement, RefusedFile, open_regular, sha256_bounded
 from semwatch.values import Metadata, Micrograph, MicrographError
 
 # Luma weights (ITU-R BT.601, as OpenCV's grey conversion) for RGB images.
@@ -397,6 +398,15 @@ def _databar_rows(grey: np.ndarray, vendor: VendorInfo | None, settings: Setting
     if vendor is not None and vendor.specimen_rows is not None and vendor.specimen_rows <= height:
         return height - vendor.specimen_rows
     return detect_databar(grey)
+
+
+def content_sha256(path: str | Path, settings: Settings, *, confine: Confinement,
+                   on_chunk: Callable[[], None] | None = None) -> str:
+    """The sha256 an image is known by: its bytes through the one safe open, bounded as every read
+    of an image is (`[reading] max_file_mb`). Raises what `safefs.sha256_bounded` raises."""
+    mb = settings.reading.max_file_mb
+    return sha256_bounded(path, confine=confine, max_bytes=int(mb * 1024 * 1024),
+                          limit=f"[reading] max_file_mb {mb:g}", on_chunk=on_chunk)
 
 
 def read_micrograph(path: Path, settings: Settings, *, confine: Confinement = UNCONFINED) -> Micrograph:

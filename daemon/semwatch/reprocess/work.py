@@ -28,7 +28,7 @@ from semwatch.config import (
 )
 from semwatch.reading.listing import stat_path
 from semwatch.reading.sample import expected_class, sample_key
-from semwatch.safefs import Confinement, RefusedFile, sha256_bounded
+from semwatch.safefs import Confinement, RefusedFile
 from semwatch.values import FileKey, ImageVerdict, MicrographError, is_transient
 
 if TYPE_CHECKING:  # torch: imported only where the network runs
@@ -116,7 +116,7 @@ def read_item(item: WorkItem, settings: Settings, manifest: Manifest) -> Prepare
     the same confinement and symlink policy, the same size limit, the same sample key and expected
     class. Errors come back as an `Outcome`, never raised."""
     from semwatch.model.classify import prepare_micrograph
-    from semwatch.reading.micrograph import read_micrograph
+    from semwatch.reading.micrograph import content_sha256, read_micrograph
 
     path, root = Path(item.path), Path(item.root)
     confine = Confinement(root, settings.watch.follow_symlinks)
@@ -126,9 +126,7 @@ def read_item(item: WorkItem, settings: Settings, manifest: Manifest) -> Prepare
         gone = isinstance(exc, FileNotFoundError)
         return Outcome(item, None, error=f"cannot read file: {exc.strerror or exc}", gone=gone)
     try:
-        mb = settings.reading.max_file_mb
-        sha = sha256_bounded(item.path, confine=confine, max_bytes=int(mb * 1024 * 1024),
-                             limit=f"[reading] max_file_mb {mb:g}")
+        sha = content_sha256(item.path, settings, confine=confine)
         micrograph = read_micrograph(path, settings, confine=confine)
     except RefusedFile as exc:
         return Outcome(item, key, error=f"refused: {exc.strerror}")

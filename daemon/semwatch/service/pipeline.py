@@ -37,8 +37,9 @@ from semwatch.config import Settings
 from semwatch.liveness import Liveness, Stage
 from semwatch.model.engine import predict_images
 from semwatch.reading.listing import confinement_root, stat_path
+from semwatch.reading.micrograph import content_sha256
 from semwatch.reading.sample import expected_class, sample_key
-from semwatch.safefs import Confinement, RefusedFile, sha256_bounded
+from semwatch.safefs import Confinement, RefusedFile
 from semwatch.service.inbox import Changed, Finished, Inbox, Retry
 from semwatch.service.jobs import ClassifierLike, Job, Observer, Prepared, Rates, Reader
 from semwatch.service.logs import PER_FILE
@@ -354,14 +355,11 @@ class Pipeline:
         """The file's SHA-256 through the safe open with the size limit; each chunk beats the
         reader's liveness stage (a big file on a slow share is not a stuck reader) and checks
         whether the reader was abandoned."""
-        mb = self.settings.reading.max_file_mb
-
         def progress() -> None:
             slot.stage.beat()
             self._check(slot)
 
-        return sha256_bounded(path, confine=confine, max_bytes=int(mb * 1024 * 1024),
-                              limit=f"[reading] max_file_mb {mb:g}", on_chunk=progress)
+        return content_sha256(path, self.settings, confine=confine, on_chunk=progress)
 
     def _changed(self, job: Job) -> bool:
         """The file changed or vanished since it settled: back to the gate, no attempt counted."""

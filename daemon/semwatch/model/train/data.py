@@ -20,7 +20,7 @@ from semwatch.config import Settings
 from semwatch.errors import UserError
 from semwatch.model.augment import augment_tile, geometric
 from semwatch.reading.tiles import cut_tiles, fit, resample, scale_for, tile_usable, to_network
-from semwatch.safefs import UNCONFINED, path_text, sha256_bounded
+from semwatch.safefs import UNCONFINED, path_text
 from semwatch.values import ClassInfo, Micrograph, MicrographError, parse_class
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
@@ -94,12 +94,12 @@ def check_images(classes: Sequence[ClassInfo], images: Sequence[LabelledImage]) 
 def content_hashes(images: Sequence[LabelledImage], settings: Settings) -> dict[str, str]:
     """`rel` → sha256 of each image's content, read through the one safe open (bounded by
     `[reading] max_file_mb`); `UserError` naming an image that cannot be read."""
-    limit = int(settings.reading.max_file_mb * 1024 * 1024)
+    from semwatch.reading.micrograph import content_sha256
+
     out: dict[str, str] = {}
     for im in images:
         try:
-            out[im.rel] = sha256_bounded(im.path, confine=UNCONFINED, max_bytes=limit,
-                                         limit=f"[reading] max_file_mb {settings.reading.max_file_mb:g}")
+            out[im.rel] = content_sha256(im.path, settings, confine=UNCONFINED)
         except OSError as exc:
             raise UserError(f"{path_text(im.path)}: cannot read ({exc.strerror or exc})") from None
     return out
