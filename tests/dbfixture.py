@@ -62,3 +62,12 @@ def make_database(path: Path, *, now: datetime, images: list[dict[str, object]],
              sum(1 for i in images if i.get("status") == "failed"), daemon_state, message))
     finally:
         conn.close()
+
+
+def model_events(database: Path) -> list[dict[str, object]]:
+    """The `model_events` rows (alias moves), oldest first."""
+    conn = db.connect(database, readonly=True)
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM model_events ORDER BY id")]
+    finally:
+        conn.close()

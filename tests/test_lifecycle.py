@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from conftest import Cli
+from dbfixture import model_events
 from semwatch.config import load_settings
 from semwatch.errors import UserError
 from semwatch.lifecycle.gate import GateImage, ModelScore, decide, mcnemar_one_sided, unseen
 from semwatch.model.artifact import Manifest, load_artifact, read_manifest, save_artifact
 from semwatch.model.export import ONNX_FILE
 from semwatch.model.registry import Aliases, Move, Registry, live_model_dir
-from semwatch.store import db, schema
+from semwatch.store import schema
 from test_daemon import Daemon, copy_image, daemon_factory, ncm_images
 
 __all__ = ["daemon_factory"]
@@ -89,14 +90,6 @@ def eval_folder_of(model: Path, ncm_dir: Path, root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(ncm_dir / rel)
     return folder
-
-
-def events(database: Path) -> list[dict[str, object]]:
-    conn = db.connect(database, readonly=True)
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM model_events ORDER BY id")]
-    finally:
-        conn.close()
 
 
 # --- the gate's statistics -----------------------------------------------------------------------
@@ -208,7 +201,7 @@ def test_promote_refuses_a_worse_model_force_records_why_and_rollback(
     forced = cli("models", "promote", "--force", "--reason", "line trial 7", "--by", "ben", "--json")
     assert forced.code == 0, forced.err
     assert registry.read_aliases() .champion == b
-    rows = events(database)
+    rows = model_events(database)
     assert [(e["alias"], e["action"], e["model_id"]) for e in rows] == [
         ("champion", "initial", a), ("challenger", "register", b), ("champion", "force", b),
         ("challenger", "promoted", None)]
@@ -218,7 +211,7 @@ def test_promote_refuses_a_worse_model_force_records_why_and_rollback(
     back = cli("models", "rollback", "--reason", "worse on the line", "--by", "ana")
     assert back.code == 0, back.err
     assert registry.read_aliases().champion == a
-    last = events(database)[-1]
+    last = model_events(database)[-1]
     assert (last["action"], last["model_id"], last["previous_model_id"]) == ("rollback", a, b)
     shown = cli("models", "show", b[:12])
     assert "force by ben" in shown.out and "line trial 7" in shown.out and "rollback by ana" in shown.out
@@ -279,7 +272,7 @@ def test_registry_survives_kill_9_mid_move(cli: Cli, tmp_path: Path, champion_mo
     _killed_move(config, worse_model, env)
     registry = Registry(tmp_path / "registry")
     aliases = registry.read_aliases()  # parses: never a half-written file
-    recorded = [e["model_id"] for e in events(database)]
+    recorded = [e["model_id"] for e in model_events(database)]
     if where == "after":  # renamed, not committed: the new alias, its record missing for now
         assert aliases.champion == b and recorded == [a]
     else:  # the old alias, and no record of a move that did not happen
@@ -288,7 +281,7 @@ def test_registry_survives_kill_9_mid_move(cli: Cli, tmp_path: Path, champion_mo
     assert listed.code == 0 and a in listed.out and b in listed.out
     # The next move records a lost one first, then itself.
     assert cli("models", "register", champion_model, "--alias", "champion", "--reason", "back").code == 0
-    rows = events(database)
+    rows = model_events(database)
     assert registry.read_aliases().champion == a
     actions = [(e["action"], e["model_id"]) for e in rows]
     if where == "after":
@@ -368,6 +361,6 @@ def test_promotion_and_rollback_during_a_busy_daemon_with_a_shadow(
     rc, _ = d.stop()
     assert rc == 0
     d.assert_exactly_once()
-    actions = [(e["alias"], e["action"]) for e in events(d.database)]
+    actions = [(e["alias"], e["action"]) for e in model_events(d.database)]
     assert actions[-1] == ("champion", "rollback")
     assert all(len(d.rows(f"path = '{p}' AND current = 1")) == 1 for p in first + busy + later)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Cli
-from dbfixture import make_database
+from dbfixture import make_database, model_events
 from semwatch.config import load_settings
 from semwatch.lifecycle.retrain import AUTO_PROMOTE, RETRAIN, count_new_labels
 from semwatch.model.artifact import read_manifest
@@ -51,14 +51,6 @@ def _outcome(log_text: str) -> dict[str, object]:
     lines = [line.split("retraining: ", 1)[1] for line in log_text.splitlines() if "retraining: {" in line]
     assert lines, log_text
     return dict(json.loads(lines[-1]))
-
-
-def _events(database: Path) -> list[dict[str, object]]:
-    conn = db.connect(database, readonly=True)
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM model_events ORDER BY id")]
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -125,7 +117,7 @@ def test_retrain_waits_for_labels_then_trains_gates_and_registers(cli: Cli, lab:
     assert aliases.champion == read_manifest(tiny_model).model_id  # [model] path, made champion
     manifest = registry.manifest(outcome["model_id"])
     assert NEW_CLASS in manifest.classes and {"622", "333"} <= set(manifest.classes)
-    moves = _events(lab.parent / "semwatch.db")
+    moves = model_events(lab.parent / "semwatch.db")
     assert [(m["alias"], m["action"]) for m in moves] == [("champion", "initial"), ("challenger", RETRAIN)]
     evidence = json.loads(str(moves[-1]["evidence"]))
     assert evidence["new_labels"] == 5 and evidence["gate"]["decision"] == "better"
@@ -162,7 +154,7 @@ def test_the_daemons_nightly_job_promotes_only_a_better_challenger(cli: Cli, lab
     registry = Registry(lab.parent / "registry")
     assert registry.read_aliases().champion == outcome["model_id"]
     assert registry.read_aliases().challenger is None
-    moves = _events(lab.parent / "semwatch.db")
+    moves = model_events(lab.parent / "semwatch.db")
     assert [(m["alias"], m["action"], m["by"]) for m in moves][1:] == [
         ("challenger", RETRAIN, AUTO_USER), ("champion", AUTO_PROMOTE, AUTO_USER),
         ("challenger", "promoted", AUTO_USER)]
