@@ -7,13 +7,15 @@ training images' cached features in `registry/.feature-cache`, and the evaluatio
 each known class, half of the left-out composition). For the champion's detector as shipped and for
 variants computed from the same features, per image (median over its grid tiles, as `classify`
 does): the AUROC between known and left-out evaluation images, and the share of each called unknown
-with the threshold from the validation images by the robust rule (`[train] unknown_spread` 4 and 6).
+with the threshold from the validation images by the product's robust rule (`detector.calibrate_threshold`,
+`[train] unknown_spread` 4 and 6).
 For choosing a detector, not a product path. Writes benchmarks/results/<date>-novelty-variants.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -36,16 +38,10 @@ def auroc(known: np.ndarray, new: np.ndarray) -> float:
     return float((new[:, None] > known[None, :]).mean() + 0.5 * (new[:, None] == known[None, :]).mean())
 
 
-def robust_threshold(val: np.ndarray, spread: float) -> float:
-    """`detector.calibrate_threshold`'s robust rule on these validation scores."""
-    logs = np.log(np.clip(val, 1e-9, None))
-    centre = float(np.median(logs))
-    return float(np.exp(centre + spread * max(1.4826 * float(np.median(np.abs(logs - centre))), 0.1)))
-
-
 def one_folder(work: Path) -> dict[str, object]:
     from semwatch.config import load_settings
     from semwatch.model.classify import Classifier
+    from semwatch.model.train.detector import calibrate_threshold
     from semwatch.reading.micrograph import read_micrograph
     from semwatch.values import parse_class
 
@@ -113,7 +109,8 @@ def one_folder(work: Path) -> dict[str, object]:
             s_val = np.array([float(np.median(score(pf, st).numpy())) for pf, st in val])
         row: dict[str, object] = {"auroc": round(auroc(s_ev[~left_out], s_ev[left_out]), 3)}
         for spread in (4.0, 6.0):
-            t = robust_threshold(s_val, spread)
+            t = calibrate_threshold(s_val, settings.replace(train=dataclasses.replace(
+                settings.train, unknown_calibration="robust", unknown_spread=spread)))
             row[f"unknown_at_spread_{spread:g}"] = {"known": round(float((s_ev[~left_out] > t).mean()), 3),
                                                     "left_out": round(float((s_ev[left_out] > t).mean()), 3)}
         rows[name] = row
