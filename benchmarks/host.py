@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,15 @@ def summary() -> str:
     if d["cpu_flags"] != d["cpu_flags_hardware"]:
         flags += f" (CPUID masked to {d['kernel_isa']}; the hardware has {'/'.join(d['cpu_flags_hardware'])})"
     return f"{d['cpu']}, {d['cores']} cores, {flags}, {bf16}" + (f", GPU {d['gpu']}" if d["gpu"] else "")
+
+
+def commit() -> str:
+    """The commit a result was measured on: HEAD (short), marked when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")

@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. avx2)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    from host import commit as host_commit
     from host import describe, summary
     from semwatch.values import parse_class
 
@@ -190,8 +191,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(60)
         log.close()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = host_commit()
     result = {"bench": "lifecycle", "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": describe(), "machine_summary": summary(),
               "load_average": {"start": load_at_start, "end": list(os.getloadavg())},

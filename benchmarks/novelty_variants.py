@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -126,8 +125,7 @@ def main() -> int:
     args = parser.parse_args()
     import host
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = host.commit()
     result = {"bench": "novelty_variants", "commit": commit,
               "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": host.summary(),
               "folders": [one_folder(w) for w in args.work]}

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -504,8 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     record = {"label": args.label, "model_id": model_id, "seed": args.seed,
               "unknown_threshold": args.unknown_threshold,
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip(),
+              "commit": host.commit(),
               "machine": host.summary(), "machine_detail": host.describe(),
               "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "classify_wall_s": round(wall, 1), "families": table}

@@ -66,8 +66,7 @@ def main() -> int:
             runs.append(r)
     mean = {k: round(sum(float(r["images_per_s"]) for r in runs if r["run"] == k)  # type: ignore[arg-type]
                      / args.rounds, 3) for k in ("a", "b")}
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = host.commit()
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
               "machine": host.summary(), "a": str(args.a), "b": str(args.b), "folder": str(args.folder),
               "runs": runs, "mean_images_per_s": mean,

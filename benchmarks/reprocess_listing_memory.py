@@ -125,8 +125,7 @@ def main() -> int:
         print(json.dumps(measure(args.one, args.tree)))
         return 0
     made = make_tree(args.tree, args.files)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = host.commit()
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     out = ROOT / "benchmarks" / "results" / f"{day}-reprocess-listing-memory.json"
     runs: list[dict[str, object]] = []

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -129,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                    "largest_difference_vs_torch_float32": {k: float(f"{v:.3g}")
                                                            for k, v in differences[name].items()}}
             for name, t in times.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True, check=False).stdout.strip()
-    commit += " (with uncommitted changes)" if dirty else ""
+    commit = host.commit()
     record = {
         "benchmark": "runtime_bench", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": commit,

@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=3.0, help="seconds between two paced images")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    from host import commit as host_commit
     from host import describe, summary
 
     sources = ncm_images(args.data)
@@ -136,8 +137,7 @@ def main() -> int:
 
     plain = median("plain", "burst", "live_images_per_s")
     shadow = median("shadow", "burst", "live_images_per_s")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = host_commit()
     result = {"bench": "shadow", "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": describe(), "machine_summary": summary(),
               "load_average_end": list(os.getloadavg()),
