@@ -266,8 +266,9 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, object]],
                   summary: dict[str, object]) -> None:
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     base = REPO / "benchmarks" / "results" / f"{day}-{args.out}"
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    from host import commit as host_commit  # benchmarks/host.py (this script's folder is on the path)
+
+    commit = host_commit()
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
               "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
               "folders": args.folders, "model": str(args.model), "scale": args.scale,
