@@ -19,17 +19,10 @@ def describe() -> dict[str, Any]:
     import torch
 
     from semwatch.model.runtime import native_bfloat16
+    from semwatch.model.runtimes import cpu_model
 
-    name = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name") and name in (platform.processor(), platform.machine()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    name, flags = cpu_model()
+    name = name or platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     hardware = sorted(flags & SPEED_FLAGS)
     # Under benchmarks/avx2only/run (CPUID masked) the libraries see AVX2 only; /proc/cpuinfo does not

@@ -145,11 +145,8 @@ def build(kind: str, backbone: Backbone, graph: bytes | None, device: torch.devi
     raise ConfigError(f"[model] runtime: unknown runtime {kind!r} (known: auto, {', '.join(RUNTIMES)})")
 
 
-def cpu_signature() -> dict[str, Json]:
-    """What the CPU's speed per runtime depends on: its name, vector flags, usable cores, the oneDNN
-    instruction-set cap (which changes torch's speed, not the others') and the instruction set torch's
-    kernels dispatch to (from CPUID as this process sees it: ATEN_CPU_CAPABILITY or a masked CPUID
-    changes it, /proc/cpuinfo does not)."""
+def cpu_model() -> tuple[str, set[str]]:
+    """The CPU's model name and flags as /proc/cpuinfo has them (empty where it cannot be read)."""
     name, flags = "", set[str]()
     try:
         with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as fh:
@@ -161,6 +158,15 @@ def cpu_signature() -> dict[str, Json]:
                     flags = set(value.split())
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_signature() -> dict[str, Json]:
+    """What the CPU's speed per runtime depends on: its name, vector flags, usable cores, the oneDNN
+    instruction-set cap (which changes torch's speed, not the others') and the instruction set torch's
+    kernels dispatch to (from CPUID as this process sees it: ATEN_CPU_CAPABILITY or a masked CPUID
+    changes it, /proc/cpuinfo does not)."""
+    name, flags = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"name": name, "flags": [f for f in _CPU_FLAGS if f in flags], "cores": cores,
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
